@@ -1,0 +1,402 @@
+//! `dma-engine`: a small DMA controller for vendor-driver prototyping and migration tests.
+//!
+//! # Layout
+//! - BAR0 (4 KiB, 32-bit memory, trapped): registers below.
+//! - BAR2 (1 MiB, 64-bit prefetchable memory, mmap-able): on-device memory.
+//! - BAR4 (4 KiB, 32-bit memory): MSI-X table (4 vectors) at 0, PBA at 0x800.
+//! - MSI (1 vector) and INTx pin A. PM, PCI Express and DSN capabilities.
+//! - IDs: vendor 0x5646, device 0x0001, class 0x088000 (other system peripheral), so no stock
+//!   driver binds it.
+//!
+//! # Registers (BAR0, 32-bit little-endian)
+//! | off | name | access | meaning |
+//! |---|---|---|---|
+//! | 0x00 | ID | RO | `0x4d444656` ("VFDM") |
+//! | 0x04 | VERSION | RO | `0x00010000` |
+//! | 0x08 | CONTROL | RW | bit 0: raise an interrupt on completion |
+//! | 0x0c | STATUS | RO/RW1C | bit 0 DONE, bit 1 ERROR (write 1 to clear), bit 2 BUSY |
+//! | 0x10/0x14 | SRC_LO/HI | RW | source: guest IOVA, or BAR2 offset |
+//! | 0x18/0x1c | DST_LO/HI | RW | destination: guest IOVA, or BAR2 offset |
+//! | 0x20 | LEN | RW | bytes (≤ 16 MiB) |
+//! | 0x24 | OPCODE | RW | see below |
+//! | 0x28 | PATTERN | RW | FILL byte (low 8 bits) |
+//! | 0x2c | DOORBELL | WO | write 1 to start the programmed operation |
+//! | 0x30 | RESULT | RO | CRC32 of the last CRC operation |
+//! | 0x34 | COMPLETIONS | RO | operations completed since reset |
+//! | 0x38 | ERROR_CODE | RO | errno-like code of the last failure (0 = none) |
+//! | 0x3c | IRQ_VECTOR | RW | MSI/MSI-X vector raised on completion |
+//!
+//! Opcodes: 1 COPY guest→guest, 2 FILL guest, 3 CRC32 guest, 4 COPY guest→device,
+//! 5 COPY device→guest, 6 FILL device, 7 CRC32 device.
+//!
+//! The doorbell only marks the device BUSY; the operation runs as deferred work after the
+//! write has been answered, so socket-backed DMA never waits on a client that is itself
+//! waiting for the server.
+
+use vfud_server::dma::Iova;
+use vfud_server::{
+    BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError,
+    IrqLayout, MsixPlacement, PciIds,
+};
+
+/// Value of the ID register.
+pub const ID: u32 = 0x4d44_4656;
+/// Value of the VERSION register.
+pub const VERSION: u32 = 0x0001_0000;
+/// Size of on-device memory (BAR2).
+pub const DEVICE_MEMORY_SIZE: u64 = 1 << 20;
+/// Largest operation.
+pub const MAX_LEN: u32 = 16 << 20;
+/// Number of MSI-X vectors.
+pub const MSIX_VECTORS: u32 = 4;
+
+/// Register offsets.
+pub mod reg {
+    /// ID.
+    pub const ID: u64 = 0x00;
+    /// VERSION.
+    pub const VERSION: u64 = 0x04;
+    /// CONTROL.
+    pub const CONTROL: u64 = 0x08;
+    /// STATUS.
+    pub const STATUS: u64 = 0x0c;
+    /// SRC_LO.
+    pub const SRC_LO: u64 = 0x10;
+    /// SRC_HI.
+    pub const SRC_HI: u64 = 0x14;
+    /// DST_LO.
+    pub const DST_LO: u64 = 0x18;
+    /// DST_HI.
+    pub const DST_HI: u64 = 0x1c;
+    /// LEN.
+    pub const LEN: u64 = 0x20;
+    /// OPCODE.
+    pub const OPCODE: u64 = 0x24;
+    /// PATTERN.
+    pub const PATTERN: u64 = 0x28;
+    /// DOORBELL.
+    pub const DOORBELL: u64 = 0x2c;
+    /// RESULT.
+    pub const RESULT: u64 = 0x30;
+    /// COMPLETIONS.
+    pub const COMPLETIONS: u64 = 0x34;
+    /// ERROR_CODE.
+    pub const ERROR_CODE: u64 = 0x38;
+    /// IRQ_VECTOR.
+    pub const IRQ_VECTOR: u64 = 0x3c;
+}
+
+/// CONTROL bit: interrupt on completion.
+pub const CONTROL_IRQ_ENABLE: u32 = 1 << 0;
+/// STATUS bit: last operation completed.
+pub const STATUS_DONE: u32 = 1 << 0;
+/// STATUS bit: last operation failed.
+pub const STATUS_ERROR: u32 = 1 << 1;
+/// STATUS bit: an operation is running.
+pub const STATUS_BUSY: u32 = 1 << 2;
+
+/// Operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Opcode {
+    /// Copy guest → guest.
+    Copy = 1,
+    /// Fill guest memory with PATTERN.
+    Fill = 2,
+    /// CRC32 of guest memory into RESULT.
+    Crc32 = 3,
+    /// Copy guest → device memory.
+    CopyToDevice = 4,
+    /// Copy device memory → guest.
+    CopyFromDevice = 5,
+    /// Fill device memory with PATTERN.
+    FillDevice = 6,
+    /// CRC32 of device memory into RESULT.
+    Crc32Device = 7,
+}
+
+impl Opcode {
+    fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Copy,
+            2 => Self::Fill,
+            3 => Self::Crc32,
+            4 => Self::CopyToDevice,
+            5 => Self::CopyFromDevice,
+            6 => Self::FillDevice,
+            7 => Self::Crc32Device,
+            _ => return None,
+        })
+    }
+}
+
+const BAR_REGS: BarIndex = BarIndex(0);
+const BAR_MEM: BarIndex = BarIndex(2);
+const CHUNK: usize = 64 * 1024;
+
+/// Register file of the engine (also its migration state, later).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registers {
+    /// CONTROL.
+    pub control: u32,
+    /// STATUS.
+    pub status: u32,
+    /// SRC.
+    pub src: u64,
+    /// DST.
+    pub dst: u64,
+    /// LEN.
+    pub len: u32,
+    /// OPCODE.
+    pub opcode: u32,
+    /// PATTERN.
+    pub pattern: u32,
+    /// RESULT.
+    pub result: u32,
+    /// COMPLETIONS.
+    pub completions: u32,
+    /// ERROR_CODE.
+    pub error_code: u32,
+    /// IRQ_VECTOR.
+    pub irq_vector: u32,
+}
+
+/// The device.
+#[derive(Debug, Default)]
+pub struct DmaEngine {
+    regs: Registers,
+}
+
+impl DmaEngine {
+    /// A device in power-on state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn execute(&mut self, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
+        let r = &self.regs;
+        let op = Opcode::from_u32(r.opcode)
+            .ok_or_else(|| DeviceError::BadAccess(format!("unknown opcode {}", r.opcode)))?;
+        if r.len > MAX_LEN {
+            return Err(DeviceError::BadAccess(format!("length {} too large", r.len)));
+        }
+        let (src, dst, len) = (r.src, r.dst, r.len as usize);
+        let mut buf = vec![0u8; len.min(CHUNK)];
+        let mut crc = crc32fast::Hasher::new();
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let chunk = &mut buf[..n];
+            let (s, d) = (src + done as u64, dst + done as u64);
+            match op {
+                Opcode::Copy => {
+                    cx.mem().read(Iova(s), chunk)?;
+                    cx.mem().write(Iova(d), chunk)?;
+                }
+                Opcode::Fill => {
+                    chunk.fill(r.pattern as u8);
+                    cx.mem().write(Iova(d), chunk)?;
+                }
+                Opcode::Crc32 => {
+                    cx.mem().read(Iova(s), chunk)?;
+                    crc.update(chunk);
+                }
+                Opcode::CopyToDevice => {
+                    cx.mem().read(Iova(s), chunk)?;
+                    device_mem(cx)?.write(d, chunk)?;
+                }
+                Opcode::CopyFromDevice => {
+                    device_mem(cx)?.read(s, chunk)?;
+                    cx.mem().write(Iova(d), chunk)?;
+                }
+                Opcode::FillDevice => device_mem(cx)?.fill(d, n, r.pattern as u8)?,
+                Opcode::Crc32Device => {
+                    device_mem(cx)?.read(s, chunk)?;
+                    crc.update(chunk);
+                }
+            }
+            done += n;
+        }
+        if matches!(op, Opcode::Crc32 | Opcode::Crc32Device) {
+            self.regs.result = crc.finalize();
+        }
+        Ok(())
+    }
+}
+
+fn device_mem<'a>(cx: &'a DeviceCtx<'_>) -> Result<&'a vfud_server::mmap::SharedMemory, DeviceError> {
+    cx.bar_memory(BAR_MEM)
+        .ok_or_else(|| DeviceError::Other("device memory missing".into()))
+}
+
+fn access_u32(offset: u64, len: usize) -> Result<u64, DeviceError> {
+    if len != 4 || offset % 4 != 0 {
+        return Err(DeviceError::BadAccess(format!(
+            "registers take aligned 4-byte accesses, not {len} at {offset:#x}"
+        )));
+    }
+    Ok(offset)
+}
+
+fn set_lo(v: &mut u64, x: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(x);
+}
+
+fn set_hi(v: &mut u64, x: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
+}
+
+impl Device for DmaEngine {
+    fn describe(&self) -> DeviceDescription {
+        DeviceDescription {
+            name: "dma-engine",
+            ids: PciIds {
+                vendor: 0x5646,
+                device: 0x0001,
+                subsystem_vendor: 0x5646,
+                subsystem: 0x0001,
+                class_code: 0x08_80_00,
+                revision: 1,
+            },
+            bars: [
+                Some(BarSpec {
+                    size: 4096,
+                    kind: BarKind::Mem32,
+                    prefetchable: false,
+                    backing: BarBacking::Trapped,
+                }),
+                None,
+                Some(BarSpec {
+                    size: DEVICE_MEMORY_SIZE,
+                    kind: BarKind::Mem64,
+                    prefetchable: true,
+                    backing: BarBacking::Shared { mmap_areas: None },
+                }),
+                None,
+                Some(BarSpec {
+                    size: 4096,
+                    kind: BarKind::Mem32,
+                    prefetchable: false,
+                    backing: BarBacking::Trapped,
+                }),
+                None,
+            ],
+            irqs: IrqLayout {
+                intx: true,
+                msi_vectors: 1,
+                msix: Some((
+                    MSIX_VECTORS,
+                    MsixPlacement {
+                        bar: BarIndex(4),
+                        table_offset: 0,
+                        pba_offset: 0x800,
+                    },
+                )),
+                err: false,
+                req: false,
+            },
+            pm: true,
+            pcie: true,
+            dsn: Some(0x5646_0001_0000_0001),
+        }
+    }
+
+    fn bar_read(
+        &mut self,
+        bar: BarIndex,
+        offset: u64,
+        data: &mut [u8],
+        _cx: &mut DeviceCtx<'_>,
+    ) -> Result<(), DeviceError> {
+        if bar != BAR_REGS {
+            // MSI-X BAR space outside table and PBA reads as zero.
+            data.fill(0);
+            return Ok(());
+        }
+        let r = &self.regs;
+        let v = match access_u32(offset, data.len())? {
+            reg::ID => ID,
+            reg::VERSION => VERSION,
+            reg::CONTROL => r.control,
+            reg::STATUS => r.status,
+            reg::SRC_LO => r.src as u32,
+            reg::SRC_HI => (r.src >> 32) as u32,
+            reg::DST_LO => r.dst as u32,
+            reg::DST_HI => (r.dst >> 32) as u32,
+            reg::LEN => r.len,
+            reg::OPCODE => r.opcode,
+            reg::PATTERN => r.pattern,
+            reg::RESULT => r.result,
+            reg::COMPLETIONS => r.completions,
+            reg::ERROR_CODE => r.error_code,
+            reg::IRQ_VECTOR => r.irq_vector,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+        Ok(())
+    }
+
+    fn bar_write(
+        &mut self,
+        bar: BarIndex,
+        offset: u64,
+        data: &[u8],
+        cx: &mut DeviceCtx<'_>,
+    ) -> Result<(), DeviceError> {
+        if bar != BAR_REGS {
+            return Ok(());
+        }
+        let off = access_u32(offset, data.len())?;
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let r = &mut self.regs;
+        match off {
+            reg::CONTROL => r.control = v & CONTROL_IRQ_ENABLE,
+            reg::STATUS => r.status &= !(v & (STATUS_DONE | STATUS_ERROR)),
+            reg::SRC_LO => set_lo(&mut r.src, v),
+            reg::SRC_HI => set_hi(&mut r.src, v),
+            reg::DST_LO => set_lo(&mut r.dst, v),
+            reg::DST_HI => set_hi(&mut r.dst, v),
+            reg::LEN => r.len = v,
+            reg::OPCODE => r.opcode = v,
+            reg::PATTERN => r.pattern = v,
+            reg::IRQ_VECTOR => r.irq_vector = v,
+            reg::DOORBELL if v & 1 != 0 => {
+                if r.status & STATUS_BUSY == 0 {
+                    r.status = (r.status | STATUS_BUSY) & !(STATUS_DONE | STATUS_ERROR);
+                    cx.schedule();
+                }
+            }
+            _ => {} // read-only or reserved: ignored
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, _cx: &mut DeviceCtx<'_>) {
+        self.regs = Registers::default();
+    }
+
+    fn run(&mut self, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
+        if self.regs.status & STATUS_BUSY == 0 {
+            return Ok(());
+        }
+        let outcome = self.execute(cx);
+        let r = &mut self.regs;
+        r.status &= !STATUS_BUSY;
+        match &outcome {
+            Ok(()) => {
+                r.status |= STATUS_DONE;
+                r.error_code = 0;
+            }
+            Err(e) => {
+                r.status |= STATUS_ERROR;
+                r.error_code = e.errno() as i32 as u32;
+                tracing::debug!("dma-engine operation failed: {e}");
+            }
+        }
+        r.completions = r.completions.wrapping_add(1);
+        if r.control & CONTROL_IRQ_ENABLE != 0 {
+            cx.raise(r.irq_vector);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,690 @@
+//! A blocking vfio-user client: connect, negotiate, one method per client→server command,
+//! and service of the server's DMA_READ/DMA_WRITE requests while waiting for replies.
+//!
+//! Used by the tests, `vfud probe` and the migration driver. Requests are sent one at a time
+//! except posted writes (`NO_REPLY`), which QEMU also pipelines.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use zerocopy::FromBytes;
+
+use crate::codec::{send_chunks, send_error, send_message, send_reply, Frame, FrameReader, Limits};
+use crate::error::ProtocolError;
+use crate::header::{Command, Header, MessageKind};
+use crate::messages::dma::{DmaAccess, DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL};
+use crate::messages::feature::{
+    DeviceFeature, DmaLoggingControl, DmaLoggingReport, MigData, MigDeviceState, MigState,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP,
+    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
+};
+use crate::messages::irq::{
+    IrqInfo, IrqSetHeader, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
+};
+use crate::messages::region::{IoFdSubRegion, RegionAccess, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry};
+use crate::messages::version::{accept_reply, Negotiated, VersionMessage};
+use crate::messages::{DeviceInfo, IrqAction};
+use crate::wire::put;
+
+/// Serves the server's DMA_READ/DMA_WRITE requests (memory the client did not map with an fd).
+pub trait DmaHandler: Send {
+    /// Fill `buf` from guest memory at `addr`.
+    fn dma_read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
+    /// Store `data` to guest memory at `addr`.
+    fn dma_write(&mut self, addr: u64, data: &[u8]) -> Result<(), Errno>;
+}
+
+/// A connected client.
+pub struct Client {
+    stream: UnixStream,
+    reader: FrameReader,
+    limits: Limits,
+    negotiated: Negotiated,
+    next_id: u16,
+    dma: Option<Box<dyn DmaHandler>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("negotiated", &self.negotiated)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reply: header, payload and any fds.
+pub type Reply = Frame;
+
+impl Client {
+    /// Connect to a server socket (no negotiation yet).
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, ProtocolError> {
+        let stream = UnixStream::connect(path)?;
+        Self::from_stream(stream)
+    }
+
+    /// Wrap a connected stream.
+    pub fn from_stream(stream: UnixStream) -> Result<Self, ProtocolError> {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Self {
+            stream,
+            reader: FrameReader::new(),
+            limits: Limits::default(),
+            negotiated: Negotiated::default(),
+            next_id: 0,
+            dma: None,
+        })
+    }
+
+    /// Connect and negotiate with QEMU's proposal.
+    pub fn connect_negotiated(path: impl AsRef<Path>) -> Result<Self, ProtocolError> {
+        let mut c = Self::connect(path)?;
+        c.negotiate(&VersionMessage::qemu_proposal())?;
+        Ok(c)
+    }
+
+    /// Set how long to wait for a reply.
+    pub fn set_timeout(&self, t: Duration) -> Result<(), ProtocolError> {
+        Ok(self.stream.set_read_timeout(Some(t))?)
+    }
+
+    /// Install the handler for server-initiated DMA.
+    pub fn set_dma_handler(&mut self, h: Box<dyn DmaHandler>) {
+        self.dma = Some(h);
+    }
+
+    /// Parameters agreed in VERSION.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.negotiated
+    }
+
+    /// The socket, e.g. to hand it to another process.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    fn alloc_id(&mut self) -> u16 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    /// Send a command without waiting. Returns the header sent.
+    pub fn send_command(
+        &mut self,
+        cmd: Command,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        no_reply: bool,
+    ) -> Result<Header, ProtocolError> {
+        let h = Header::command(self.alloc_id(), cmd, payload.len(), no_reply);
+        send_message(self.stream.as_fd(), &h, &[payload], fds)?;
+        Ok(h)
+    }
+
+    /// Send raw bytes, possibly malformed, with fds (for tests of hostile input).
+    pub fn send_raw(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ProtocolError> {
+        send_chunks(self.stream.as_fd(), &[bytes], fds)
+    }
+
+    /// Receive the next whole frame as it comes (no DMA service), for tests.
+    pub fn recv_frame(&mut self) -> Result<Frame, ProtocolError> {
+        match self.reader.read_frame(self.stream.as_fd(), &self.limits) {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err(ProtocolError::Timeout),
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(ProtocolError::Timeout)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Receive the next frame, serving DMA requests from the server in between.
+    pub fn recv_reply(&mut self, sent: &Header) -> Result<Reply, ProtocolError> {
+        loop {
+            let frame = match self.reader.read_frame(self.stream.as_fd(), &self.limits) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(ProtocolError::Timeout),
+                Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(ProtocolError::Timeout)
+                }
+                Err(e) => return Err(e),
+            };
+            match frame.header.kind()? {
+                MessageKind::Command { no_reply } => {
+                    self.serve_server_request(&frame, no_reply)?;
+                }
+                kind => {
+                    if frame.header.msg_id != sent.msg_id || frame.header.cmd != sent.cmd {
+                        return Err(ProtocolError::UnexpectedReply(format!(
+                            "reply id {} cmd {} to request id {} cmd {}",
+                            frame.header.msg_id, frame.header.cmd, sent.msg_id, sent.cmd
+                        )));
+                    }
+                    if let MessageKind::ErrorReply(e) = kind {
+                        return Err(ProtocolError::Remote(Errno::from_raw(e as i32)));
+                    }
+                    return Ok(frame);
+                }
+            }
+        }
+    }
+
+    /// Process pending server requests without sending anything (e.g. while idle), waiting
+    /// at most `timeout` for the first one. Returns how many were served.
+    pub fn poll_server_requests(&mut self, timeout: Duration) -> Result<usize, ProtocolError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        let mut served = 0;
+        let r = loop {
+            match self.reader.read_frame(self.stream.as_fd(), &self.limits) {
+                Ok(Some(frame)) => match frame.header.kind()? {
+                    MessageKind::Command { no_reply } => {
+                        self.serve_server_request(&frame, no_reply)?;
+                        served += 1;
+                        self.stream.set_read_timeout(Some(Duration::from_millis(1)))?;
+                    }
+                    _ => break Err(ProtocolError::UnexpectedReply("unsolicited reply".into())),
+                },
+                Ok(None) => break Ok(served),
+                Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    break Ok(served)
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        r
+    }
+
+    fn serve_server_request(&mut self, f: &Frame, no_reply: bool) -> Result<(), ProtocolError> {
+        let sock = self.stream.as_fd();
+        let cmd = Command::try_from(f.header.cmd);
+        let result: Result<Vec<u8>, Errno> = match (cmd, self.dma.as_mut()) {
+            (Ok(Command::DmaRead), Some(h)) => match DmaAccess::decode_read(&f.payload) {
+                Ok(a) if a.count <= self.limits.max_data_xfer_size => {
+                    let mut buf = vec![0u8; a.count as usize];
+                    h.dma_read(a.addr, &mut buf).map(|()| a.encode_with_data(&buf))
+                }
+                Ok(_) => Err(Errno::E2BIG),
+                Err(_) => Err(Errno::EINVAL),
+            },
+            (Ok(Command::DmaWrite), Some(h)) => match DmaAccess::decode_with_data(&f.payload) {
+                Ok((a, data)) => h.dma_write(a.addr, data).map(|()| {
+                    let mut out = Vec::new();
+                    put(&mut out, &a);
+                    out
+                }),
+                Err(_) => Err(Errno::EINVAL),
+            },
+            (Ok(Command::DmaRead | Command::DmaWrite), None) => Err(Errno::ENODEV),
+            _ => Err(Errno::ENOSYS),
+        };
+        if no_reply {
+            return Ok(());
+        }
+        match result {
+            Ok(payload) => send_reply(sock, &f.header, &payload, &[]),
+            Err(e) => send_error(sock, &f.header, e),
+        }
+    }
+
+    /// Send a command and wait for its reply.
+    pub fn request(
+        &mut self,
+        cmd: Command,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Reply, ProtocolError> {
+        let h = self.send_command(cmd, payload, fds, false)?;
+        self.recv_reply(&h)
+    }
+
+    /// VERSION: propose and accept the server's answer.
+    pub fn negotiate(&mut self, proposal: &VersionMessage) -> Result<Negotiated, ProtocolError> {
+        let reply = self.request(Command::Version, &proposal.encode(), &[])?;
+        let v = VersionMessage::decode(&reply.payload)?;
+        let n = accept_reply(proposal, &v)?;
+        self.limits = Limits::from_negotiated(&n);
+        self.negotiated = n.clone();
+        Ok(n)
+    }
+
+    /// DMA_MAP, with `fd` for fd-backed memory.
+    pub fn dma_map(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        addr: u64,
+        size: u64,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(), ProtocolError> {
+        let m = DmaMap {
+            argsz: 32,
+            flags,
+            offset,
+            addr,
+            size,
+        };
+        let mut p = Vec::new();
+        put(&mut p, &m);
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        self.request(Command::DmaMap, &p, &fds)?;
+        Ok(())
+    }
+
+    /// DMA_UNMAP of exactly one earlier mapping.
+    pub fn dma_unmap(&mut self, addr: u64, size: u64) -> Result<DmaUnmap, ProtocolError> {
+        self.dma_unmap_flags(0, addr, size)
+    }
+
+    /// DMA_UNMAP of everything.
+    pub fn dma_unmap_all(&mut self) -> Result<DmaUnmap, ProtocolError> {
+        self.dma_unmap_flags(DMA_UNMAP_FLAG_ALL, 0, 0)
+    }
+
+    fn dma_unmap_flags(&mut self, flags: u32, addr: u64, size: u64) -> Result<DmaUnmap, ProtocolError> {
+        let u = DmaUnmap {
+            argsz: 24,
+            flags,
+            addr,
+            size,
+        };
+        let mut p = Vec::new();
+        put(&mut p, &u);
+        let r = self.request(Command::DmaUnmap, &p, &[])?;
+        crate::messages::decode_fixed(&r.payload, "DMA_UNMAP reply")
+    }
+
+    /// DEVICE_GET_INFO.
+    pub fn device_info(&mut self) -> Result<DeviceInfo, ProtocolError> {
+        let mut p = Vec::new();
+        put(
+            &mut p,
+            &DeviceInfo {
+                argsz: 16,
+                ..DeviceInfo::default()
+            },
+        );
+        let r = self.request(Command::DeviceGetInfo, &p, &[])?;
+        crate::messages::decode_fixed(&r.payload, "DEVICE_GET_INFO reply")
+    }
+
+    /// DEVICE_GET_REGION_INFO, asking again with more room when the caps did not fit.
+    pub fn region_info(
+        &mut self,
+        index: u32,
+    ) -> Result<(RegionInfoReply, Option<OwnedFd>), ProtocolError> {
+        let mut argsz = 32u32;
+        for _ in 0..2 {
+            let mut p = Vec::new();
+            put(
+                &mut p,
+                &RegionInfo {
+                    argsz,
+                    index,
+                    ..RegionInfo::default()
+                },
+            );
+            let mut r = self.request(Command::DeviceGetRegionInfo, &p, &[])?;
+            let info = RegionInfoReply::decode(&r.payload)?;
+            if info.info.argsz > argsz {
+                argsz = info.info.argsz;
+                continue;
+            }
+            if r.fds.len() > 1 {
+                return Err(ProtocolError::FdCountExceeded {
+                    got: r.fds.len(),
+                    max: 1,
+                });
+            }
+            return Ok((info, r.fds.pop()));
+        }
+        Err(ProtocolError::UnexpectedReply(
+            "region info argsz kept growing".into(),
+        ))
+    }
+
+    /// DEVICE_GET_REGION_IO_FDS.
+    pub fn region_io_fds(
+        &mut self,
+        index: u32,
+    ) -> Result<(Vec<IoFdSubRegion>, Vec<OwnedFd>), ProtocolError> {
+        let mut p = Vec::new();
+        put(
+            &mut p,
+            &RegionIoFds {
+                argsz: 4096,
+                index,
+                ..RegionIoFds::default()
+            },
+        );
+        let r = self.request(Command::DeviceGetRegionIoFds, &p, &[])?;
+        let (_, subs) = RegionIoFds::decode_reply(&r.payload)?;
+        Ok((subs, r.fds))
+    }
+
+    /// DEVICE_GET_IRQ_INFO.
+    pub fn irq_info(&mut self, index: u32) -> Result<IrqInfo, ProtocolError> {
+        let mut p = Vec::new();
+        put(
+            &mut p,
+            &IrqInfo {
+                argsz: 16,
+                index,
+                ..IrqInfo::default()
+            },
+        );
+        let r = self.request(Command::DeviceGetIrqInfo, &p, &[])?;
+        crate::messages::decode_fixed(&r.payload, "DEVICE_GET_IRQ_INFO reply")
+    }
+
+    /// DEVICE_SET_IRQS with explicit flags, trailing data and fds.
+    pub fn set_irqs_raw(
+        &mut self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        data: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ProtocolError> {
+        let mut p = Vec::new();
+        put(
+            &mut p,
+            &IrqSetHeader {
+                argsz: (20 + data.len()) as u32,
+                flags,
+                index,
+                start,
+                count,
+            },
+        );
+        p.extend_from_slice(data);
+        self.request(Command::DeviceSetIrqs, &p, fds)?;
+        Ok(())
+    }
+
+    /// Assign trigger eventfds to vectors `start..start+fds.len()` (empty `fds` with `count`
+    /// de-assigns, see [`Self::deassign_irq_eventfds`]).
+    pub fn set_irq_eventfds(
+        &mut self,
+        index: u32,
+        start: u32,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ProtocolError> {
+        self.set_irqs_raw(
+            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
+            index,
+            start,
+            fds.len() as u32,
+            &[],
+            fds,
+        )
+    }
+
+    /// De-assign trigger eventfds (EVENTFD with no fds).
+    pub fn deassign_irq_eventfds(&mut self, index: u32, start: u32, count: u32) -> Result<(), ProtocolError> {
+        self.set_irqs_raw(
+            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
+            index,
+            start,
+            count,
+            &[],
+            &[],
+        )
+    }
+
+    /// Assign the INTx unmask (resample) eventfd.
+    pub fn set_irq_unmask_eventfd(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), ProtocolError> {
+        self.set_irqs_raw(
+            IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_EVENTFD,
+            index,
+            0,
+            1,
+            &[],
+            &[fd],
+        )
+    }
+
+    /// Apply `action` with DATA_NONE to `start..start+count`.
+    pub fn irq_action(
+        &mut self,
+        action: IrqAction,
+        index: u32,
+        start: u32,
+        count: u32,
+    ) -> Result<(), ProtocolError> {
+        let a = match action {
+            IrqAction::Mask => IRQ_SET_ACTION_MASK,
+            IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
+            IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
+        };
+        self.set_irqs_raw(a | IRQ_SET_DATA_NONE, index, start, count, &[], &[])
+    }
+
+    /// Apply `action` with DATA_BOOL.
+    pub fn irq_action_bools(
+        &mut self,
+        action: IrqAction,
+        index: u32,
+        start: u32,
+        bools: &[bool],
+    ) -> Result<(), ProtocolError> {
+        let a = match action {
+            IrqAction::Mask => IRQ_SET_ACTION_MASK,
+            IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
+            IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
+        };
+        let data: Vec<u8> = bools.iter().map(|b| u8::from(*b)).collect();
+        self.set_irqs_raw(a | IRQ_SET_DATA_BOOL, index, start, bools.len() as u32, &data, &[])
+    }
+
+    /// Disable a whole IRQ index (`TRIGGER|NONE`, count 0).
+    pub fn disable_irqs(&mut self, index: u32) -> Result<(), ProtocolError> {
+        self.set_irqs_raw(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, index, 0, 0, &[], &[])
+    }
+
+    /// REGION_READ.
+    pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, ProtocolError> {
+        let mut p = Vec::new();
+        put(&mut p, &RegionAccess { offset, region, count });
+        let r = self.request(Command::RegionRead, &p, &[])?;
+        let (a, data) = RegionAccess::decode_write(&r.payload)?;
+        if a.count > count {
+            return Err(ProtocolError::UnexpectedReply(format!(
+                "read reply of {} bytes for {count} requested",
+                a.count
+            )));
+        }
+        Ok(data.to_vec())
+    }
+
+    /// Read a little-endian u32 from a region.
+    pub fn region_read_u32(&mut self, region: u32, offset: u64) -> Result<u32, ProtocolError> {
+        let b = self.region_read(region, offset, 4)?;
+        let arr: [u8; 4] = b
+            .as_slice()
+            .try_into()
+            .map_err(|_| ProtocolError::UnexpectedReply("short read".into()))?;
+        Ok(u32::from_le_bytes(arr))
+    }
+
+    /// REGION_WRITE, waiting for the reply.
+    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), ProtocolError> {
+        let a = RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        };
+        self.request(Command::RegionWrite, &a.encode_with_data(data), &[])?;
+        Ok(())
+    }
+
+    /// Write a little-endian u32 to a region.
+    pub fn region_write_u32(&mut self, region: u32, offset: u64, v: u32) -> Result<(), ProtocolError> {
+        self.region_write(region, offset, &v.to_le_bytes())
+    }
+
+    /// REGION_WRITE with NO_REPLY (a posted write, as QEMU sends BAR writes).
+    pub fn region_write_posted(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), ProtocolError> {
+        let a = RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        };
+        self.send_command(Command::RegionWrite, &a.encode_with_data(data), &[], true)?;
+        Ok(())
+    }
+
+    /// REGION_WRITE_MULTI (always NO_REPLY, as QEMU sends it).
+    pub fn region_write_multi(&mut self, entries: &[WriteMultiEntry]) -> Result<(), ProtocolError> {
+        self.send_command(
+            Command::RegionWriteMulti,
+            &WriteMultiEntry::encode_batch(entries),
+            &[],
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// DEVICE_RESET.
+    pub fn device_reset(&mut self) -> Result<(), ProtocolError> {
+        self.request(Command::DeviceReset, &[], &[])?;
+        Ok(())
+    }
+
+    /// DEVICE_FEATURE with arbitrary flags; returns the reply.
+    pub fn device_feature(&mut self, f: &DeviceFeature) -> Result<DeviceFeature, ProtocolError> {
+        let r = self.request(Command::DeviceFeature, &f.encode(), &[])?;
+        let mut r = DeviceFeature::decode(&r.payload)?;
+        if r.feature != f.feature {
+            return Err(ProtocolError::UnexpectedReply("feature index changed".into()));
+        }
+        r.get = f.get;
+        Ok(r)
+    }
+
+    /// GET a feature's data.
+    pub fn feature_get(&mut self, feature: u16, data: &[u8], room: usize) -> Result<Vec<u8>, ProtocolError> {
+        let f = DeviceFeature {
+            argsz: (8 + room.max(data.len())) as u32,
+            feature,
+            get: true,
+            set: false,
+            probe: false,
+            data: data.to_vec(),
+        };
+        Ok(self.device_feature(&f)?.data)
+    }
+
+    /// SET a feature.
+    pub fn feature_set(&mut self, feature: u16, data: &[u8]) -> Result<(), ProtocolError> {
+        let f = DeviceFeature {
+            argsz: (8 + data.len()) as u32,
+            feature,
+            get: false,
+            set: true,
+            probe: false,
+            data: data.to_vec(),
+        };
+        self.device_feature(&f).map(|_| ())
+    }
+
+    /// PROBE whether `feature` supports GET and/or SET.
+    pub fn feature_probe(&mut self, feature: u16, get: bool, set: bool) -> Result<(), ProtocolError> {
+        let f = DeviceFeature {
+            argsz: 8,
+            feature,
+            get,
+            set,
+            probe: true,
+            data: Vec::new(),
+        };
+        self.device_feature(&f).map(|_| ())
+    }
+
+    /// GET the MIGRATION feature's flags.
+    pub fn migration_flags(&mut self) -> Result<u64, ProtocolError> {
+        let d = self.feature_get(FEATURE_MIGRATION, &[], 8)?;
+        read_u64(&d)
+    }
+
+    /// GET the migration state.
+    pub fn mig_state(&mut self) -> Result<MigState, ProtocolError> {
+        let d = self.feature_get(FEATURE_MIG_DEVICE_STATE, &[], 8)?;
+        let (s, _) = MigDeviceState::read_from_prefix(&d)
+            .map_err(|_| ProtocolError::UnexpectedReply("short MIG_DEVICE_STATE".into()))?;
+        MigState::try_from(s.device_state)
+    }
+
+    /// SET the migration state (the server walks the arcs before replying).
+    pub fn set_mig_state(&mut self, state: MigState) -> Result<(), ProtocolError> {
+        let mut p = Vec::new();
+        put(
+            &mut p,
+            &MigDeviceState {
+                device_state: state as u32,
+                data_fd: u32::MAX,
+            },
+        );
+        self.feature_set(FEATURE_MIG_DEVICE_STATE, &p)
+    }
+
+    /// GET the stop-copy size estimate.
+    pub fn mig_data_size(&mut self) -> Result<u64, ProtocolError> {
+        let d = self.feature_get(FEATURE_MIG_DATA_SIZE, &[], 8)?;
+        read_u64(&d)
+    }
+
+    /// Start dirty logging.
+    pub fn dma_logging_start(&mut self, ctl: &DmaLoggingControl) -> Result<(), ProtocolError> {
+        self.feature_set(FEATURE_DMA_LOGGING_START, &ctl.encode())
+    }
+
+    /// Stop dirty logging.
+    pub fn dma_logging_stop(&mut self) -> Result<(), ProtocolError> {
+        self.feature_set(FEATURE_DMA_LOGGING_STOP, &[])
+    }
+
+    /// Fetch and clear the dirty bitmap of a range; returns the bitmap bytes.
+    pub fn dma_logging_report(&mut self, rep: &DmaLoggingReport) -> Result<Vec<u8>, ProtocolError> {
+        let mut p = Vec::new();
+        put(&mut p, rep);
+        let room = 24 + rep.bitmap_len()?;
+        let d = self.feature_get(FEATURE_DMA_LOGGING_REPORT, &p, room)?;
+        Ok(d.get(24..).unwrap_or_default().to_vec())
+    }
+
+    /// MIG_DATA_READ of up to `size` bytes. A shorter answer means nothing more for now.
+    pub fn mig_data_read(&mut self, size: u32) -> Result<Vec<u8>, ProtocolError> {
+        let mut p = Vec::new();
+        put(
+            &mut p,
+            &MigData {
+                argsz: 8 + size,
+                size,
+            },
+        );
+        let r = self.request(Command::MigDataRead, &p, &[])?;
+        let data = MigData::decode_write(&r.payload)?;
+        if data.len() > size as usize {
+            return Err(ProtocolError::UnexpectedReply("migration data larger than asked".into()));
+        }
+        Ok(data.to_vec())
+    }
+
+    /// MIG_DATA_WRITE.
+    pub fn mig_data_write(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
+        self.request(Command::MigDataWrite, &MigData::encode_with_data(data), &[])?;
+        Ok(())
+    }
+}
+
+fn read_u64(d: &[u8]) -> Result<u64, ProtocolError> {
+    d.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| ProtocolError::UnexpectedReply("feature data shorter than 8 bytes".into()))
+}

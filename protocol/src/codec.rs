@@ -1,0 +1,290 @@
+//! Message framing over a UNIX stream socket, with `SCM_RIGHTS` file descriptors.
+//!
+//! This is the only code that touches the socket. A message is the 16-byte header followed by
+//! `msg_size - 16` payload bytes; fds ride on the message's first bytes (spec "Protocol
+//! Specification"). [`FrameReader`] assembles frames incrementally, so the same code serves a
+//! blocking client and a non-blocking event loop. It never allocates from a length it has not
+//! checked against [`Limits::max_msg_size`]. Received fds are `CLOEXEC` and owned, so any
+//! surplus is closed when dropped.
+
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::error::ProtocolError;
+use crate::header::{Header, HEADER_SIZE};
+use crate::messages::version::{Negotiated, DEFAULT_MAX_DATA_XFER_SIZE};
+
+/// Most fds the kernel passes in one message (`SCM_MAX_FD`).
+pub const SCM_MAX_FD: usize = 253;
+/// Room for headers around a maximal data transfer (largest fixed part is 24 bytes + header).
+pub const MSG_OVERHEAD: usize = 64;
+
+/// Limits enforced on incoming messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most fds accepted in one message.
+    pub max_msg_fds: usize,
+    /// Largest data transfer (REGION_READ/WRITE count, MIG_DATA size, DMA count).
+    pub max_data_xfer_size: u64,
+    /// Largest whole message, header included.
+    pub max_msg_size: usize,
+}
+
+impl Default for Limits {
+    /// Limits before negotiation: the spec defaults, except that up to 16 fds are tolerated.
+    fn default() -> Self {
+        Self::with_xfer(16, DEFAULT_MAX_DATA_XFER_SIZE)
+    }
+}
+
+impl Limits {
+    /// Limits for a given fd count and transfer size.
+    pub fn with_xfer(max_msg_fds: usize, max_data_xfer_size: u64) -> Self {
+        Self {
+            max_msg_fds,
+            max_data_xfer_size,
+            max_msg_size: usize::try_from(max_data_xfer_size)
+                .unwrap_or(usize::MAX / 2)
+                .saturating_add(MSG_OVERHEAD)
+                .max(8192),
+        }
+    }
+
+    /// Limits after VERSION negotiation.
+    pub fn from_negotiated(n: &Negotiated) -> Self {
+        Self::with_xfer(n.max_msg_fds as usize, n.max_data_xfer_size)
+    }
+
+    /// Fail when a transfer exceeds `max_data_xfer_size`.
+    pub fn check_xfer(&self, size: u64) -> Result<(), ProtocolError> {
+        if size > self.max_data_xfer_size {
+            Err(ProtocolError::TransferTooLarge {
+                size,
+                max: self.max_data_xfer_size,
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One whole message as received.
+#[derive(Debug)]
+pub struct Frame {
+    /// The header.
+    pub header: Header,
+    /// `msg_size - 16` bytes.
+    pub payload: Vec<u8>,
+    /// File descriptors that came with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Incremental frame assembler: call [`FrameReader::read_frame`] whenever the socket is
+/// readable (or in a loop on a blocking socket).
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    header_buf: [u8; HEADER_SIZE],
+    header_len: usize,
+    header: Option<Header>,
+    payload: Vec<u8>,
+    payload_len: usize,
+    fds: Vec<OwnedFd>,
+}
+
+/// Receive into `buf`, appending any fds to `fds`. `Ok(0)` means EOF.
+fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, Errno> {
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let n = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel just installed `fd` in our table for this message;
+                // nothing else owns it, so taking ownership here is sound.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if truncated {
+        return Err(Errno::EMSGSIZE);
+    }
+    Ok(n)
+}
+
+impl FrameReader {
+    /// A fresh reader.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a frame is partly read.
+    pub fn in_progress(&self) -> bool {
+        self.header_len > 0 || !self.fds.is_empty()
+    }
+
+    /// Read as much as is available. `Ok(Some(frame))` when a whole frame is in;
+    /// `Ok(None)` when the socket would block. A malformed header is an error after which
+    /// the stream cannot be resynchronised: the caller should drop the connection.
+    pub fn read_frame(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        limits: &Limits,
+    ) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            if self.header.is_none() {
+                let n = match recv_with_fds(sock, &mut self.header_buf[self.header_len..], &mut self.fds) {
+                    Ok(0) => return Err(ProtocolError::Disconnected),
+                    Ok(n) => n,
+                    Err(Errno::EAGAIN) => return Ok(None),
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EMSGSIZE) => return Err(ProtocolError::FdsTruncated),
+                    Err(e) => return Err(e.into()),
+                };
+                self.header_len += n;
+                if self.header_len < HEADER_SIZE {
+                    continue;
+                }
+                let h = Header::read_from_bytes(&self.header_buf[..])
+                    .map_err(|_| ProtocolError::MsgSizeTooSmall(0))?;
+                let len = h.payload_len()?;
+                if h.msg_size as usize > limits.max_msg_size {
+                    return Err(ProtocolError::MsgTooLarge {
+                        size: h.msg_size,
+                        max: limits.max_msg_size,
+                    });
+                }
+                self.payload = vec![0; len];
+                self.payload_len = 0;
+                self.header = Some(h);
+            }
+            if self.payload_len < self.payload.len() {
+                let n = match recv_with_fds(sock, &mut self.payload[self.payload_len..], &mut self.fds) {
+                    Ok(0) => return Err(ProtocolError::Disconnected),
+                    Ok(n) => n,
+                    Err(Errno::EAGAIN) => return Ok(None),
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EMSGSIZE) => return Err(ProtocolError::FdsTruncated),
+                    Err(e) => return Err(e.into()),
+                };
+                self.payload_len += n;
+                continue;
+            }
+            let Some(header) = self.header.take() else {
+                continue;
+            };
+            self.header_len = 0;
+            self.payload_len = 0;
+            return Ok(Some(Frame {
+                header,
+                payload: std::mem::take(&mut self.payload),
+                fds: std::mem::take(&mut self.fds),
+            }));
+        }
+    }
+}
+
+/// Wait until `sock` is writable (used when a non-blocking socket's buffer is full).
+fn wait_writable(sock: BorrowedFd<'_>) -> Result<(), ProtocolError> {
+    let mut p = [PollFd::new(sock, PollFlags::POLLOUT)];
+    match poll(&mut p, PollTimeout::from(5000u16)) {
+        Ok(0) => Err(ProtocolError::Timeout),
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Send one message: `header` (its `msg_size` must already be right), payload parts, and fds
+/// attached to the first bytes. Handles short writes and `EAGAIN`.
+pub fn send_message(
+    sock: BorrowedFd<'_>,
+    header: &Header,
+    parts: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ProtocolError> {
+    let mut chunks: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+    chunks.push(header.as_bytes());
+    chunks.extend(parts.iter().copied().filter(|p| !p.is_empty()));
+    debug_assert_eq!(
+        chunks.iter().map(|c| c.len()).sum::<usize>(),
+        header.msg_size as usize
+    );
+    send_chunks(sock, &chunks, fds)
+}
+
+/// Send `chunks` back to back as one byte stream with `fds` on the first byte.
+/// Used directly only to send deliberately malformed bytes in tests.
+pub fn send_chunks(
+    sock: BorrowedFd<'_>,
+    chunks: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ProtocolError> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let total: usize = chunks.iter().map(|c| c.len()).sum();
+    let mut sent = 0usize;
+    let mut first = true;
+    while sent < total {
+        // Build iovecs for what is left.
+        let mut skip = sent;
+        let mut iov = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if skip >= c.len() {
+                skip -= c.len();
+                continue;
+            }
+            iov.push(IoSlice::new(&c[skip..]));
+            skip = 0;
+        }
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if first && !raw.is_empty() { &cmsg } else { &[] };
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => {
+                sent += n;
+                first = false;
+            }
+            Err(Errno::EAGAIN) => wait_writable(sock)?,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(ProtocolError::Disconnected),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Send a reply to `req` carrying `payload`.
+pub fn send_reply(
+    sock: BorrowedFd<'_>,
+    req: &Header,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ProtocolError> {
+    send_message(sock, &req.reply(payload.len()), &[payload], fds)
+}
+
+/// Send the header-only error reply to `req`.
+pub fn send_error(sock: BorrowedFd<'_>, req: &Header, errno: Errno) -> Result<(), ProtocolError> {
+    send_message(sock, &req.error_reply(errno as i32), &[], &[])
+}
+
+/// Convenience for callers holding any `AsFd`.
+pub fn borrow<T: AsFd>(t: &T) -> BorrowedFd<'_> {
+    t.as_fd()
+}

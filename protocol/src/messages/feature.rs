@@ -1,0 +1,319 @@
+//! DEVICE_FEATURE and its payloads, and MIG_DATA_READ/WRITE (spec "VFIO_USER_DEVICE_FEATURE",
+//! "VFIO_USER_MIG_DATA_READ", "VFIO_USER_MIG_DATA_WRITE"; kernel `include/uapi/linux/vfio.h`).
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::error::ProtocolError;
+use crate::wire::{put, WireReader};
+
+/// Feature index bits in `flags`.
+pub const FEATURE_MASK: u32 = 0xffff;
+/// Get the feature's data.
+pub const FEATURE_GET: u32 = 1 << 16;
+/// Set the feature's data.
+pub const FEATURE_SET: u32 = 1 << 17;
+/// Only ask whether the named operations are supported.
+pub const FEATURE_PROBE: u32 = 1 << 18;
+
+/// `VFIO_DEVICE_FEATURE_MIGRATION`: GET the migration flags.
+pub const FEATURE_MIGRATION: u16 = 1;
+/// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`: GET/SET the FSM state.
+pub const FEATURE_MIG_DEVICE_STATE: u16 = 2;
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START`.
+pub const FEATURE_DMA_LOGGING_START: u16 = 6;
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
+pub const FEATURE_DMA_LOGGING_STOP: u16 = 7;
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`.
+pub const FEATURE_DMA_LOGGING_REPORT: u16 = 8;
+/// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: GET the stop-copy length estimate.
+pub const FEATURE_MIG_DATA_SIZE: u16 = 9;
+
+/// Migration flag: STOP_COPY supported (mandatory).
+pub const MIGRATION_STOP_COPY: u64 = 1 << 0;
+/// Migration flag: P2P states supported.
+pub const MIGRATION_P2P: u64 = 1 << 1;
+/// Migration flag: PRE_COPY supported.
+pub const MIGRATION_PRE_COPY: u64 = 1 << 2;
+
+/// Fixed part of `struct vfio_user_device_feature`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct FeatureHeader {
+    /// Request: reply room; reply: size.
+    pub argsz: u32,
+    /// Feature index and GET/SET/PROBE.
+    pub flags: u32,
+}
+
+/// A DEVICE_FEATURE request or reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceFeature {
+    /// Request: reply room (header included); reply: size.
+    pub argsz: u32,
+    /// Feature index.
+    pub feature: u16,
+    /// GET requested.
+    pub get: bool,
+    /// SET requested.
+    pub set: bool,
+    /// PROBE requested.
+    pub probe: bool,
+    /// Feature data following the 8-byte header.
+    pub data: Vec<u8>,
+}
+
+impl DeviceFeature {
+    /// Wire flags.
+    pub fn flags(&self) -> u32 {
+        u32::from(self.feature)
+            | if self.get { FEATURE_GET } else { 0 }
+            | if self.set { FEATURE_SET } else { 0 }
+            | if self.probe { FEATURE_PROBE } else { 0 }
+    }
+
+    /// Decode; at most one of GET and SET, and at least one operation.
+    pub fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = WireReader::new(payload, "DEVICE_FEATURE");
+        let h: FeatureHeader = r.read()?;
+        if h.flags & !(FEATURE_MASK | FEATURE_GET | FEATURE_SET | FEATURE_PROBE) != 0 {
+            return Err(ProtocolError::invalid(
+                "flags",
+                format!("unknown feature flags {:#x}", h.flags),
+            ));
+        }
+        let f = Self {
+            argsz: h.argsz,
+            feature: (h.flags & FEATURE_MASK) as u16,
+            get: h.flags & FEATURE_GET != 0,
+            set: h.flags & FEATURE_SET != 0,
+            probe: h.flags & FEATURE_PROBE != 0,
+            data: r.rest().to_vec(),
+        };
+        if f.get && f.set {
+            return Err(ProtocolError::invalid("flags", "GET and SET together"));
+        }
+        if !(f.get || f.set || f.probe) {
+            return Err(ProtocolError::invalid("flags", "no operation"));
+        }
+        Ok(f)
+    }
+
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.data.len());
+        put(
+            &mut out,
+            &FeatureHeader {
+                argsz: self.argsz,
+                flags: self.flags(),
+            },
+        );
+        out.extend_from_slice(&self.data);
+        out
+    }
+}
+
+/// Migration FSM states (`enum vfio_device_mig_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum MigState {
+    /// The device failed a transition; only reset leaves it.
+    Error = 0,
+    /// Stopped, state can be saved or loaded.
+    Stop = 1,
+    /// Running normally (initial state).
+    Running = 2,
+    /// Stopped and saving its final state.
+    StopCopy = 3,
+    /// Stopped and loading state.
+    Resuming = 4,
+    /// Running, peer-to-peer quiesced (unsupported in vfio-user).
+    RunningP2p = 5,
+    /// Running and saving initial state.
+    PreCopy = 6,
+    /// Pre-copy, P2P quiesced (unsupported in vfio-user).
+    PreCopyP2p = 7,
+}
+
+impl MigState {
+    /// All states in numeric order.
+    pub const ALL: [MigState; 8] = [
+        MigState::Error,
+        MigState::Stop,
+        MigState::Running,
+        MigState::StopCopy,
+        MigState::Resuming,
+        MigState::RunningP2p,
+        MigState::PreCopy,
+        MigState::PreCopyP2p,
+    ];
+}
+
+impl TryFrom<u32> for MigState {
+    type Error = ProtocolError;
+    fn try_from(v: u32) -> Result<Self, ProtocolError> {
+        MigState::ALL
+            .get(v as usize)
+            .copied()
+            .ok_or_else(|| ProtocolError::invalid("device_state", format!("unknown state {v}")))
+    }
+}
+
+/// `struct vfio_device_feature_mig_state`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MigDeviceState {
+    /// The state (see [`MigState`]).
+    pub device_state: u32,
+    /// Unused in vfio-user (the data travels in MIG_DATA_READ/WRITE).
+    pub data_fd: u32,
+}
+
+/// `struct vfio_device_feature_dma_logging_control` fixed part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DmaLoggingControlHeader {
+    /// Tracking granularity; the reply may change it.
+    pub page_size: u64,
+    /// Number of ranges following (0 = everything).
+    pub num_ranges: u32,
+    /// Reserved.
+    pub reserved: u32,
+}
+
+/// An IOVA range for dirty logging.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DmaLoggingRange {
+    /// Start IOVA.
+    pub iova: u64,
+    /// Length.
+    pub length: u64,
+}
+
+/// DMA_LOGGING_START payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmaLoggingControl {
+    /// Page size.
+    pub page_size: u64,
+    /// Ranges; empty = everything mapped.
+    pub ranges: Vec<DmaLoggingRange>,
+}
+
+impl DmaLoggingControl {
+    /// Decode, bounding `num_ranges` by the bytes present.
+    pub fn decode(data: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = WireReader::new(data, "DMA_LOGGING_START");
+        let h: DmaLoggingControlHeader = r.read()?;
+        if !h.page_size.is_power_of_two() {
+            return Err(ProtocolError::invalid("page_size", "not a power of two"));
+        }
+        let n = h.num_ranges as usize;
+        if r.remaining() != n * 16 {
+            return Err(ProtocolError::PayloadLength {
+                what: "DMA_LOGGING_START",
+                got: data.len(),
+                expected: 16 + n.saturating_mul(16),
+            });
+        }
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
+            let range: DmaLoggingRange = r.read()?;
+            if range.length == 0 || range.iova.checked_add(range.length).is_none() {
+                return Err(ProtocolError::invalid("range", "empty or overflowing range"));
+            }
+            ranges.push(range);
+        }
+        Ok(Self {
+            page_size: h.page_size,
+            ranges,
+        })
+    }
+
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put(
+            &mut out,
+            &DmaLoggingControlHeader {
+                page_size: self.page_size,
+                num_ranges: self.ranges.len() as u32,
+                reserved: 0,
+            },
+        );
+        for r in &self.ranges {
+            put(&mut out, r);
+        }
+        out
+    }
+}
+
+/// DMA_LOGGING_REPORT request; the reply appends the bitmap inline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DmaLoggingReport {
+    /// Start IOVA.
+    pub iova: u64,
+    /// Length.
+    pub length: u64,
+    /// Bitmap granularity.
+    pub page_size: u64,
+}
+
+impl DmaLoggingReport {
+    /// Bytes of bitmap for this report: one bit per page, rounded up to u64 words.
+    pub fn bitmap_len(&self) -> Result<usize, ProtocolError> {
+        if !self.page_size.is_power_of_two() {
+            return Err(ProtocolError::invalid("page_size", "not a power of two"));
+        }
+        let pages = self.length.div_ceil(self.page_size);
+        usize::try_from(pages.div_ceil(64) * 8)
+            .map_err(|_| ProtocolError::invalid("length", "bitmap too large"))
+    }
+}
+
+/// `struct vfio_user_mig_data` fixed part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MigData {
+    /// Request: reply room; reply: 8 + size.
+    pub argsz: u32,
+    /// Bytes requested or carried.
+    pub size: u32,
+}
+const _: () = assert!(core::mem::size_of::<MigData>() == 8);
+
+impl MigData {
+    /// Decode a MIG_DATA_READ request.
+    pub fn decode_read(payload: &[u8]) -> Result<Self, ProtocolError> {
+        super::decode_fixed(payload, "MIG_DATA_READ")
+    }
+
+    /// Decode a payload with data (MIG_DATA_WRITE request, MIG_DATA_READ reply).
+    pub fn decode_write(payload: &[u8]) -> Result<&[u8], ProtocolError> {
+        let mut r = WireReader::new(payload, "MIG_DATA");
+        let h: MigData = r.read()?;
+        let data = r.rest();
+        if h.size as usize != data.len() {
+            return Err(ProtocolError::invalid(
+                "size",
+                format!("size {} but {} data bytes", h.size, data.len()),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Encode with data.
+    pub fn encode_with_data(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + data.len());
+        put(
+            &mut out,
+            &MigData {
+                argsz: (8 + data.len()) as u32,
+                size: data.len() as u32,
+            },
+        );
+        out.extend_from_slice(data);
+        out
+    }
+}

@@ -1,0 +1,252 @@
+//! Typed messages, one module per command family, and [`Request`]: a decoded client→server command.
+//!
+//! Decoding checks every length, flag and count that the spec pins down without device
+//! knowledge; range checks against the device (region sizes, IRQ counts) belong to the server.
+
+pub mod device;
+pub mod dma;
+pub mod feature;
+pub mod irq;
+pub mod region;
+pub mod version;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::codec::Limits;
+use crate::error::ProtocolError;
+use crate::header::Command;
+use crate::wire::{put, WireReader};
+
+pub use device::DeviceInfo;
+pub use dma::{DmaAccess, DmaMap, DmaUnmap};
+pub use feature::{DeviceFeature, MigData, MigState};
+pub use irq::{IrqAction, IrqData, IrqInfo, SetIrqs};
+pub use region::{RegionAccess, RegionCap, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry};
+pub use version::{Capabilities, VersionMessage};
+
+/// A client→server command, decoded and checked.
+#[derive(Debug)]
+pub enum Request {
+    /// VERSION: the client's proposal.
+    Version(VersionMessage),
+    /// DMA_MAP, with the fd when the memory is fd-backed.
+    DmaMap(DmaMap, Option<OwnedFd>),
+    /// DMA_UNMAP.
+    DmaUnmap(DmaUnmap),
+    /// DEVICE_GET_INFO.
+    DeviceGetInfo(DeviceInfo),
+    /// DEVICE_GET_REGION_INFO.
+    GetRegionInfo(RegionInfo),
+    /// DEVICE_GET_REGION_IO_FDS.
+    GetRegionIoFds(RegionIoFds),
+    /// DEVICE_GET_IRQ_INFO.
+    GetIrqInfo(IrqInfo),
+    /// DEVICE_SET_IRQS.
+    SetIrqs(SetIrqs),
+    /// REGION_READ.
+    RegionRead(RegionAccess),
+    /// REGION_WRITE: where, and the bytes.
+    RegionWrite(RegionAccess, Vec<u8>),
+    /// DEVICE_RESET.
+    DeviceReset,
+    /// REGION_WRITE_MULTI: a batch of small posted writes.
+    RegionWriteMulti(Vec<WriteMultiEntry>),
+    /// DEVICE_FEATURE.
+    DeviceFeature(DeviceFeature),
+    /// MIG_DATA_READ: how much the client wants.
+    MigDataRead(MigData),
+    /// MIG_DATA_WRITE: the bytes.
+    MigDataWrite(Vec<u8>),
+}
+
+fn no_fds(cmd: Command, fds: &[OwnedFd]) -> Result<(), ProtocolError> {
+    if fds.is_empty() {
+        Ok(())
+    } else {
+        tracing::debug!(?cmd, n = fds.len(), "closing unexpected file descriptors");
+        Err(ProtocolError::FdCountExceeded {
+            got: fds.len(),
+            max: 0,
+        })
+    }
+}
+
+impl Request {
+    /// The command this request is.
+    pub fn command(&self) -> Command {
+        match self {
+            Request::Version(_) => Command::Version,
+            Request::DmaMap(..) => Command::DmaMap,
+            Request::DmaUnmap(_) => Command::DmaUnmap,
+            Request::DeviceGetInfo(_) => Command::DeviceGetInfo,
+            Request::GetRegionInfo(_) => Command::DeviceGetRegionInfo,
+            Request::GetRegionIoFds(_) => Command::DeviceGetRegionIoFds,
+            Request::GetIrqInfo(_) => Command::DeviceGetIrqInfo,
+            Request::SetIrqs(_) => Command::DeviceSetIrqs,
+            Request::RegionRead(_) => Command::RegionRead,
+            Request::RegionWrite(..) => Command::RegionWrite,
+            Request::DeviceReset => Command::DeviceReset,
+            Request::RegionWriteMulti(_) => Command::RegionWriteMulti,
+            Request::DeviceFeature(_) => Command::DeviceFeature,
+            Request::MigDataRead(_) => Command::MigDataRead,
+            Request::MigDataWrite(_) => Command::MigDataWrite,
+        }
+    }
+
+    /// Decode the payload of command `cmd`. Unexpected fds are closed (dropped) and rejected.
+    pub fn decode(
+        cmd: u16,
+        payload: &[u8],
+        mut fds: Vec<OwnedFd>,
+        limits: &Limits,
+    ) -> Result<Request, ProtocolError> {
+        let cmd = Command::try_from(cmd)?;
+        if fds.len() > limits.max_msg_fds {
+            return Err(ProtocolError::FdCountExceeded {
+                got: fds.len(),
+                max: limits.max_msg_fds,
+            });
+        }
+        let req = match cmd {
+            Command::Version => {
+                no_fds(cmd, &fds)?;
+                Request::Version(VersionMessage::decode(payload)?)
+            }
+            Command::DmaMap => {
+                if fds.len() > 1 {
+                    return Err(ProtocolError::FdCountExceeded {
+                        got: fds.len(),
+                        max: 1,
+                    });
+                }
+                Request::DmaMap(DmaMap::decode(payload)?, fds.pop())
+            }
+            Command::DmaUnmap => {
+                no_fds(cmd, &fds)?;
+                Request::DmaUnmap(DmaUnmap::decode(payload)?)
+            }
+            Command::DeviceGetInfo => {
+                no_fds(cmd, &fds)?;
+                Request::DeviceGetInfo(DeviceInfo::decode_request(payload)?)
+            }
+            Command::DeviceGetRegionInfo => {
+                no_fds(cmd, &fds)?;
+                Request::GetRegionInfo(RegionInfo::decode_request(payload)?)
+            }
+            Command::DeviceGetRegionIoFds => {
+                no_fds(cmd, &fds)?;
+                Request::GetRegionIoFds(RegionIoFds::decode_request(payload)?)
+            }
+            Command::DeviceGetIrqInfo => {
+                no_fds(cmd, &fds)?;
+                Request::GetIrqInfo(IrqInfo::decode_request(payload)?)
+            }
+            Command::DeviceSetIrqs => Request::SetIrqs(SetIrqs::decode(payload, fds)?),
+            Command::RegionRead => {
+                no_fds(cmd, &fds)?;
+                let a = RegionAccess::decode_read(payload)?;
+                limits.check_xfer(a.count.into())?;
+                Request::RegionRead(a)
+            }
+            Command::RegionWrite => {
+                no_fds(cmd, &fds)?;
+                let (a, data) = RegionAccess::decode_write(payload)?;
+                limits.check_xfer(a.count.into())?;
+                Request::RegionWrite(a, data.to_vec())
+            }
+            Command::DeviceReset => {
+                no_fds(cmd, &fds)?;
+                if !payload.is_empty() {
+                    return Err(ProtocolError::PayloadLength {
+                        what: "DEVICE_RESET",
+                        got: payload.len(),
+                        expected: 0,
+                    });
+                }
+                Request::DeviceReset
+            }
+            Command::RegionWriteMulti => {
+                no_fds(cmd, &fds)?;
+                Request::RegionWriteMulti(WriteMultiEntry::decode_batch(payload)?)
+            }
+            Command::DeviceFeature => {
+                no_fds(cmd, &fds)?;
+                Request::DeviceFeature(DeviceFeature::decode(payload)?)
+            }
+            Command::MigDataRead => {
+                no_fds(cmd, &fds)?;
+                let m = MigData::decode_read(payload)?;
+                limits.check_xfer(m.size.into())?;
+                Request::MigDataRead(m)
+            }
+            Command::MigDataWrite => {
+                no_fds(cmd, &fds)?;
+                let data = MigData::decode_write(payload)?;
+                limits.check_xfer(data.len() as u64)?;
+                Request::MigDataWrite(data.to_vec())
+            }
+            Command::DmaRead | Command::DmaWrite => {
+                return Err(ProtocolError::invalid(
+                    "cmd",
+                    "DMA_READ/DMA_WRITE are server-to-client commands",
+                ))
+            }
+        };
+        Ok(req)
+    }
+
+    /// Encode the payload (without header) and borrow the fds to send with it.
+    pub fn encode(&self) -> (Vec<u8>, Vec<BorrowedFd<'_>>) {
+        let mut out = Vec::new();
+        let mut fds = Vec::new();
+        match self {
+            Request::Version(v) => out = v.encode(),
+            Request::DmaMap(m, fd) => {
+                put(&mut out, m);
+                fds.extend(fd.as_ref().map(|f| f.as_fd()));
+            }
+            Request::DmaUnmap(u) => put(&mut out, u),
+            Request::DeviceGetInfo(i) => put(&mut out, i),
+            Request::GetRegionInfo(i) => put(&mut out, i),
+            Request::GetRegionIoFds(i) => put(&mut out, i),
+            Request::GetIrqInfo(i) => put(&mut out, i),
+            Request::SetIrqs(s) => {
+                out = s.encode_payload();
+                if let IrqData::Eventfds(v) = &s.data {
+                    fds.extend(v.iter().map(|f| f.as_fd()));
+                }
+            }
+            Request::RegionRead(a) => put(&mut out, a),
+            Request::RegionWrite(a, data) => {
+                put(&mut out, a);
+                out.extend_from_slice(data);
+            }
+            Request::DeviceReset => {}
+            Request::RegionWriteMulti(v) => out = WriteMultiEntry::encode_batch(v),
+            Request::DeviceFeature(f) => out = f.encode(),
+            Request::MigDataRead(m) => put(&mut out, m),
+            Request::MigDataWrite(data) => out = MigData::encode_with_data(data),
+        }
+        (out, fds)
+    }
+}
+
+/// Decode helper shared by the fixed-size request structs that start with `argsz`.
+pub(crate) fn decode_fixed<T>(payload: &[u8], what: &'static str) -> Result<T, ProtocolError>
+where
+    T: zerocopy::FromBytes + zerocopy::KnownLayout + zerocopy::Immutable,
+{
+    let mut r = WireReader::new(payload, what);
+    let v = r.read::<T>()?;
+    r.finish(core::mem::size_of::<T>())?;
+    Ok(v)
+}
+
+/// Check that a request's `argsz` covers at least the fixed struct.
+pub(crate) fn check_argsz(argsz: u32, needed: usize) -> Result<(), ProtocolError> {
+    if (argsz as usize) < needed {
+        Err(ProtocolError::ArgszTooSmall { argsz, needed })
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! The DMA map table and guest-memory access (spec "VFIO_USER_DMA_MAP"/"UNMAP",
+//! "VFIO_USER_DMA_READ"/"WRITE").
+//!
+//! The client maps guest RAM in one of two ways. With an fd, the server mmaps it through
+//! `vm-memory` (`GuestRegionMmap` with an `AtomicBitmap`, so every write through it is
+//! dirty-logged for migration). Without an fd, the server must ask the client with
+//! DMA_READ/DMA_WRITE over the socket. Mappings never overlap, and lookup is O(log n) in a
+//! `BTreeMap` keyed by IOVA. An access must lie inside a single mapping; anything else is an
+//! error to the device, never a wild pointer.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use vfud_protocol::codec::{send_message, Frame, FrameReader, Limits};
+use vfud_protocol::header::{Command, Header, MessageKind};
+use vfud_protocol::messages::dma::{DmaAccess, DmaMap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
+
+use crate::error::DmaError;
+
+/// Page size used for dirty tracking.
+pub const DIRTY_PAGE_SIZE: usize = 4096;
+
+/// A guest I/O virtual address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Iova(pub u64);
+
+/// How a mapping's bytes are reached.
+#[derive(Debug)]
+enum Backing {
+    /// Mapped from the client's fd.
+    Mmap(Arc<GuestRegionMmap<AtomicBitmap>>),
+    /// Reached with DMA_READ/DMA_WRITE.
+    Socket,
+}
+
+/// One DMA mapping.
+#[derive(Debug)]
+pub struct Mapping {
+    /// Start IOVA.
+    pub iova: u64,
+    /// Length.
+    pub size: u64,
+    /// The device may read.
+    pub readable: bool,
+    /// The device may write.
+    pub writable: bool,
+    backing: Backing,
+}
+
+impl Mapping {
+    /// Whether the mapping is fd-backed.
+    pub fn is_mmapped(&self) -> bool {
+        matches!(self.backing, Backing::Mmap(_))
+    }
+
+    fn end(&self) -> u64 {
+        self.iova + self.size
+    }
+}
+
+/// All DMA mappings of the current client.
+#[derive(Debug, Default)]
+pub struct DmaTable {
+    maps: BTreeMap<u64, Mapping>,
+    max_maps: usize,
+}
+
+impl DmaTable {
+    /// An empty table allowing `max_maps` mappings.
+    pub fn new(max_maps: usize) -> Self {
+        Self {
+            maps: BTreeMap::new(),
+            max_maps,
+        }
+    }
+
+    /// Change the limit (after VERSION).
+    pub fn set_max_maps(&mut self, max: usize) {
+        self.max_maps = max;
+    }
+
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.maps.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// Iterate mappings in IOVA order.
+    pub fn iter(&self) -> impl Iterator<Item = &Mapping> {
+        self.maps.values()
+    }
+
+    /// Add a mapping. Overlaps are refused with `EEXIST` (spec "VFIO_USER_DMA_MAP").
+    pub fn map(&mut self, m: &DmaMap, fd: Option<OwnedFd>) -> Result<(), DmaError> {
+        let overlap = |iova: u64, size: u64| DmaError::MapOverlap { iova, size };
+        let end = m.addr.checked_add(m.size).ok_or(overlap(m.addr, m.size))?;
+        if let Some((_, prev)) = self.maps.range(..end).next_back() {
+            if prev.end() > m.addr {
+                return Err(overlap(m.addr, m.size));
+            }
+        }
+        if self.maps.len() >= self.max_maps {
+            return Err(DmaError::TooManyMappings(self.max_maps));
+        }
+        let readable = m.flags & DMA_MAP_FLAG_READ != 0;
+        let writable = m.flags & DMA_MAP_FLAG_WRITE != 0;
+        let backing = match fd {
+            Some(fd) => Backing::Mmap(Arc::new(map_fd(fd, m, readable, writable)?)),
+            None => Backing::Socket,
+        };
+        self.maps.insert(
+            m.addr,
+            Mapping {
+                iova: m.addr,
+                size: m.size,
+                readable,
+                writable,
+                backing,
+            },
+        );
+        Ok(())
+    }
+
+    /// Remove the mapping that is exactly `iova`+`size`.
+    pub fn unmap(&mut self, iova: u64, size: u64) -> Result<(), DmaError> {
+        match self.maps.get(&iova) {
+            Some(m) if m.size == size => {
+                self.maps.remove(&iova);
+                Ok(())
+            }
+            _ => Err(DmaError::NoSuchMapping { iova, size }),
+        }
+    }
+
+    /// Remove everything.
+    pub fn unmap_all(&mut self) {
+        self.maps.clear();
+    }
+
+    /// The mapping covering `iova`, if any.
+    pub fn lookup(&self, iova: u64) -> Option<&Mapping> {
+        self.maps
+            .range(..=iova)
+            .next_back()
+            .map(|(_, m)| m)
+            .filter(|m| iova < m.end())
+    }
+
+    /// The mapping that holds all of `iova..iova+len`.
+    fn covering(&self, iova: u64, len: usize) -> Result<&Mapping, DmaError> {
+        let m = self.lookup(iova).ok_or(DmaError::NotMapped(iova))?;
+        let end = iova
+            .checked_add(len as u64)
+            .ok_or(DmaError::CrossesMapping { iova, len })?;
+        if end > m.end() {
+            return Err(DmaError::CrossesMapping { iova, len });
+        }
+        Ok(m)
+    }
+}
+
+fn map_fd(
+    fd: OwnedFd,
+    m: &DmaMap,
+    readable: bool,
+    writable: bool,
+) -> Result<GuestRegionMmap<AtomicBitmap>, DmaError> {
+    let size = usize::try_from(m.size).map_err(|_| DmaError::MapFailed("size too large".into()))?;
+    let mut prot = 0;
+    if readable {
+        prot |= libc_prot::READ;
+    }
+    if writable {
+        prot |= libc_prot::WRITE;
+    }
+    let bitmap = AtomicBitmap::new(size, NonZeroUsize::MIN.saturating_add(DIRTY_PAGE_SIZE - 1));
+    let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+        .with_file_offset(FileOffset::new(File::from(fd), m.offset))
+        .with_mmap_prot(prot)
+        .with_mmap_flags(libc_prot::SHARED)
+        .build()
+        .map_err(|e| DmaError::MapFailed(e.to_string()))?;
+    GuestRegionMmap::new(region, GuestAddress(m.addr))
+        .ok_or_else(|| DmaError::MapFailed("address overflow".into()))
+}
+
+/// mmap constants (values of the Linux ABI, which `nix` exposes only as bitflags).
+mod libc_prot {
+    pub const READ: i32 = nix::sys::mman::ProtFlags::PROT_READ.bits();
+    pub const WRITE: i32 = nix::sys::mman::ProtFlags::PROT_WRITE.bits();
+    pub const SHARED: i32 = nix::sys::mman::MapFlags::MAP_SHARED.bits();
+}
+
+/// The client connection as seen from guest-memory access: lets the server send DMA_READ/WRITE
+/// and wait for the reply, keeping any client commands that arrive meanwhile for later.
+pub struct ClientChannel<'a> {
+    /// The socket.
+    pub stream: &'a std::os::unix::net::UnixStream,
+    /// Frame assembler shared with the event loop.
+    pub reader: &'a mut FrameReader,
+    /// Commands received while waiting, processed after.
+    pub backlog: &'a mut std::collections::VecDeque<Frame>,
+    /// Limits for incoming frames.
+    pub limits: Limits,
+    /// Next message id for server→client requests.
+    pub next_id: &'a mut u16,
+}
+
+impl ClientChannel<'_> {
+    fn exchange(&mut self, cmd: Command, payload: &[u8]) -> Result<Frame, DmaError> {
+        *self.next_id = self.next_id.wrapping_add(1);
+        let h = Header::command(*self.next_id, cmd, payload.len(), false);
+        send_message(self.stream.as_fd(), &h, &[payload], &[]).map_err(DmaError::Socket)?;
+        loop {
+            let mut pfd = [nix::poll::PollFd::new(
+                self.stream.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16)) {
+                Ok(0) => return Err(DmaError::Socket(vfud_protocol::ProtocolError::Timeout)),
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(DmaError::Socket(e.into())),
+            }
+            while let Some(f) = self
+                .reader
+                .read_frame(self.stream.as_fd(), &self.limits)
+                .map_err(DmaError::Socket)?
+            {
+                match f.header.kind().map_err(DmaError::Socket)? {
+                    MessageKind::Command { .. } => self.backlog.push_back(f),
+                    MessageKind::ErrorReply(e) if f.header.msg_id == h.msg_id => {
+                        return Err(DmaError::Socket(vfud_protocol::ProtocolError::Remote(
+                            Errno::from_raw(e as i32),
+                        )))
+                    }
+                    MessageKind::Reply if f.header.msg_id == h.msg_id => return Ok(f),
+                    _ => tracing::debug!(id = f.header.msg_id, "dropping stray reply"),
+                }
+            }
+        }
+    }
+}
+
+/// Guest-memory handle given to devices. All accesses are bounds- and permission-checked.
+pub struct GuestMem<'a> {
+    pub(crate) table: &'a DmaTable,
+    pub(crate) channel: Option<ClientChannel<'a>>,
+}
+
+impl<'a> GuestMem<'a> {
+    /// A handle over `table`; `channel` enables socket DMA (only in deferred work).
+    pub fn new(table: &'a DmaTable, channel: Option<ClientChannel<'a>>) -> Self {
+        Self { table, channel }
+    }
+
+    /// Read `buf.len()` bytes at `iova`.
+    pub fn read(&mut self, iova: Iova, buf: &mut [u8]) -> Result<(), DmaError> {
+        let m = self.table.covering(iova.0, buf.len())?;
+        if !m.readable {
+            return Err(DmaError::Protection {
+                iova: iova.0,
+                access: "readable",
+            });
+        }
+        match &m.backing {
+            Backing::Mmap(r) => r
+                .read_slice(buf, MemoryRegionAddress(iova.0 - m.iova))
+                .map_err(|e| DmaError::MapFailed(e.to_string())),
+            Backing::Socket => {
+                let ch = self.channel.as_mut().ok_or(DmaError::WouldBlock)?;
+                let mut off = 0usize;
+                let max = ch.limits.max_data_xfer_size.max(1) as usize;
+                while off < buf.len() {
+                    let n = (buf.len() - off).min(max);
+                    let req = DmaAccess {
+                        addr: iova.0 + off as u64,
+                        count: n as u64,
+                    };
+                    let mut p = Vec::new();
+                    vfud_protocol::wire::put(&mut p, &req);
+                    let f = ch.exchange(Command::DmaRead, &p)?;
+                    let (a, data) = DmaAccess::decode_with_data(&f.payload).map_err(DmaError::Socket)?;
+                    if a.count != n as u64 {
+                        return Err(DmaError::Socket(vfud_protocol::ProtocolError::UnexpectedReply(
+                            "short DMA_READ reply".into(),
+                        )));
+                    }
+                    buf[off..off + n].copy_from_slice(data);
+                    off += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Write `data` at `iova`.
+    pub fn write(&mut self, iova: Iova, data: &[u8]) -> Result<(), DmaError> {
+        let m = self.table.covering(iova.0, data.len())?;
+        if !m.writable {
+            return Err(DmaError::Protection {
+                iova: iova.0,
+                access: "writable",
+            });
+        }
+        match &m.backing {
+            Backing::Mmap(r) => r
+                .write_slice(data, MemoryRegionAddress(iova.0 - m.iova))
+                .map_err(|e| DmaError::MapFailed(e.to_string())),
+            Backing::Socket => {
+                let ch = self.channel.as_mut().ok_or(DmaError::WouldBlock)?;
+                let max = ch.limits.max_data_xfer_size.max(1) as usize;
+                for (i, chunk) in data.chunks(max).enumerate() {
+                    let req = DmaAccess {
+                        addr: iova.0 + (i * max) as u64,
+                        count: chunk.len() as u64,
+                    };
+                    ch.exchange(Command::DmaWrite, &req.encode_with_data(chunk))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Read a little-endian u32.
+    pub fn read_u32(&mut self, iova: Iova) -> Result<u32, DmaError> {
+        let mut b = [0u8; 4];
+        self.read(iova, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Write a little-endian u32.
+    pub fn write_u32(&mut self, iova: Iova, v: u32) -> Result<(), DmaError> {
+        self.write(iova, &v.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(t: &mut DmaTable, addr: u64, size: u64) -> Result<(), DmaError> {
+        t.map(
+            &DmaMap {
+                argsz: 32,
+                flags: 3,
+                offset: 0,
+                addr,
+                size,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn overlapping_maps_are_refused() {
+        let mut t = DmaTable::new(16);
+        map(&mut t, 0x1000, 0x1000).unwrap();
+        assert!(matches!(map(&mut t, 0x1800, 0x1000), Err(DmaError::MapOverlap { .. })));
+        assert!(matches!(map(&mut t, 0x0, 0x1001), Err(DmaError::MapOverlap { .. })));
+        map(&mut t, 0x2000, 0x1000).unwrap();
+        map(&mut t, 0x0, 0x1000).unwrap();
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn unmap_must_match_exactly() {
+        let mut t = DmaTable::new(16);
+        map(&mut t, 0x1000, 0x2000).unwrap();
+        assert!(t.unmap(0x1000, 0x1000).is_err());
+        assert!(t.unmap(0x2000, 0x1000).is_err());
+        t.unmap(0x1000, 0x2000).unwrap();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn max_maps_is_enforced() {
+        let mut t = DmaTable::new(2);
+        map(&mut t, 0, 0x1000).unwrap();
+        map(&mut t, 0x1000, 0x1000).unwrap();
+        assert!(matches!(map(&mut t, 0x2000, 0x1000), Err(DmaError::TooManyMappings(2))));
+    }
+
+    #[test]
+    fn access_that_straddles_a_mapping_fails() {
+        let mut t = DmaTable::new(4);
+        map(&mut t, 0x1000, 0x1000).unwrap();
+        map(&mut t, 0x2000, 0x1000).unwrap();
+        assert!(matches!(t.covering(0x1ffc, 8), Err(DmaError::CrossesMapping { .. })));
+        assert!(matches!(t.covering(0x3000, 1), Err(DmaError::NotMapped(0x3000))));
+        assert!(t.covering(0x1ff8, 8).is_ok());
+    }
+
+    #[test]
+    fn socket_dma_outside_deferred_work_would_block() {
+        let mut t = DmaTable::new(4);
+        map(&mut t, 0x1000, 0x1000).unwrap();
+        let mut m = GuestMem::new(&t, None);
+        assert!(matches!(m.read_u32(Iova(0x1000)), Err(DmaError::WouldBlock)));
+    }
+}

@@ -1,0 +1,469 @@
+//! Interrupts: INTx, MSI, MSI-X, ERR and REQ as the client configures them with
+//! DEVICE_SET_IRQS (spec "VFIO_USER_DEVICE_SET_IRQS"; kernel `vfio.h` `VFIO_DEVICE_SET_IRQS`).
+//!
+//! The client hands the server one trigger eventfd per vector; raising an interrupt writes 1
+//! to it. Like vfio-pci, one index delivers device interrupts at a time: MSI-X when it has
+//! eventfds, else MSI, else INTx. Masked vectors latch a pending bit (served in the MSI-X PBA)
+//! and fire when unmasked. INTx is automasked: after it fires it stays masked until the client
+//! unmasks it (SET_IRQS UNMASK, or a write to the unmask/resample eventfd).
+//!
+//! [`Interrupts::validate`] checks a request against the layout without side effects;
+//! [`Interrupts::apply`] performs it. The split lets migration validate at once and apply later.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use vfud_protocol::messages::irq::{
+    IrqInfo, IRQ_INDEX_COUNT, IRQ_INDEX_ERR, IRQ_INDEX_INTX, IRQ_INDEX_MSI, IRQ_INDEX_MSIX,
+    IRQ_INDEX_REQ, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE,
+};
+use vfud_protocol::messages::{IrqAction, IrqData, SetIrqs};
+
+use crate::device::IrqLayout;
+use crate::error::RequestError;
+
+/// State of one IRQ index.
+#[derive(Debug, Default)]
+struct IndexState {
+    count: u32,
+    flags: u32,
+    triggers: Vec<Option<OwnedFd>>,
+    masked: Vec<bool>,
+    pending: Vec<bool>,
+}
+
+impl IndexState {
+    fn new(count: u32, flags: u32) -> Self {
+        let n = count as usize;
+        Self {
+            count,
+            flags,
+            triggers: (0..n).map(|_| None).collect(),
+            masked: vec![false; n],
+            pending: vec![false; n],
+        }
+    }
+
+    fn has_triggers(&self) -> bool {
+        self.triggers.iter().any(Option::is_some)
+    }
+
+    fn clear(&mut self) {
+        self.triggers.iter_mut().for_each(|t| *t = None);
+        self.masked.iter_mut().for_each(|m| *m = false);
+        self.pending.iter_mut().for_each(|p| *p = false);
+    }
+}
+
+fn signal(fd: &OwnedFd) -> bool {
+    matches!(nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes()), Ok(8) | Err(Errno::EAGAIN))
+}
+
+/// All interrupt state of a device.
+#[derive(Debug)]
+pub struct Interrupts {
+    idx: Vec<IndexState>,
+    intx_unmask_fd: Option<OwnedFd>,
+    intx_level: bool,
+    intx_disabled: bool,
+    dropped: u64,
+    delivered: u64,
+}
+
+fn err(errno: Errno, msg: impl Into<String>) -> RequestError {
+    RequestError::new(errno, msg)
+}
+
+impl Interrupts {
+    /// Interrupt state for a layout.
+    pub fn new(layout: &IrqLayout) -> Self {
+        let mut idx: Vec<IndexState> = (0..IRQ_INDEX_COUNT).map(|_| IndexState::default()).collect();
+        idx[IRQ_INDEX_INTX as usize] = IndexState::new(
+            u32::from(layout.intx),
+            IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+        );
+        idx[IRQ_INDEX_MSI as usize] =
+            IndexState::new(layout.msi_vectors, IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE);
+        idx[IRQ_INDEX_MSIX as usize] = IndexState::new(
+            layout.msix.map(|(n, _)| n).unwrap_or(0),
+            IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE,
+        );
+        idx[IRQ_INDEX_ERR as usize] = IndexState::new(u32::from(layout.err), IRQ_INFO_EVENTFD);
+        idx[IRQ_INDEX_REQ as usize] = IndexState::new(u32::from(layout.req), IRQ_INFO_EVENTFD);
+        Self {
+            idx,
+            intx_unmask_fd: None,
+            intx_level: false,
+            intx_disabled: false,
+            dropped: 0,
+            delivered: 0,
+        }
+    }
+
+    /// DEVICE_GET_IRQ_INFO for `index`.
+    pub fn info(&self, index: u32) -> Result<IrqInfo, RequestError> {
+        let s = self
+            .idx
+            .get(index as usize)
+            .ok_or_else(|| err(Errno::EINVAL, format!("no IRQ index {index}")))?;
+        Ok(IrqInfo {
+            argsz: 16,
+            flags: s.flags,
+            index,
+            count: s.count,
+        })
+    }
+
+    /// Check a SET_IRQS against the layout, without side effects.
+    pub fn validate(&self, s: &SetIrqs) -> Result<(), RequestError> {
+        let st = self
+            .idx
+            .get(s.index as usize)
+            .ok_or_else(|| err(Errno::EINVAL, format!("no IRQ index {}", s.index)))?;
+        if s.is_disable() {
+            return Ok(());
+        }
+        let end = s.start.checked_add(s.count).unwrap_or(u32::MAX);
+        if end > st.count {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "vectors {}..{end} outside index {} with {} vectors",
+                    s.start, s.index, st.count
+                ),
+            ));
+        }
+        let is_err_req = s.index == IRQ_INDEX_ERR || s.index == IRQ_INDEX_REQ;
+        if is_err_req && s.action != IrqAction::Trigger {
+            return Err(err(Errno::EINVAL, "ERR/REQ accept TRIGGER only"));
+        }
+        match (s.action, &s.data) {
+            (IrqAction::Mask | IrqAction::Unmask, _) if st.flags & IRQ_INFO_MASKABLE == 0 => {
+                Err(err(Errno::EINVAL, format!("index {} is not maskable", s.index)))
+            }
+            (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
+                if s.index != IRQ_INDEX_INTX || s.count != 1 || fds.len() > 1 {
+                    Err(err(Errno::EINVAL, "an unmask eventfd is for INTx vector 0 only"))
+                } else {
+                    Ok(())
+                }
+            }
+            (IrqAction::Mask, IrqData::Eventfds(_)) => {
+                Err(err(Errno::EINVAL, "mask eventfds are not supported"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Perform a validated SET_IRQS.
+    pub fn apply(&mut self, s: SetIrqs) -> Result<(), RequestError> {
+        self.validate(&s)?;
+        let index = s.index;
+        if s.is_disable() {
+            self.idx[index as usize].clear();
+            if index == IRQ_INDEX_INTX {
+                self.intx_unmask_fd = None;
+            }
+            return Ok(());
+        }
+        let range = s.start as usize..(s.start + s.count) as usize;
+        let pick = |data: &IrqData, i: usize| match data {
+            IrqData::Bool(v) => v.get(i).copied().unwrap_or(false),
+            _ => true,
+        };
+        match (s.action, s.data) {
+            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+                let st = &mut self.idx[index as usize];
+                if fds.is_empty() {
+                    for i in range {
+                        st.triggers[i] = None;
+                    }
+                } else {
+                    for (i, fd) in range.zip(fds) {
+                        st.triggers[i] = Some(fd);
+                    }
+                }
+                self.flush_pending(index);
+            }
+            (IrqAction::Trigger, data) => {
+                for (n, v) in range.enumerate() {
+                    if pick(&data, n) {
+                        self.fire(index, v as u32);
+                    }
+                }
+            }
+            (IrqAction::Unmask, IrqData::Eventfds(mut fds)) => {
+                self.intx_unmask_fd = fds.pop();
+            }
+            (IrqAction::Mask, data) => {
+                for (n, v) in range.enumerate() {
+                    if pick(&data, n) {
+                        self.idx[index as usize].masked[v] = true;
+                    }
+                }
+            }
+            (IrqAction::Unmask, data) => {
+                for (n, v) in range.enumerate() {
+                    if pick(&data, n) {
+                        if index == IRQ_INDEX_INTX {
+                            self.unmask_intx();
+                        } else {
+                            self.idx[index as usize].masked[v] = false;
+                        }
+                    }
+                }
+                self.flush_pending(index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deliver vector `v` of `index` now, or latch it as pending when masked or unassigned.
+    fn fire(&mut self, index: u32, v: u32) {
+        let st = &mut self.idx[index as usize];
+        let i = v as usize;
+        if i >= st.triggers.len() {
+            tracing::warn!(index, vector = v, "interrupt vector out of range dropped");
+            self.dropped += 1;
+            return;
+        }
+        let intx_blocked = index == IRQ_INDEX_INTX && self.intx_disabled;
+        if st.masked[i] || intx_blocked {
+            st.pending[i] = true;
+            return;
+        }
+        match &st.triggers[i] {
+            Some(fd) if signal(fd) => {
+                self.delivered += 1;
+                st.pending[i] = false;
+                if index == IRQ_INDEX_INTX {
+                    // Automask: INTx stays masked until the client unmasks it.
+                    st.masked[i] = true;
+                }
+            }
+            _ => {
+                st.pending[i] = true;
+                self.dropped += 1;
+                tracing::debug!(index, vector = v, "no eventfd for interrupt; kept pending");
+            }
+        }
+    }
+
+    fn flush_pending(&mut self, index: u32) {
+        let n = self.idx[index as usize].count;
+        for v in 0..n {
+            let st = &self.idx[index as usize];
+            let i = v as usize;
+            if st.pending[i] && !st.masked[i] && st.triggers[i].is_some() {
+                self.fire(index, v);
+            }
+        }
+    }
+
+    /// Which index delivers device interrupts now.
+    pub fn active_index(&self) -> Option<u32> {
+        [IRQ_INDEX_MSIX, IRQ_INDEX_MSI, IRQ_INDEX_INTX]
+            .into_iter()
+            .find(|i| self.idx[*i as usize].has_triggers())
+    }
+
+    /// Raise device interrupt `vector` in the active mode (an INTx pulse when no MSI/MSI-X).
+    pub fn raise(&mut self, vector: u32) {
+        match self.active_index() {
+            Some(IRQ_INDEX_INTX) | None if self.idx[IRQ_INDEX_INTX as usize].count > 0 => {
+                self.fire(IRQ_INDEX_INTX, 0)
+            }
+            Some(index) => self.fire(index, vector),
+            None => {
+                self.dropped += 1;
+                tracing::debug!(vector, "no interrupt mode enabled; interrupt dropped");
+            }
+        }
+    }
+
+    /// Set the level of the INTx line. A rising or held level fires when unmasked.
+    pub fn set_intx_level(&mut self, level: bool) {
+        self.intx_level = level;
+        if level && self.idx[IRQ_INDEX_INTX as usize].count > 0 {
+            let st = &self.idx[IRQ_INDEX_INTX as usize];
+            if !st.masked[0] && self.active_index() != Some(IRQ_INDEX_MSIX) && self.active_index() != Some(IRQ_INDEX_MSI) {
+                self.fire(IRQ_INDEX_INTX, 0);
+            }
+        } else if !level {
+            if let Some(p) = self.idx[IRQ_INDEX_INTX as usize].pending.get_mut(0) {
+                *p = false;
+            }
+        }
+    }
+
+    /// Unmask INTx: refire if the line is still asserted or an edge is pending.
+    pub fn unmask_intx(&mut self) {
+        let Some(st) = self.idx.get_mut(IRQ_INDEX_INTX as usize) else {
+            return;
+        };
+        if st.count == 0 {
+            return;
+        }
+        st.masked[0] = false;
+        if self.intx_level || st.pending[0] {
+            self.fire(IRQ_INDEX_INTX, 0);
+        }
+    }
+
+    /// Command-register INTx Disable (PCI 3.0 §6.2.2) gates INTx delivery.
+    pub fn set_intx_disabled(&mut self, disabled: bool) {
+        let was = self.intx_disabled;
+        self.intx_disabled = disabled;
+        if was && !disabled {
+            self.flush_pending(IRQ_INDEX_INTX);
+        }
+    }
+
+    /// The INTx unmask (resample) eventfd the event loop must watch.
+    pub fn intx_unmask_fd(&self) -> Option<RawFd> {
+        self.intx_unmask_fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// Drain the unmask eventfd after it became readable, then unmask.
+    pub fn on_intx_unmask_event(&mut self) {
+        if let Some(fd) = &self.intx_unmask_fd {
+            let mut b = [0u8; 8];
+            let _ = nix::unistd::read(fd.as_fd(), &mut b);
+        }
+        self.unmask_intx();
+    }
+
+    /// Mask or unmask one MSI-X vector from its table vector-control word.
+    pub fn set_msix_masked(&mut self, vector: u32, masked: bool) {
+        if let Some(m) = self.idx[IRQ_INDEX_MSIX as usize].masked.get_mut(vector as usize) {
+            *m = masked;
+        }
+        if !masked {
+            self.flush_pending(IRQ_INDEX_MSIX);
+        }
+    }
+
+    /// MSI-X pending-bit array bytes at `offset` (PBA reads are forwarded to the server).
+    pub fn read_pba(&self, offset: u64, buf: &mut [u8]) {
+        let pending = &self.idx[IRQ_INDEX_MSIX as usize].pending;
+        for (i, b) in buf.iter_mut().enumerate() {
+            let byte = offset as usize + i;
+            *b = (0..8).fold(0u8, |acc, bit| {
+                let v = byte * 8 + bit;
+                acc | (u8::from(pending.get(v).copied().unwrap_or(false)) << bit)
+            });
+        }
+    }
+
+    /// Whether vector `v` of `index` is pending.
+    pub fn is_pending(&self, index: u32, v: u32) -> bool {
+        self.idx
+            .get(index as usize)
+            .and_then(|s| s.pending.get(v as usize))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Drop every eventfd and all mask/pending state (reset, disconnect).
+    pub fn disable_all(&mut self) {
+        self.idx.iter_mut().for_each(IndexState::clear);
+        self.intx_unmask_fd = None;
+        self.intx_level = false;
+    }
+
+    /// Interrupts delivered and dropped so far.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.delivered, self.dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::eventfd::{EventFd, EfdFlags};
+
+    fn efd() -> (OwnedFd, EventFd) {
+        let e = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap();
+        let dup = e.as_fd().try_clone_to_owned().unwrap();
+        (dup, e)
+    }
+
+    fn count(e: &EventFd) -> u64 {
+        let mut b = [0u8; 8];
+        match nix::unistd::read(e.as_fd(), &mut b) {
+            Ok(8) => u64::from_ne_bytes(b),
+            _ => 0,
+        }
+    }
+
+    fn layout() -> IrqLayout {
+        IrqLayout {
+            intx: true,
+            msi_vectors: 1,
+            msix: Some((4, crate::device::MsixPlacement {
+                bar: crate::device::BarIndex(4),
+                table_offset: 0,
+                pba_offset: 0x800,
+            })),
+            err: false,
+            req: false,
+        }
+    }
+
+    fn set(index: u32, start: u32, count: u32, action: IrqAction, data: IrqData) -> SetIrqs {
+        SetIrqs { index, start, count, action, data }
+    }
+
+    #[test]
+    fn masked_msix_vector_latches_pending_and_fires_on_unmask() {
+        let mut irqs = Interrupts::new(&layout());
+        let (fd, e) = efd();
+        irqs.apply(set(2, 1, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd]))).unwrap();
+        irqs.apply(set(2, 1, 1, IrqAction::Mask, IrqData::None)).unwrap();
+        irqs.raise(1);
+        assert_eq!(count(&e), 0);
+        let mut pba = [0u8; 1];
+        irqs.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0b10);
+        irqs.apply(set(2, 1, 1, IrqAction::Unmask, IrqData::None)).unwrap();
+        assert_eq!(count(&e), 1);
+        irqs.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn intx_is_automasked_until_unmask() {
+        let mut irqs = Interrupts::new(&layout());
+        let (fd, e) = efd();
+        irqs.apply(set(0, 0, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd]))).unwrap();
+        irqs.raise(0);
+        irqs.raise(0);
+        assert_eq!(count(&e), 1);
+        irqs.unmask_intx();
+        assert_eq!(count(&e), 1, "pending edge fires on unmask");
+    }
+
+    #[test]
+    fn out_of_range_and_wrong_actions_are_rejected() {
+        let irqs = Interrupts::new(&layout());
+        assert!(irqs.validate(&set(2, 3, 2, IrqAction::Trigger, IrqData::None)).is_err());
+        assert!(irqs.validate(&set(9, 0, 1, IrqAction::Trigger, IrqData::None)).is_err());
+        assert!(irqs.validate(&set(1, 0, 1, IrqAction::Mask, IrqData::None)).is_err());
+        assert!(irqs.validate(&set(3, 0, 1, IrqAction::Trigger, IrqData::None)).is_err());
+        assert!(irqs.validate(&set(2, 0, 0, IrqAction::Trigger, IrqData::None)).is_ok());
+    }
+
+    #[test]
+    fn msix_takes_precedence_over_intx() {
+        let mut irqs = Interrupts::new(&layout());
+        let (fd0, e0) = efd();
+        let (fd2, e2) = efd();
+        irqs.apply(set(0, 0, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd0]))).unwrap();
+        irqs.apply(set(2, 0, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd2]))).unwrap();
+        irqs.raise(0);
+        assert_eq!((count(&e0), count(&e2)), (0, 1));
+        irqs.apply(set(2, 0, 0, IrqAction::Trigger, IrqData::None)).unwrap();
+        irqs.raise(0);
+        assert_eq!(count(&e0), 1);
+    }
+}

@@ -1,0 +1,91 @@
+//! Device-owned shared memory for mmap-able BARs: a memfd mapped here and handed to the client
+//! in GET_REGION_INFO. The only module of the server with `unsafe`.
+
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use memmap2::MmapRaw;
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+use crate::error::DeviceError;
+
+/// A memfd of fixed size mapped read/write into this process. The client may map the same
+/// memory, so every access is a copy through raw pointers, never a Rust reference.
+#[derive(Debug)]
+pub struct SharedMemory {
+    file: File,
+    map: MmapRaw,
+    len: usize,
+}
+
+impl SharedMemory {
+    /// Create `len` bytes of zeroed shared memory named `name` (visible in /proc/PID/fd).
+    pub fn new(name: &str, len: usize) -> Result<Self, DeviceError> {
+        let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| DeviceError::Other(format!("memfd_create: {e}")))?;
+        let file = File::from(fd);
+        file.set_len(len as u64)
+            .map_err(|e| DeviceError::Other(format!("memfd size: {e}")))?;
+        let map = MmapRaw::map_raw(&file).map_err(|e| DeviceError::Other(format!("mmap: {e}")))?;
+        Ok(Self { file, map, len })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the size is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memfd, to pass to the client.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    fn check(&self, offset: u64, n: usize) -> Result<usize, DeviceError> {
+        let off = usize::try_from(offset).map_err(|_| DeviceError::BadAccess("offset".into()))?;
+        match off.checked_add(n) {
+            Some(end) if end <= self.len => Ok(off),
+            _ => Err(DeviceError::BadAccess(format!(
+                "{n} bytes at {offset:#x} outside {}-byte memory",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copy out `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let off = self.check(offset, buf.len())?;
+        // SAFETY: `check` proved off..off+len lies inside the live mapping of `self.len`
+        // bytes; `buf` is a distinct local buffer, so the ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Copy `data` in at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let off = self.check(offset, data.len())?;
+        // SAFETY: as in `read`: the destination range is inside the mapping and `data` is
+        // not part of it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len())
+        };
+        Ok(())
+    }
+
+    /// Fill `len` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), DeviceError> {
+        let off = self.check(offset, len)?;
+        // SAFETY: the range is inside the mapping (checked above).
+        unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(off), byte, len) };
+        Ok(())
+    }
+}
