@@ -1,0 +1,1 @@
+//! QEMU harness (filled in by the QEMU test work).
