@@ -45,7 +45,8 @@ struct ServeArgs {
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("not an octal mode: {e}"))
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("not an octal mode: {e}"))
 }
 
 fn init_logging() {
@@ -104,7 +105,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
-                    let r = vfud_server::event_loop::serve_listener(device, listener, &opts.offer, &shutdown);
+                    let r = vfud_server::event_loop::serve_listener(
+                        device,
+                        listener,
+                        &opts.offer,
+                        &shutdown,
+                    );
                     let _ = std::fs::remove_file(&path);
                     r.with_context(|| format!("device {name} on {}", path.display()))
                 })?,

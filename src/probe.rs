@@ -25,7 +25,11 @@ fn region_name(i: u32) -> String {
 }
 
 fn flag_list(flags: u32, names: &[(u32, &str)]) -> String {
-    let v: Vec<&str> = names.iter().filter(|(b, _)| flags & b != 0).map(|(_, n)| *n).collect();
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| flags & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
     if v.is_empty() {
         "-".into()
     } else {
@@ -69,7 +73,9 @@ pub fn run(socket: &Path) -> Result<()> {
     );
     println!("Regions:");
     for i in 0..info.num_regions.min(100) {
-        let (r, fd) = c.region_info(i).with_context(|| format!("REGION_INFO {i}"))?;
+        let (r, fd) = c
+            .region_info(i)
+            .with_context(|| format!("REGION_INFO {i}"))?;
         if r.info.size == 0 {
             continue;
         }
@@ -95,7 +101,10 @@ pub fn run(socket: &Path) -> Result<()> {
                         println!("            mmap area {:#x}+{:#x}", a.offset, a.size);
                     }
                 }
-                RegionCap::Type { region_type, subtype } => {
+                RegionCap::Type {
+                    region_type,
+                    subtype,
+                } => {
                     println!("            type {region_type} subtype {subtype}")
                 }
                 RegionCap::Other { id, version, data } => {
@@ -128,7 +137,10 @@ pub fn run(socket: &Path) -> Result<()> {
     let mut off = 0;
     while off < len {
         let n = (len - off).min(256);
-        cfg.extend(c.region_read(PCI_CONFIG_REGION_INDEX, off.into(), n).context("config read")?);
+        cfg.extend(
+            c.region_read(PCI_CONFIG_REGION_INDEX, off.into(), n)
+                .context("config read")?,
+        );
         off += n;
     }
     print_config(&cfg);
@@ -136,7 +148,9 @@ pub fn run(socket: &Path) -> Result<()> {
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
-    b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).unwrap_or(0xffff)
+    b.get(o..o + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .unwrap_or(0xffff)
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -172,7 +186,11 @@ fn print_config(cfg: &[u8]) {
             } else {
                 "32-bit mem"
             };
-            let pf = if v & 1 == 0 && v & 0x8 != 0 { " prefetchable" } else { "" };
+            let pf = if v & 1 == 0 && v & 0x8 != 0 {
+                " prefetchable"
+            } else {
+                ""
+            };
             println!("  BAR{i}: {kind}{pf} ({v:#010x})");
         }
     }
@@ -197,7 +215,11 @@ fn print_config(cfg: &[u8]) {
                     u32_at(cfg, p + 8) & 7,
                     u32_at(cfg, p + 8) & !7
                 ),
-                0x10 => format!("version {} type {}", u16_at(cfg, p + 2) & 0xf, (u16_at(cfg, p + 2) >> 4) & 0xf),
+                0x10 => format!(
+                    "version {} type {}",
+                    u16_at(cfg, p + 2) & 0xf,
+                    (u16_at(cfg, p + 2) >> 4) & 0xf
+                ),
                 _ => String::new(),
             };
             println!("  cap [{p:#04x}] {} {detail}", cap_name(id));
@@ -215,7 +237,11 @@ fn print_config(cfg: &[u8]) {
             }
             let id = h & 0xffff;
             let detail = if id == 3 {
-                format!("serial {:08x}{:08x}", u32_at(cfg, p + 8), u32_at(cfg, p + 4))
+                format!(
+                    "serial {:08x}{:08x}",
+                    u32_at(cfg, p + 8),
+                    u32_at(cfg, p + 4)
+                )
             } else {
                 String::new()
             };

@@ -178,7 +178,10 @@ impl DmaEngine {
         let op = Opcode::from_u32(r.opcode)
             .ok_or_else(|| DeviceError::BadAccess(format!("unknown opcode {}", r.opcode)))?;
         if r.len > MAX_LEN {
-            return Err(DeviceError::BadAccess(format!("length {} too large", r.len)));
+            return Err(DeviceError::BadAccess(format!(
+                "length {} too large",
+                r.len
+            )));
         }
         let (src, dst, len) = (r.src, r.dst, r.len as usize);
         let mut buf = vec![0u8; len.min(CHUNK)];
@@ -224,13 +227,15 @@ impl DmaEngine {
     }
 }
 
-fn device_mem<'a>(cx: &'a DeviceCtx<'_>) -> Result<&'a vfud_server::mmap::SharedMemory, DeviceError> {
+fn device_mem<'a>(
+    cx: &'a DeviceCtx<'_>,
+) -> Result<&'a vfud_server::mmap::SharedMemory, DeviceError> {
     cx.bar_memory(BAR_MEM)
         .ok_or_else(|| DeviceError::Other("device memory missing".into()))
 }
 
 fn access_u32(offset: u64, len: usize) -> Result<u64, DeviceError> {
-    if len != 4 || offset % 4 != 0 {
+    if len != 4 || !offset.is_multiple_of(4) {
         return Err(DeviceError::BadAccess(format!(
             "registers take aligned 4-byte accesses, not {len} at {offset:#x}"
         )));
@@ -360,11 +365,9 @@ impl Device for DmaEngine {
             reg::OPCODE => r.opcode = v,
             reg::PATTERN => r.pattern = v,
             reg::IRQ_VECTOR => r.irq_vector = v,
-            reg::DOORBELL if v & 1 != 0 => {
-                if r.status & STATUS_BUSY == 0 {
-                    r.status = (r.status | STATUS_BUSY) & !(STATUS_DONE | STATUS_ERROR);
-                    cx.schedule();
-                }
+            reg::DOORBELL if v & 1 != 0 && r.status & STATUS_BUSY == 0 => {
+                r.status = (r.status | STATUS_BUSY) & !(STATUS_DONE | STATUS_ERROR);
+                cx.schedule();
             }
             _ => {} // read-only or reserved: ignored
         }

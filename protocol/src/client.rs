@@ -25,7 +25,9 @@ use crate::messages::irq::{
     IrqInfo, IrqSetHeader, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
     IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
 };
-use crate::messages::region::{IoFdSubRegion, RegionAccess, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry};
+use crate::messages::region::{
+    IoFdSubRegion, RegionAccess, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry,
+};
 use crate::messages::version::{accept_reply, Negotiated, VersionMessage};
 use crate::messages::{DeviceInfo, IrqAction};
 use crate::wire::put;
@@ -124,6 +126,24 @@ impl Client {
         Ok(h)
     }
 
+    /// Send a command by number (possibly one the server does not know) and wait for the reply.
+    pub fn request_raw(
+        &mut self,
+        cmd: u16,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Reply, ProtocolError> {
+        let h = Header {
+            msg_id: self.alloc_id(),
+            cmd,
+            msg_size: (crate::header::HEADER_SIZE + payload.len()) as u32,
+            flags: crate::header::FLAG_TYPE_COMMAND,
+            error_no: 0,
+        };
+        send_message(self.stream.as_fd(), &h, &[payload], fds)?;
+        self.recv_reply(&h)
+    }
+
     /// Send raw bytes, possibly malformed, with fds (for tests of hostile input).
     pub fn send_raw(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ProtocolError> {
         send_chunks(self.stream.as_fd(), &[bytes], fds)
@@ -183,7 +203,8 @@ impl Client {
                     MessageKind::Command { no_reply } => {
                         self.serve_server_request(&frame, no_reply)?;
                         served += 1;
-                        self.stream.set_read_timeout(Some(Duration::from_millis(1)))?;
+                        self.stream
+                            .set_read_timeout(Some(Duration::from_millis(1)))?;
                     }
                     _ => break Err(ProtocolError::UnexpectedReply("unsolicited reply".into())),
                 },
@@ -194,7 +215,8 @@ impl Client {
                 Err(e) => break Err(e),
             }
         };
-        self.stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))?;
         r
     }
 
@@ -205,7 +227,8 @@ impl Client {
             (Ok(Command::DmaRead), Some(h)) => match DmaAccess::decode_read(&f.payload) {
                 Ok(a) if a.count <= self.limits.max_data_xfer_size => {
                     let mut buf = vec![0u8; a.count as usize];
-                    h.dma_read(a.addr, &mut buf).map(|()| a.encode_with_data(&buf))
+                    h.dma_read(a.addr, &mut buf)
+                        .map(|()| a.encode_with_data(&buf))
                 }
                 Ok(_) => Err(Errno::E2BIG),
                 Err(_) => Err(Errno::EINVAL),
@@ -284,7 +307,12 @@ impl Client {
         self.dma_unmap_flags(DMA_UNMAP_FLAG_ALL, 0, 0)
     }
 
-    fn dma_unmap_flags(&mut self, flags: u32, addr: u64, size: u64) -> Result<DmaUnmap, ProtocolError> {
+    fn dma_unmap_flags(
+        &mut self,
+        flags: u32,
+        addr: u64,
+        size: u64,
+    ) -> Result<DmaUnmap, ProtocolError> {
         let u = DmaUnmap {
             argsz: 24,
             flags,
@@ -425,7 +453,12 @@ impl Client {
     }
 
     /// De-assign trigger eventfds (EVENTFD with no fds).
-    pub fn deassign_irq_eventfds(&mut self, index: u32, start: u32, count: u32) -> Result<(), ProtocolError> {
+    pub fn deassign_irq_eventfds(
+        &mut self,
+        index: u32,
+        start: u32,
+        count: u32,
+    ) -> Result<(), ProtocolError> {
         self.set_irqs_raw(
             IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
             index,
@@ -437,7 +470,11 @@ impl Client {
     }
 
     /// Assign the INTx unmask (resample) eventfd.
-    pub fn set_irq_unmask_eventfd(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), ProtocolError> {
+    pub fn set_irq_unmask_eventfd(
+        &mut self,
+        index: u32,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), ProtocolError> {
         self.set_irqs_raw(
             IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_EVENTFD,
             index,
@@ -478,18 +515,44 @@ impl Client {
             IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
         };
         let data: Vec<u8> = bools.iter().map(|b| u8::from(*b)).collect();
-        self.set_irqs_raw(a | IRQ_SET_DATA_BOOL, index, start, bools.len() as u32, &data, &[])
+        self.set_irqs_raw(
+            a | IRQ_SET_DATA_BOOL,
+            index,
+            start,
+            bools.len() as u32,
+            &data,
+            &[],
+        )
     }
 
     /// Disable a whole IRQ index (`TRIGGER|NONE`, count 0).
     pub fn disable_irqs(&mut self, index: u32) -> Result<(), ProtocolError> {
-        self.set_irqs_raw(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, index, 0, 0, &[], &[])
+        self.set_irqs_raw(
+            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE,
+            index,
+            0,
+            0,
+            &[],
+            &[],
+        )
     }
 
     /// REGION_READ.
-    pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, ProtocolError> {
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        count: u32,
+    ) -> Result<Vec<u8>, ProtocolError> {
         let mut p = Vec::new();
-        put(&mut p, &RegionAccess { offset, region, count });
+        put(
+            &mut p,
+            &RegionAccess {
+                offset,
+                region,
+                count,
+            },
+        );
         let r = self.request(Command::RegionRead, &p, &[])?;
         let (a, data) = RegionAccess::decode_write(&r.payload)?;
         if a.count > count {
@@ -512,7 +575,12 @@ impl Client {
     }
 
     /// REGION_WRITE, waiting for the reply.
-    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), ProtocolError> {
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ProtocolError> {
         let a = RegionAccess {
             offset,
             region,
@@ -523,12 +591,22 @@ impl Client {
     }
 
     /// Write a little-endian u32 to a region.
-    pub fn region_write_u32(&mut self, region: u32, offset: u64, v: u32) -> Result<(), ProtocolError> {
+    pub fn region_write_u32(
+        &mut self,
+        region: u32,
+        offset: u64,
+        v: u32,
+    ) -> Result<(), ProtocolError> {
         self.region_write(region, offset, &v.to_le_bytes())
     }
 
     /// REGION_WRITE with NO_REPLY (a posted write, as QEMU sends BAR writes).
-    pub fn region_write_posted(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), ProtocolError> {
+    pub fn region_write_posted(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ProtocolError> {
         let a = RegionAccess {
             offset,
             region,
@@ -560,14 +638,21 @@ impl Client {
         let r = self.request(Command::DeviceFeature, &f.encode(), &[])?;
         let mut r = DeviceFeature::decode(&r.payload)?;
         if r.feature != f.feature {
-            return Err(ProtocolError::UnexpectedReply("feature index changed".into()));
+            return Err(ProtocolError::UnexpectedReply(
+                "feature index changed".into(),
+            ));
         }
         r.get = f.get;
         Ok(r)
     }
 
     /// GET a feature's data.
-    pub fn feature_get(&mut self, feature: u16, data: &[u8], room: usize) -> Result<Vec<u8>, ProtocolError> {
+    pub fn feature_get(
+        &mut self,
+        feature: u16,
+        data: &[u8],
+        room: usize,
+    ) -> Result<Vec<u8>, ProtocolError> {
         let f = DeviceFeature {
             argsz: (8 + room.max(data.len())) as u32,
             feature,
@@ -593,7 +678,12 @@ impl Client {
     }
 
     /// PROBE whether `feature` supports GET and/or SET.
-    pub fn feature_probe(&mut self, feature: u16, get: bool, set: bool) -> Result<(), ProtocolError> {
+    pub fn feature_probe(
+        &mut self,
+        feature: u16,
+        get: bool,
+        set: bool,
+    ) -> Result<(), ProtocolError> {
         let f = DeviceFeature {
             argsz: 8,
             feature,
@@ -670,7 +760,9 @@ impl Client {
         let r = self.request(Command::MigDataRead, &p, &[])?;
         let data = MigData::decode_write(&r.payload)?;
         if data.len() > size as usize {
-            return Err(ProtocolError::UnexpectedReply("migration data larger than asked".into()));
+            return Err(ProtocolError::UnexpectedReply(
+                "migration data larger than asked".into(),
+            ));
         }
         Ok(data.to_vec())
     }

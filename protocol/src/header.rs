@@ -19,7 +19,9 @@ pub const FLAG_NO_REPLY: u32 = 1 << 4;
 pub const FLAG_ERROR: u32 = 1 << 5;
 
 /// Message header, `struct vfio_user_header`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct Header {
     /// Sender-chosen id echoed in the reply; not necessarily unique.
@@ -81,6 +83,11 @@ impl Header {
             flags: FLAG_TYPE_REPLY | FLAG_ERROR,
             error_no: errno as u32,
         }
+    }
+
+    /// The 16 bytes as sent on the wire.
+    pub fn as_wire_bytes(&self) -> &[u8] {
+        zerocopy::IntoBytes::as_bytes(self)
     }
 
     /// Classify the message.
@@ -225,7 +232,10 @@ mod tests {
             msg_size: 8,
             ..Header::default()
         };
-        assert!(matches!(h.payload_len(), Err(ProtocolError::MsgSizeTooSmall(8))));
+        assert!(matches!(
+            h.payload_len(),
+            Err(ProtocolError::MsgSizeTooSmall(8))
+        ));
     }
 
     #[test]

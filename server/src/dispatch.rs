@@ -93,7 +93,10 @@ impl DeviceServer {
                 if matches!(spec.backing, BarBacking::Shared { .. }) {
                     let len = usize::try_from(spec.size)
                         .map_err(|_| crate::DeviceError::Other("BAR too large".into()))?;
-                    bars[i] = Some(SharedMemory::new(&format!("vfud-{}-bar{i}", desc.name), len)?);
+                    bars[i] = Some(SharedMemory::new(
+                        &format!("vfud-{}-bar{i}", desc.name),
+                        len,
+                    )?);
                 }
             }
         }
@@ -288,8 +291,14 @@ impl DeviceServer {
             }
             Request::RegionWriteMulti(entries) => {
                 for e in entries {
-                    if let Err(err) = self.region_access(e.region, e.offset, Access::Write(e.bytes())) {
-                        tracing::debug!(region = e.region, offset = e.offset, "write-multi entry failed: {err}");
+                    if let Err(err) =
+                        self.region_access(e.region, e.offset, Access::Write(e.bytes()))
+                    {
+                        tracing::debug!(
+                            region = e.region,
+                            offset = e.offset,
+                            "write-multi entry failed: {err}"
+                        );
                     }
                 }
                 Ok(Reply::default())
@@ -338,9 +347,7 @@ impl DeviceServer {
                         (&spec.backing, &self.bars[r.index as usize])
                     {
                         info.flags |= REGION_FLAG_MMAP;
-                        let areas = mmap_areas
-                            .clone()
-                            .unwrap_or_else(|| vec![(0, spec.size)]);
+                        let areas = mmap_areas.clone().unwrap_or_else(|| vec![(0, spec.size)]);
                         caps.push(RegionCap::SparseMmap(
                             areas
                                 .into_iter()
@@ -389,7 +396,12 @@ impl DeviceServer {
         }
     }
 
-    fn region_access(&mut self, region: u32, offset: u64, access: Access<'_>) -> Result<(), RequestError> {
+    fn region_access(
+        &mut self,
+        region: u32,
+        offset: u64,
+        access: Access<'_>,
+    ) -> Result<(), RequestError> {
         let len = access.len() as u64;
         match region {
             0..=5 => {
@@ -397,7 +409,9 @@ impl DeviceServer {
                 let spec = self.desc.bars[bar]
                     .as_ref()
                     .ok_or_else(|| einval(format!("BAR {bar} is not implemented")))?;
-                let end = offset.checked_add(len).ok_or_else(|| einval("offset overflow"))?;
+                let end = offset
+                    .checked_add(len)
+                    .ok_or_else(|| einval("offset overflow"))?;
                 if end > spec.size || len == 0 {
                     return Err(einval(format!(
                         "{len} bytes at {offset:#x} outside BAR {bar} of {:#x} bytes",
@@ -420,34 +434,37 @@ impl DeviceServer {
                     (BarTarget::MsixPba(_), Access::Write(_)) => {
                         tracing::debug!("PBA write dropped");
                     }
-                    (BarTarget::Shared, Access::Read(buf)) => {
-                        self.bars[bar].as_ref().ok_or_else(|| einval("no memory"))?.read(offset, buf)?
-                    }
-                    (BarTarget::Shared, Access::Write(data)) => {
-                        self.bars[bar].as_ref().ok_or_else(|| einval("no memory"))?.write(offset, data)?
-                    }
-                    (BarTarget::Trapped, Access::Read(buf)) => {
-                        self.with_device(false, |d, cx| d.bar_read(BarIndex(bar as u8), offset, buf, cx))?
-                    }
-                    (BarTarget::Trapped, Access::Write(data)) => {
-                        self.with_device(false, |d, cx| d.bar_write(BarIndex(bar as u8), offset, data, cx))?
-                    }
+                    (BarTarget::Shared, Access::Read(buf)) => self.bars[bar]
+                        .as_ref()
+                        .ok_or_else(|| einval("no memory"))?
+                        .read(offset, buf)?,
+                    (BarTarget::Shared, Access::Write(data)) => self.bars[bar]
+                        .as_ref()
+                        .ok_or_else(|| einval("no memory"))?
+                        .write(offset, data)?,
+                    (BarTarget::Trapped, Access::Read(buf)) => self
+                        .with_device(false, |d, cx| {
+                            d.bar_read(BarIndex(bar as u8), offset, buf, cx)
+                        })?,
+                    (BarTarget::Trapped, Access::Write(data)) => self
+                        .with_device(false, |d, cx| {
+                            d.bar_write(BarIndex(bar as u8), offset, data, cx)
+                        })?,
                 }
                 Ok(())
             }
             PCI_CONFIG_REGION_INDEX => match access {
-                Access::Read(buf) => self
-                    .config
-                    .read(offset, buf)
-                    .ok_or_else(|| einval(format!("config read of {len} at {offset:#x} out of range"))),
+                Access::Read(buf) => self.config.read(offset, buf).ok_or_else(|| {
+                    einval(format!("config read of {len} at {offset:#x} out of range"))
+                }),
                 Access::Write(data) => {
-                    let effect = self
-                        .config
-                        .write(offset, data)
-                        .ok_or_else(|| einval(format!("config write of {len} at {offset:#x} out of range")))?;
+                    let effect = self.config.write(offset, data).ok_or_else(|| {
+                        einval(format!("config write of {len} at {offset:#x} out of range"))
+                    })?;
                     if let ConfigEffect::Command(cmd) = effect {
-                        self.irqs
-                            .set_intx_disabled(cmd & crate::pci::config::PCI_COMMAND_INTX_DISABLE != 0);
+                        self.irqs.set_intx_disabled(
+                            cmd & crate::pci::config::PCI_COMMAND_INTX_DISABLE != 0,
+                        );
                     }
                     Ok(())
                 }

@@ -290,11 +290,14 @@ impl<'a> GuestMem<'a> {
                     let mut p = Vec::new();
                     vfud_protocol::wire::put(&mut p, &req);
                     let f = ch.exchange(Command::DmaRead, &p)?;
-                    let (a, data) = DmaAccess::decode_with_data(&f.payload).map_err(DmaError::Socket)?;
+                    let (a, data) =
+                        DmaAccess::decode_with_data(&f.payload).map_err(DmaError::Socket)?;
                     if a.count != n as u64 {
-                        return Err(DmaError::Socket(vfud_protocol::ProtocolError::UnexpectedReply(
-                            "short DMA_READ reply".into(),
-                        )));
+                        return Err(DmaError::Socket(
+                            vfud_protocol::ProtocolError::UnexpectedReply(
+                                "short DMA_READ reply".into(),
+                            ),
+                        ));
                     }
                     buf[off..off + n].copy_from_slice(data);
                     off += n;
@@ -366,8 +369,14 @@ mod tests {
     fn overlapping_maps_are_refused() {
         let mut t = DmaTable::new(16);
         map(&mut t, 0x1000, 0x1000).unwrap();
-        assert!(matches!(map(&mut t, 0x1800, 0x1000), Err(DmaError::MapOverlap { .. })));
-        assert!(matches!(map(&mut t, 0x0, 0x1001), Err(DmaError::MapOverlap { .. })));
+        assert!(matches!(
+            map(&mut t, 0x1800, 0x1000),
+            Err(DmaError::MapOverlap { .. })
+        ));
+        assert!(matches!(
+            map(&mut t, 0x0, 0x1001),
+            Err(DmaError::MapOverlap { .. })
+        ));
         map(&mut t, 0x2000, 0x1000).unwrap();
         map(&mut t, 0x0, 0x1000).unwrap();
         assert_eq!(t.len(), 3);
@@ -388,7 +397,10 @@ mod tests {
         let mut t = DmaTable::new(2);
         map(&mut t, 0, 0x1000).unwrap();
         map(&mut t, 0x1000, 0x1000).unwrap();
-        assert!(matches!(map(&mut t, 0x2000, 0x1000), Err(DmaError::TooManyMappings(2))));
+        assert!(matches!(
+            map(&mut t, 0x2000, 0x1000),
+            Err(DmaError::TooManyMappings(2))
+        ));
     }
 
     #[test]
@@ -396,8 +408,14 @@ mod tests {
         let mut t = DmaTable::new(4);
         map(&mut t, 0x1000, 0x1000).unwrap();
         map(&mut t, 0x2000, 0x1000).unwrap();
-        assert!(matches!(t.covering(0x1ffc, 8), Err(DmaError::CrossesMapping { .. })));
-        assert!(matches!(t.covering(0x3000, 1), Err(DmaError::NotMapped(0x3000))));
+        assert!(matches!(
+            t.covering(0x1ffc, 8),
+            Err(DmaError::CrossesMapping { .. })
+        ));
+        assert!(matches!(
+            t.covering(0x3000, 1),
+            Err(DmaError::NotMapped(0x3000))
+        ));
         assert!(t.covering(0x1ff8, 8).is_ok());
     }
 
@@ -406,6 +424,9 @@ mod tests {
         let mut t = DmaTable::new(4);
         map(&mut t, 0x1000, 0x1000).unwrap();
         let mut m = GuestMem::new(&t, None);
-        assert!(matches!(m.read_u32(Iova(0x1000)), Err(DmaError::WouldBlock)));
+        assert!(matches!(
+            m.read_u32(Iova(0x1000)),
+            Err(DmaError::WouldBlock)
+        ));
     }
 }

@@ -113,7 +113,11 @@ pub fn bind_socket(path: &Path, mode: Option<u32>) -> io::Result<UnixListener> {
 }
 
 /// Serve `device` on `opts.socket_path` until `shutdown` triggers.
-pub fn serve(device: Box<dyn Device>, opts: &ServeOptions, shutdown: &ShutdownHandle) -> io::Result<()> {
+pub fn serve(
+    device: Box<dyn Device>,
+    opts: &ServeOptions,
+    shutdown: &ShutdownHandle,
+) -> io::Result<()> {
     let listener = bind_socket(&opts.socket_path, opts.socket_mode)?;
     let r = serve_listener(device, listener, &opts.offer, shutdown);
     let _ = std::fs::remove_file(&opts.socket_path);
@@ -127,15 +131,18 @@ pub fn serve_listener(
     offer: &ServerOffer,
     shutdown: &ShutdownHandle,
 ) -> io::Result<()> {
-    let mut server = DeviceServer::new(device, offer.clone())
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut server =
+        DeviceServer::new(device, offer.clone()).map_err(|e| io::Error::other(e.to_string()))?;
     let name = server.description().name;
     listener.set_nonblocking(true)?;
     let mut poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     shutdown.register(waker);
-    poll.registry()
-        .register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
+    poll.registry().register(
+        &mut SourceFd(&listener.as_raw_fd()),
+        LISTENER,
+        Interest::READABLE,
+    )?;
     let mut events = Events::with_capacity(64);
     let mut registered: HashMap<RawFd, Token> = HashMap::new();
     tracing::info!(device = name, "serving");
@@ -193,14 +200,19 @@ fn sync_registrations(
     }
     for (fd, t) in want {
         if let std::collections::hash_map::Entry::Vacant(e) = registered.entry(fd) {
-            poll.registry().register(&mut SourceFd(&fd), t, Interest::READABLE)?;
+            poll.registry()
+                .register(&mut SourceFd(&fd), t, Interest::READABLE)?;
             e.insert(t);
         }
     }
     Ok(())
 }
 
-fn accept_clients(listener: &UnixListener, poll: &Poll, server: &mut DeviceServer) -> io::Result<()> {
+fn accept_clients(
+    listener: &UnixListener,
+    poll: &Poll,
+    server: &mut DeviceServer,
+) -> io::Result<()> {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -235,9 +247,14 @@ fn accept_clients(listener: &UnixListener, poll: &Poll, server: &mut DeviceServe
 
 fn disconnect(poll: &Poll, server: &mut DeviceServer, why: &str) {
     if let Some(c) = &server.client {
-        let _ = poll.registry().deregister(&mut SourceFd(&c.stream.as_raw_fd()));
+        let _ = poll
+            .registry()
+            .deregister(&mut SourceFd(&c.stream.as_raw_fd()));
     }
-    tracing::info!(device = server.description().name, "client disconnected: {why}");
+    tracing::info!(
+        device = server.description().name,
+        "client disconnected: {why}"
+    );
     server.client_gone();
 }
 
@@ -280,7 +297,11 @@ fn process_frame(server: &mut DeviceServer, frame: Frame) -> Result<(), Protocol
     let no_reply = match h.kind() {
         Ok(MessageKind::Command { no_reply }) => no_reply,
         Ok(_) => {
-            tracing::debug!(msg_id = h.msg_id, cmd = h.cmd, "unexpected reply from client dropped");
+            tracing::debug!(
+                msg_id = h.msg_id,
+                cmd = h.cmd,
+                "unexpected reply from client dropped"
+            );
             return Ok(());
         }
         Err(e) => {

@@ -56,7 +56,10 @@ impl IndexState {
 }
 
 fn signal(fd: &OwnedFd) -> bool {
-    matches!(nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes()), Ok(8) | Err(Errno::EAGAIN))
+    matches!(
+        nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes()),
+        Ok(8) | Err(Errno::EAGAIN)
+    )
 }
 
 /// All interrupt state of a device.
@@ -77,7 +80,9 @@ fn err(errno: Errno, msg: impl Into<String>) -> RequestError {
 impl Interrupts {
     /// Interrupt state for a layout.
     pub fn new(layout: &IrqLayout) -> Self {
-        let mut idx: Vec<IndexState> = (0..IRQ_INDEX_COUNT).map(|_| IndexState::default()).collect();
+        let mut idx: Vec<IndexState> = (0..IRQ_INDEX_COUNT)
+            .map(|_| IndexState::default())
+            .collect();
         idx[IRQ_INDEX_INTX as usize] = IndexState::new(
             u32::from(layout.intx),
             IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
@@ -123,7 +128,7 @@ impl Interrupts {
         if s.is_disable() {
             return Ok(());
         }
-        let end = s.start.checked_add(s.count).unwrap_or(u32::MAX);
+        let end = s.start.saturating_add(s.count);
         if end > st.count {
             return Err(err(
                 Errno::EINVAL,
@@ -138,12 +143,15 @@ impl Interrupts {
             return Err(err(Errno::EINVAL, "ERR/REQ accept TRIGGER only"));
         }
         match (s.action, &s.data) {
-            (IrqAction::Mask | IrqAction::Unmask, _) if st.flags & IRQ_INFO_MASKABLE == 0 => {
-                Err(err(Errno::EINVAL, format!("index {} is not maskable", s.index)))
-            }
+            (IrqAction::Mask | IrqAction::Unmask, _) if st.flags & IRQ_INFO_MASKABLE == 0 => Err(
+                err(Errno::EINVAL, format!("index {} is not maskable", s.index)),
+            ),
             (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
                 if s.index != IRQ_INDEX_INTX || s.count != 1 || fds.len() > 1 {
-                    Err(err(Errno::EINVAL, "an unmask eventfd is for INTx vector 0 only"))
+                    Err(err(
+                        Errno::EINVAL,
+                        "an unmask eventfd is for INTx vector 0 only",
+                    ))
                 } else {
                     Ok(())
                 }
@@ -286,7 +294,10 @@ impl Interrupts {
         self.intx_level = level;
         if level && self.idx[IRQ_INDEX_INTX as usize].count > 0 {
             let st = &self.idx[IRQ_INDEX_INTX as usize];
-            if !st.masked[0] && self.active_index() != Some(IRQ_INDEX_MSIX) && self.active_index() != Some(IRQ_INDEX_MSI) {
+            if !st.masked[0]
+                && self.active_index() != Some(IRQ_INDEX_MSIX)
+                && self.active_index() != Some(IRQ_INDEX_MSI)
+            {
                 self.fire(IRQ_INDEX_INTX, 0);
             }
         } else if !level {
@@ -335,7 +346,10 @@ impl Interrupts {
 
     /// Mask or unmask one MSI-X vector from its table vector-control word.
     pub fn set_msix_masked(&mut self, vector: u32, masked: bool) {
-        if let Some(m) = self.idx[IRQ_INDEX_MSIX as usize].masked.get_mut(vector as usize) {
+        if let Some(m) = self.idx[IRQ_INDEX_MSIX as usize]
+            .masked
+            .get_mut(vector as usize)
+        {
             *m = masked;
         }
         if !masked {
@@ -380,7 +394,7 @@ impl Interrupts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::eventfd::{EventFd, EfdFlags};
+    use nix::sys::eventfd::{EfdFlags, EventFd};
 
     fn efd() -> (OwnedFd, EventFd) {
         let e = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap();
@@ -400,32 +414,50 @@ mod tests {
         IrqLayout {
             intx: true,
             msi_vectors: 1,
-            msix: Some((4, crate::device::MsixPlacement {
-                bar: crate::device::BarIndex(4),
-                table_offset: 0,
-                pba_offset: 0x800,
-            })),
+            msix: Some((
+                4,
+                crate::device::MsixPlacement {
+                    bar: crate::device::BarIndex(4),
+                    table_offset: 0,
+                    pba_offset: 0x800,
+                },
+            )),
             err: false,
             req: false,
         }
     }
 
     fn set(index: u32, start: u32, count: u32, action: IrqAction, data: IrqData) -> SetIrqs {
-        SetIrqs { index, start, count, action, data }
+        SetIrqs {
+            index,
+            start,
+            count,
+            action,
+            data,
+        }
     }
 
     #[test]
     fn masked_msix_vector_latches_pending_and_fires_on_unmask() {
         let mut irqs = Interrupts::new(&layout());
         let (fd, e) = efd();
-        irqs.apply(set(2, 1, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd]))).unwrap();
-        irqs.apply(set(2, 1, 1, IrqAction::Mask, IrqData::None)).unwrap();
+        irqs.apply(set(
+            2,
+            1,
+            1,
+            IrqAction::Trigger,
+            IrqData::Eventfds(vec![fd]),
+        ))
+        .unwrap();
+        irqs.apply(set(2, 1, 1, IrqAction::Mask, IrqData::None))
+            .unwrap();
         irqs.raise(1);
         assert_eq!(count(&e), 0);
         let mut pba = [0u8; 1];
         irqs.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0b10);
-        irqs.apply(set(2, 1, 1, IrqAction::Unmask, IrqData::None)).unwrap();
+        irqs.apply(set(2, 1, 1, IrqAction::Unmask, IrqData::None))
+            .unwrap();
         assert_eq!(count(&e), 1);
         irqs.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
@@ -435,7 +467,14 @@ mod tests {
     fn intx_is_automasked_until_unmask() {
         let mut irqs = Interrupts::new(&layout());
         let (fd, e) = efd();
-        irqs.apply(set(0, 0, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd]))).unwrap();
+        irqs.apply(set(
+            0,
+            0,
+            1,
+            IrqAction::Trigger,
+            IrqData::Eventfds(vec![fd]),
+        ))
+        .unwrap();
         irqs.raise(0);
         irqs.raise(0);
         assert_eq!(count(&e), 1);
@@ -446,11 +485,21 @@ mod tests {
     #[test]
     fn out_of_range_and_wrong_actions_are_rejected() {
         let irqs = Interrupts::new(&layout());
-        assert!(irqs.validate(&set(2, 3, 2, IrqAction::Trigger, IrqData::None)).is_err());
-        assert!(irqs.validate(&set(9, 0, 1, IrqAction::Trigger, IrqData::None)).is_err());
-        assert!(irqs.validate(&set(1, 0, 1, IrqAction::Mask, IrqData::None)).is_err());
-        assert!(irqs.validate(&set(3, 0, 1, IrqAction::Trigger, IrqData::None)).is_err());
-        assert!(irqs.validate(&set(2, 0, 0, IrqAction::Trigger, IrqData::None)).is_ok());
+        assert!(irqs
+            .validate(&set(2, 3, 2, IrqAction::Trigger, IrqData::None))
+            .is_err());
+        assert!(irqs
+            .validate(&set(9, 0, 1, IrqAction::Trigger, IrqData::None))
+            .is_err());
+        assert!(irqs
+            .validate(&set(1, 0, 1, IrqAction::Mask, IrqData::None))
+            .is_err());
+        assert!(irqs
+            .validate(&set(3, 0, 1, IrqAction::Trigger, IrqData::None))
+            .is_err());
+        assert!(irqs
+            .validate(&set(2, 0, 0, IrqAction::Trigger, IrqData::None))
+            .is_ok());
     }
 
     #[test]
@@ -458,11 +507,26 @@ mod tests {
         let mut irqs = Interrupts::new(&layout());
         let (fd0, e0) = efd();
         let (fd2, e2) = efd();
-        irqs.apply(set(0, 0, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd0]))).unwrap();
-        irqs.apply(set(2, 0, 1, IrqAction::Trigger, IrqData::Eventfds(vec![fd2]))).unwrap();
+        irqs.apply(set(
+            0,
+            0,
+            1,
+            IrqAction::Trigger,
+            IrqData::Eventfds(vec![fd0]),
+        ))
+        .unwrap();
+        irqs.apply(set(
+            2,
+            0,
+            1,
+            IrqAction::Trigger,
+            IrqData::Eventfds(vec![fd2]),
+        ))
+        .unwrap();
         irqs.raise(0);
         assert_eq!((count(&e0), count(&e2)), (0, 1));
-        irqs.apply(set(2, 0, 0, IrqAction::Trigger, IrqData::None)).unwrap();
+        irqs.apply(set(2, 0, 0, IrqAction::Trigger, IrqData::None))
+            .unwrap();
         irqs.raise(0);
         assert_eq!(count(&e0), 1);
     }

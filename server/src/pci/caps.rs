@@ -63,7 +63,11 @@ impl CapBlock {
         Self::set32(&mut c.wmask, 4, 0xffff_fffc); // address low
         Self::set32(&mut c.wmask, 8, 0xffff_ffff); // address high
         Self::set16(&mut c.wmask, 0xc, 0xffff); // data
-        let mask = if vectors >= 32 { u32::MAX } else { (1u32 << vectors) - 1 };
+        let mask = if vectors >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << vectors) - 1
+        };
         Self::set32(&mut c.wmask, 0x10, mask); // per-vector mask
         c
     }

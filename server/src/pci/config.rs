@@ -53,7 +53,11 @@ fn put32(v: &mut [u8], off: usize, x: u32) {
 impl ConfigSpace {
     /// Build the image for a device.
     pub fn new(desc: &DeviceDescription) -> Self {
-        let size = if desc.pcie { PCIE_CONFIG_SIZE } else { CONFIG_SIZE };
+        let size = if desc.pcie {
+            PCIE_CONFIG_SIZE
+        } else {
+            CONFIG_SIZE
+        };
         let mut b = vec![0u8; size];
         let mut w = vec![0u8; size];
         let mut c = vec![0u8; size];
@@ -347,7 +351,10 @@ mod tests {
     #[test]
     fn command_change_is_reported_and_out_of_range_refused() {
         let mut c = ConfigSpace::new(&desc());
-        assert_eq!(c.write(4, &[0x06, 0x04]), Some(ConfigEffect::Command(0x0406)));
+        assert_eq!(
+            c.write(4, &[0x06, 0x04]),
+            Some(ConfigEffect::Command(0x0406))
+        );
         assert_eq!(c.write(4095, &[0, 0]), None);
         c.reset();
         assert_eq!(c.u16_at(4), 0);
