@@ -151,7 +151,11 @@ impl FrameReader {
     ) -> Result<Option<Frame>, ProtocolError> {
         loop {
             if self.header.is_none() {
-                let n = match recv_with_fds(sock, &mut self.header_buf[self.header_len..], &mut self.fds) {
+                let n = match recv_with_fds(
+                    sock,
+                    &mut self.header_buf[self.header_len..],
+                    &mut self.fds,
+                ) {
                     Ok(0) => return Err(ProtocolError::Disconnected),
                     Ok(n) => n,
                     Err(Errno::EAGAIN) => return Ok(None),
@@ -177,14 +181,16 @@ impl FrameReader {
                 self.header = Some(h);
             }
             if self.payload_len < self.payload.len() {
-                let n = match recv_with_fds(sock, &mut self.payload[self.payload_len..], &mut self.fds) {
-                    Ok(0) => return Err(ProtocolError::Disconnected),
-                    Ok(n) => n,
-                    Err(Errno::EAGAIN) => return Ok(None),
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EMSGSIZE) => return Err(ProtocolError::FdsTruncated),
-                    Err(e) => return Err(e.into()),
-                };
+                let n =
+                    match recv_with_fds(sock, &mut self.payload[self.payload_len..], &mut self.fds)
+                    {
+                        Ok(0) => return Err(ProtocolError::Disconnected),
+                        Ok(n) => n,
+                        Err(Errno::EAGAIN) => return Ok(None),
+                        Err(Errno::EINTR) => continue,
+                        Err(Errno::EMSGSIZE) => return Err(ProtocolError::FdsTruncated),
+                        Err(e) => return Err(e.into()),
+                    };
                 self.payload_len += n;
                 continue;
             }

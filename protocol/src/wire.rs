@@ -19,11 +19,12 @@ impl<'a> WireReader<'a> {
 
     /// Read a fixed-layout struct.
     pub fn read<T: FromBytes + KnownLayout + Immutable>(&mut self) -> Result<T, ProtocolError> {
-        let (v, rest) = T::read_from_prefix(self.buf).map_err(|_| ProtocolError::PayloadTooShort {
-            what: self.what,
-            got: self.buf.len(),
-            needed: core::mem::size_of::<T>(),
-        })?;
+        let (v, rest) =
+            T::read_from_prefix(self.buf).map_err(|_| ProtocolError::PayloadTooShort {
+                what: self.what,
+                got: self.buf.len(),
+                needed: core::mem::size_of::<T>(),
+            })?;
         self.buf = rest;
         Ok(v)
     }

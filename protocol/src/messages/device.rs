@@ -11,7 +11,9 @@ pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
 pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
 
 /// `struct vfio_device_info`, request and reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DeviceInfo {
     /// Request: reply room; reply: size needed.

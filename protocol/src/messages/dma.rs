@@ -16,7 +16,9 @@ pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1 << 0;
 pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
 
 /// `struct vfio_user_dma_map` (spec "VFIO_USER_DMA_MAP").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DmaMap {
     /// Size of this struct.
@@ -54,7 +56,9 @@ impl DmaMap {
 }
 
 /// `struct vfio_user_dma_unmap` (spec "VFIO_USER_DMA_UNMAP"); the reply echoes it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DmaUnmap {
     /// Size of this struct.
@@ -91,7 +95,10 @@ impl DmaUnmap {
             ));
         }
         if u.is_all() && (u.addr != 0 || u.size != 0) {
-            return Err(ProtocolError::invalid("flags", "ALL requires addr = size = 0"));
+            return Err(ProtocolError::invalid(
+                "flags",
+                "ALL requires addr = size = 0",
+            ));
         }
         if !u.is_all() && u.size == 0 {
             return Err(ProtocolError::invalid("size", "zero-length unmap"));
@@ -101,7 +108,9 @@ impl DmaUnmap {
 }
 
 /// `struct vfio_user_dma_region_access` used by DMA_READ and DMA_WRITE (server → client).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DmaAccess {
     /// IOVA.

@@ -36,7 +36,9 @@ pub const MIGRATION_P2P: u64 = 1 << 1;
 pub const MIGRATION_PRE_COPY: u64 = 1 << 2;
 
 /// Fixed part of `struct vfio_user_device_feature`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct FeatureHeader {
     /// Request: reply room; reply: size.
@@ -160,7 +162,9 @@ impl TryFrom<u32> for MigState {
 }
 
 /// `struct vfio_device_feature_mig_state`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct MigDeviceState {
     /// The state (see [`MigState`]).
@@ -170,7 +174,9 @@ pub struct MigDeviceState {
 }
 
 /// `struct vfio_device_feature_dma_logging_control` fixed part.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DmaLoggingControlHeader {
     /// Tracking granularity; the reply may change it.
@@ -182,7 +188,9 @@ pub struct DmaLoggingControlHeader {
 }
 
 /// An IOVA range for dirty logging.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DmaLoggingRange {
     /// Start IOVA.
@@ -220,7 +228,10 @@ impl DmaLoggingControl {
         for _ in 0..n {
             let range: DmaLoggingRange = r.read()?;
             if range.length == 0 || range.iova.checked_add(range.length).is_none() {
-                return Err(ProtocolError::invalid("range", "empty or overflowing range"));
+                return Err(ProtocolError::invalid(
+                    "range",
+                    "empty or overflowing range",
+                ));
             }
             ranges.push(range);
         }
@@ -249,7 +260,9 @@ impl DmaLoggingControl {
 }
 
 /// DMA_LOGGING_REPORT request; the reply appends the bitmap inline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DmaLoggingReport {
     /// Start IOVA.
@@ -273,7 +286,9 @@ impl DmaLoggingReport {
 }
 
 /// `struct vfio_user_mig_data` fixed part.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct MigData {
     /// Request: reply room; reply: 8 + size.

@@ -46,7 +46,9 @@ pub const IRQ_INDEX_REQ: u32 = 4;
 pub const IRQ_INDEX_COUNT: u32 = 5;
 
 /// `struct vfio_irq_info`, request and reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct IrqInfo {
     /// Request: reply room; reply: size.
@@ -70,7 +72,9 @@ impl IrqInfo {
 }
 
 /// Fixed part of `struct vfio_irq_set`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct IrqSetHeader {
     /// Size of the struct.
@@ -153,7 +157,10 @@ impl SetIrqs {
         let data = match h.flags & DATA_MASK {
             IRQ_SET_DATA_NONE => {
                 if !rest.is_empty() || !fds.is_empty() {
-                    return Err(ProtocolError::invalid("data", "DATA_NONE with a payload or fds"));
+                    return Err(ProtocolError::invalid(
+                        "data",
+                        "DATA_NONE with a payload or fds",
+                    ));
                 }
                 IrqData::None
             }
@@ -168,7 +175,10 @@ impl SetIrqs {
             }
             IRQ_SET_DATA_EVENTFD => {
                 if !rest.is_empty() {
-                    return Err(ProtocolError::invalid("data", "DATA_EVENTFD with a payload"));
+                    return Err(ProtocolError::invalid(
+                        "data",
+                        "DATA_EVENTFD with a payload",
+                    ));
                 }
                 if !fds.is_empty() && fds.len() != h.count as usize {
                     return Err(ProtocolError::invalid(
@@ -178,7 +188,12 @@ impl SetIrqs {
                 }
                 IrqData::Eventfds(fds)
             }
-            _ => return Err(ProtocolError::invalid("flags", "need exactly one data type")),
+            _ => {
+                return Err(ProtocolError::invalid(
+                    "flags",
+                    "need exactly one data type",
+                ))
+            }
         };
         if h.count == 0
             && !(action == IrqAction::Trigger && matches!(data, IrqData::None) && h.start == 0)

@@ -21,7 +21,9 @@ pub use device::DeviceInfo;
 pub use dma::{DmaAccess, DmaMap, DmaUnmap};
 pub use feature::{DeviceFeature, MigData, MigState};
 pub use irq::{IrqAction, IrqData, IrqInfo, SetIrqs};
-pub use region::{RegionAccess, RegionCap, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry};
+pub use region::{
+    RegionAccess, RegionCap, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry,
+};
 pub use version::{Capabilities, VersionMessage};
 
 /// A client→server command, decoded and checked.

@@ -36,7 +36,9 @@ pub const PCI_NUM_REGIONS: u32 = 9;
 const MAX_CAPS: usize = 16;
 
 /// `struct vfio_region_info` (spec "VFIO_USER_DEVICE_GET_REGION_INFO").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct RegionInfo {
     /// Request: reply room; reply: size needed for struct plus caps.
@@ -55,7 +57,9 @@ pub struct RegionInfo {
 const _: () = assert!(core::mem::size_of::<RegionInfo>() == 32);
 
 /// `struct vfio_info_cap_header`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct CapHeader {
     /// Capability id.
@@ -67,7 +71,9 @@ pub struct CapHeader {
 }
 
 /// One area of a sparse mmap capability.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct SparseArea {
     /// Offset inside the region.
@@ -232,7 +238,10 @@ impl RegionInfoReply {
                 let next = hdr.next as usize;
                 let end = if next == 0 { payload.len() } else { next };
                 if next != 0 && next <= off {
-                    return Err(ProtocolError::invalid("cap next", "chain does not move forward"));
+                    return Err(ProtocolError::invalid(
+                        "cap next",
+                        "chain does not move forward",
+                    ));
                 }
                 let body = payload.get(off + 8..end).ok_or_else(|| {
                     ProtocolError::invalid("cap next", format!("{next} past end of reply"))
@@ -249,7 +258,9 @@ impl RegionInfoReply {
 }
 
 /// `struct vfio_user_region_io_fds_request` (spec "VFIO_USER_DEVICE_GET_REGION_IO_FDS").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct RegionIoFds {
     /// Request: reply room; reply: size needed.
@@ -263,7 +274,9 @@ pub struct RegionIoFds {
 }
 
 /// One ioeventfd sub-region in a GET_REGION_IO_FDS reply (40 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct IoFdSubRegion {
     /// Offset in the region.
@@ -315,7 +328,10 @@ impl RegionIoFds {
         let mut r = WireReader::new(payload, "REGION_IO_FDS reply");
         let h: RegionIoFds = r.read()?;
         if h.count as usize > r.remaining() / 40 {
-            return Err(ProtocolError::invalid("count", "more sub-regions than bytes"));
+            return Err(ProtocolError::invalid(
+                "count",
+                "more sub-regions than bytes",
+            ));
         }
         let mut subs = Vec::with_capacity(h.count as usize);
         for _ in 0..h.count {
@@ -326,7 +342,9 @@ impl RegionIoFds {
 }
 
 /// `struct vfio_user_region_access` (spec "VFIO_USER_REGION_READ"/"WRITE").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct RegionAccess {
     /// Offset inside the region.
@@ -373,7 +391,9 @@ pub const WRITE_MULTI_MAX: u64 = 200;
 pub const WRITE_MULTI_DATA: usize = 8;
 
 /// One REGION_WRITE_MULTI entry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct WriteMultiEntry {
     /// Offset inside the region.

@@ -30,7 +30,9 @@ pub const DEFAULT_MAX_DMA_MAPS: u32 = 65535;
 pub const DEFAULT_PGSIZES: u64 = 4096;
 
 /// Fixed part of the VERSION payload.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct VersionHeader {
     /// Major version.
@@ -406,7 +408,10 @@ pub fn accept_reply(
     if reply.minor > proposal.minor {
         return Err(ProtocolError::invalid(
             "minor",
-            format!("server minor {} above proposed {}", reply.minor, proposal.minor),
+            format!(
+                "server minor {} above proposed {}",
+                reply.minor, proposal.minor
+            ),
         ));
     }
     let ours = proposal.caps.clone().unwrap_or_default();
@@ -426,11 +431,18 @@ pub fn accept_reply(
             }
         }
         le("max_msg_fds", c.max_msg_fds, ours.max_msg_fds)?;
-        le("max_data_xfer_size", c.max_data_xfer_size, ours.max_data_xfer_size)?;
+        le(
+            "max_data_xfer_size",
+            c.max_data_xfer_size,
+            ours.max_data_xfer_size,
+        )?;
         le("max_dma_maps", c.max_dma_maps, ours.max_dma_maps)?;
         if let (Some(g), Some(p)) = (c.pgsizes, ours.pgsizes) {
             if g & !p != 0 {
-                return Err(ProtocolError::invalid("pgsizes", "not a subset of proposed"));
+                return Err(ProtocolError::invalid(
+                    "pgsizes",
+                    "not a subset of proposed",
+                ));
             }
         }
         if c.migration.is_some() && ours.migration.is_none() {
