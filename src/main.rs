@@ -33,7 +33,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Device model to serve; repeat with --socket for several devices.
+    /// Device model to serve, `NAME[,key=value...]` (e.g. `uart16550,backend=socket:/tmp/u.sock`);
+    /// repeat with --socket for several devices.
     #[arg(long = "device", required = true)]
     devices: Vec<String>,
     /// Socket path for the device at the same position.
@@ -88,12 +89,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     install_signal_thread(shutdown.clone())?;
     let mut threads = Vec::new();
     for (name, path) in args.devices.iter().zip(&args.sockets) {
-        let device = vfud_devices::create(name).with_context(|| {
-            format!(
-                "unknown device {name:?}; available: {}",
-                vfud_devices::DEVICE_NAMES.join(", ")
-            )
-        })?;
+        let device = vfud_devices::create(name).map_err(anyhow::Error::msg)?;
         let mut opts = ServeOptions::new(path);
         opts.socket_mode = args.socket_mode;
         let listener = vfud_server::event_loop::bind_socket(&opts.socket_path, opts.socket_mode)

@@ -22,10 +22,11 @@ pub struct Vfud {
 }
 
 impl Vfud {
-    /// Start `vfud serve --device NAME --socket DIR/NAME.sock` with extra args.
+    /// Start `vfud serve --device SPEC --socket DIR/NAME.sock` with extra args.
     pub fn start(device: &str, extra: &[&str]) -> Vfud {
         let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join(format!("{device}.sock"));
+        let model = device.split(',').next().unwrap_or(device);
+        let socket = dir.path().join(format!("{model}.sock"));
         let child = Command::new(vfud_bin())
             .arg("serve")
             .arg("--device")
@@ -33,7 +34,10 @@ impl Vfud {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn vfud");
@@ -41,6 +45,27 @@ impl Vfud {
             wait_for_path(&socket, Duration::from_secs(10)),
             "vfud did not create {}",
             socket.display()
+        );
+        Vfud { child, socket, dir }
+    }
+
+    /// Start with a temp dir chosen by the caller (for device options that name paths in it).
+    pub fn start_in(dir: tempfile::TempDir, device: &str) -> Vfud {
+        let model = device.split(',').next().unwrap_or(device);
+        let socket = dir.path().join(format!("{model}.sock"));
+        let child = Command::new(vfud_bin())
+            .args(["serve", "--device", device, "--socket"])
+            .arg(&socket)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn vfud");
+        assert!(
+            wait_for_path(&socket, Duration::from_secs(10)),
+            "vfud did not start"
         );
         Vfud { child, socket, dir }
     }
