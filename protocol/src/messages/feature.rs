@@ -332,3 +332,94 @@ impl MigData {
         out
     }
 }
+
+/// vfud's own DEVICE_FEATURE indices and region capability. The kernel numbers its features
+/// from 1 upward; vfud's live at 0x4000 and above so they can never collide.
+pub mod vfud {
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    /// GET: [`PrecopyInfo`], the kernel's `VFIO_MIG_GET_PRECOPY_INFO` as a feature
+    /// (vfio-user has no precopy-info message). Valid in PRE_COPY and PRE_COPY_P2P.
+    pub const FEATURE_PRECOPY_INFO: u16 = 0x4001;
+    /// GET: [`MigrationOrdering`], the device's ordering requirements.
+    pub const FEATURE_MIGRATION_ORDERING: u16 = 0x4002;
+
+    /// Ordering flag: the device needs PCI config space restored before its device data.
+    pub const ORDERING_CONFIG_BEFORE_DATA: u32 = 1 << 0;
+    /// Ordering flag: SET_IRQS during RESUMING/STOP is validated at once but applied only at
+    /// the transition to RUNNING; interrupts raised meanwhile stay pending.
+    pub const ORDERING_SET_IRQS_DEFERRED: u32 = 1 << 1;
+
+    /// Region capability id of [`MigrationOrdering`] in the v1 migration region's chain.
+    /// Kernel capability ids are small (1–5); 0x5646 ("VF") cannot collide.
+    pub const REGION_CAP_MIGRATION_ORDERING: u16 = 0x5646;
+
+    /// Payload of [`FEATURE_PRECOPY_INFO`] (`struct vfio_precopy_info` minus argsz/flags).
+    #[derive(
+        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+    )]
+    #[repr(C)]
+    pub struct PrecopyInfo {
+        /// Initial data not yet read.
+        pub initial_bytes: u64,
+        /// Data dirtied since it was read (an estimate).
+        pub dirty_bytes: u64,
+    }
+
+    /// Payload of [`FEATURE_MIGRATION_ORDERING`] and body of the region capability.
+    #[derive(
+        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+    )]
+    #[repr(C)]
+    pub struct MigrationOrdering {
+        /// `ORDERING_*` flags.
+        pub flags: u32,
+        /// Reserved, zero.
+        pub reserved: u32,
+    }
+}
+
+/// The v1 migration region (`struct vfio_device_migration_info`, kernel ≤ 5.17, QEMU 5.2–7.2):
+/// registers at offset 0 of a device-specific region of type 3 / subtype 1; the rest of the
+/// region is the data window.
+pub mod v1 {
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    /// Region type `VFIO_REGION_TYPE_MIGRATION_DEPRECATED`.
+    pub const REGION_TYPE_MIGRATION: u32 = 3;
+    /// Region subtype `VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED`.
+    pub const REGION_SUBTYPE_MIGRATION: u32 = 1;
+    /// `device_state` bit: running.
+    pub const DEVICE_STATE_RUNNING: u32 = 1 << 0;
+    /// `device_state` bit: saving.
+    pub const DEVICE_STATE_SAVING: u32 = 1 << 1;
+    /// `device_state` bit: resuming.
+    pub const DEVICE_STATE_RESUMING: u32 = 1 << 2;
+    /// Offset of `device_state`.
+    pub const OFF_DEVICE_STATE: u64 = 0;
+    /// Offset of `pending_bytes`.
+    pub const OFF_PENDING_BYTES: u64 = 8;
+    /// Offset of `data_offset`.
+    pub const OFF_DATA_OFFSET: u64 = 16;
+    /// Offset of `data_size`.
+    pub const OFF_DATA_SIZE: u64 = 24;
+
+    /// The register block.
+    #[derive(
+        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+    )]
+    #[repr(C)]
+    pub struct MigrationInfo {
+        /// RUNNING/SAVING/RESUMING bits.
+        pub device_state: u32,
+        /// Reserved.
+        pub reserved: u32,
+        /// Bytes still to save.
+        pub pending_bytes: u64,
+        /// Where the data window starts in the region.
+        pub data_offset: u64,
+        /// Bytes staged in (save) or written to (resume) the window.
+        pub data_size: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<MigrationInfo>() == 32);
+}

@@ -200,16 +200,21 @@ impl RegionInfoReply {
         let full = (base + chain.len()) as u32;
         let mut info = self.info;
         info.argsz = full;
+        let fits = full <= client_argsz;
         if chain.is_empty() {
             info.flags &= !REGION_FLAG_CAPS;
             info.cap_offset = 0;
         } else {
             info.flags |= REGION_FLAG_CAPS;
+            // A truncated reply keeps FLAG_CAPS and cap_offset = 32 even though the chain is
+            // left out: QEMU 11.1 (`hw/vfio-user/device.c`) rejects FLAG_CAPS with a
+            // cap_offset below 32 as EINVAL instead of retrying with the larger argsz, so the
+            // kernel's "cap_offset 0 when truncated" convention breaks attach.
             info.cap_offset = base as u32;
         }
         let mut out = Vec::with_capacity(full as usize);
         put(&mut out, &info);
-        if full <= client_argsz {
+        if fits {
             out.extend_from_slice(&chain);
         }
         out
