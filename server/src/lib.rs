@@ -15,6 +15,7 @@ pub mod dma;
 pub mod error;
 pub mod event_loop;
 pub mod irq;
+pub mod migration;
 pub mod mmap;
 pub mod pci;
 
