@@ -104,7 +104,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                     let r = vfud_server::event_loop::serve_listener(
                         device,
                         listener,
-                        &opts.offer,
+                        &opts.settings,
                         &shutdown,
                     );
                     let _ = std::fs::remove_file(&path);

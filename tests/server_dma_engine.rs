@@ -114,11 +114,11 @@ fn attach_sequence_as_qemu_does_it() {
     )
     .unwrap();
     let info = c.device_info().unwrap();
-    assert_eq!((info.num_regions, info.num_irqs, info.flags), (9, 5, 3));
-    let sizes: Vec<u64> = (0..9)
+    assert_eq!((info.num_regions, info.num_irqs, info.flags), (10, 5, 3));
+    let sizes: Vec<u64> = (0..10)
         .map(|i| c.region_info(i).unwrap().0.info.size)
         .collect();
-    assert_eq!(sizes, vec![4096, 0, 1 << 20, 0, 4096, 0, 0, 4096, 0]);
+    assert_eq!(sizes, vec![4096, 0, 1 << 20, 0, 4096, 0, 0, 4096, 0, 4096 + (1 << 20)]);
     let msix = c.irq_info(IRQ_INDEX_MSIX).unwrap();
     assert_eq!(msix.count, 4);
     assert_eq!(c.region_read_u32(CFG, 0).unwrap(), 0x0001_5646);
@@ -604,7 +604,7 @@ fn hostile_inputs_get_error_replies_and_the_server_keeps_serving() {
     // 15. migration data outside a migration
     expect_errno(c.mig_data_read(16), Errno::EINVAL);
     // Still serving, state intact.
-    assert_eq!(c.device_info().unwrap().num_regions, 9);
+    assert_eq!(c.device_info().unwrap().num_regions, 10);
     assert_eq!(c.region_read_u32(CFG, 0).unwrap(), 0x0001_5646);
 }
 
@@ -641,7 +641,7 @@ fn oversized_frame_drops_the_connection_but_not_the_server() {
     );
     drop(c);
     let mut again = v.client();
-    assert_eq!(again.device_info().unwrap().num_regions, 9);
+    assert_eq!(again.device_info().unwrap().num_regions, 10);
 }
 
 fn zerocopy_bytes(h: &Header) -> &[u8] {

@@ -33,10 +33,11 @@
 //! write has been answered, so socket-backed DMA never waits on a client that is itself
 //! waiting for the server.
 
+use serde::{Deserialize, Serialize};
 use vfud_server::dma::Iova;
 use vfud_server::{
     BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError,
-    IrqLayout, MsixPlacement, PciIds,
+    DeviceState, IrqLayout, MsixPlacement, PciIds,
 };
 
 /// Value of the ID register.
@@ -134,8 +135,12 @@ const BAR_REGS: BarIndex = BarIndex(0);
 const BAR_MEM: BarIndex = BarIndex(2);
 const CHUNK: usize = 64 * 1024;
 
-/// Register file of the engine (also its migration state, later).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Version of [`DmaEngineState`].
+pub const STATE_VERSION: u16 = 1;
+
+/// Register file of the engine; it is the whole device state (BAR2 memory is saved by the
+/// server). An operation in flight (STATUS.BUSY) is saved as such and runs on the destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registers {
     /// CONTROL.
     pub control: u32,
@@ -376,6 +381,27 @@ impl Device for DmaEngine {
 
     fn reset(&mut self, _cx: &mut DeviceCtx<'_>) {
         self.regs = Registers::default();
+    }
+
+    fn supports_migration(&self) -> bool {
+        true
+    }
+
+    fn save(&self) -> Result<DeviceState, DeviceError> {
+        DeviceState::encode(STATE_VERSION, &self.regs)
+    }
+
+    fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
+        let regs: Registers = state.decode(STATE_VERSION)?;
+        if regs.control & !CONTROL_IRQ_ENABLE != 0
+            || regs.status & !(STATUS_DONE | STATUS_ERROR | STATUS_BUSY) != 0
+        {
+            return Err(DeviceError::InvalidState(
+                "reserved register bits set".into(),
+            ));
+        }
+        self.regs = regs;
+        Ok(())
     }
 
     fn run(&mut self, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {

@@ -36,9 +36,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use vfud_server::{
     BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError,
-    IrqLayout, PciIds,
+    DeviceState, IrqLayout, PciIds,
 };
 
 /// FIFO depth of a 16550A.
@@ -149,8 +150,11 @@ impl Drop for Backend {
     }
 }
 
-/// Register state of the UART (what migration will carry).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Version of [`UartState`].
+pub const STATE_VERSION: u16 = 1;
+
+/// Register state of the UART.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UartRegs {
     /// Interrupt enable.
     pub ier: u8,
@@ -172,6 +176,18 @@ pub struct UartRegs {
     pub thre_pending: bool,
     /// Received bytes not yet read by the guest.
     pub rx_fifo: VecDeque<u8>,
+}
+
+/// Migration state: registers plus the bytes in flight between guest and host, so a
+/// migration loses and reorders nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    /// Registers and receive FIFO.
+    pub regs: UartRegs,
+    /// Guest output not yet taken by the host.
+    pub out: Vec<u8>,
+    /// Host input not yet in the FIFO.
+    pub input: Vec<u8>,
 }
 
 /// The device.
@@ -487,6 +503,35 @@ impl Device for Uart16550 {
     fn reset(&mut self, cx: &mut DeviceCtx<'_>) {
         self.regs = UartRegs::default();
         self.update_irq(cx);
+    }
+
+    fn supports_migration(&self) -> bool {
+        true
+    }
+
+    fn save(&self) -> Result<DeviceState, DeviceError> {
+        DeviceState::encode(
+            STATE_VERSION,
+            &UartState {
+                regs: self.regs.clone(),
+                out: self.out.iter().copied().collect(),
+                input: self.input.iter().copied().collect(),
+            },
+        )
+    }
+
+    fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
+        let st: UartState = state.decode(STATE_VERSION)?;
+        if st.regs.rx_fifo.len() > FIFO_SIZE {
+            return Err(DeviceError::InvalidState(
+                "receive FIFO longer than 16 bytes".into(),
+            ));
+        }
+        self.regs = st.regs;
+        self.out = st.out.into();
+        self.input = st.input.into();
+        self.flush();
+        Ok(())
     }
 
     fn event_fds(&self) -> Vec<(RawFd, u32)> {

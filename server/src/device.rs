@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::dma::GuestMem;
 use crate::error::DeviceError;
 use crate::irq::Interrupts;
+use crate::migration::DeviceState;
 use crate::mmap::SharedMemory;
 
 /// Index of a PCI BAR, 0–5.
@@ -183,6 +184,29 @@ pub trait Device: Send {
     /// outstanding, so it may use socket-backed DMA.
     fn run(&mut self, _cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
         Ok(())
+    }
+
+    /// Whether the device can be migrated ([`Device::save`] and [`Device::load`] work).
+    fn supports_migration(&self) -> bool {
+        false
+    }
+
+    /// Whether the device needs its PCI config space restored before its device data on the
+    /// destination (advertised in the ordering capability, feature and stream header).
+    fn needs_config_before_data(&self) -> bool {
+        false
+    }
+
+    /// Save the device's own state (registers, queues). Device-owned BAR memory is saved by
+    /// the server. Called with the device stopped.
+    fn save(&self) -> Result<DeviceState, DeviceError> {
+        Err(DeviceError::MigrationUnsupported)
+    }
+
+    /// Replace the device's state with a saved one. Must validate everything (the bytes come
+    /// from a peer) and change nothing when it fails.
+    fn load(&mut self, _state: &DeviceState) -> Result<(), DeviceError> {
+        Err(DeviceError::MigrationUnsupported)
     }
 
     /// File descriptors the event loop should watch for the device (backends), with tokens.

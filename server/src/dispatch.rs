@@ -9,19 +9,28 @@ use std::os::unix::net::UnixStream;
 use nix::errno::Errno;
 use vfud_protocol::codec::{Frame, FrameReader, Limits};
 use vfud_protocol::messages::device::{DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET};
+use vfud_protocol::messages::feature::{
+    v1, vfud, DeviceFeature, DmaLoggingControl, DmaLoggingReport, MigData, MigDeviceState,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP,
+    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, MIGRATION_PRE_COPY,
+    MIGRATION_STOP_COPY,
+};
 use vfud_protocol::messages::irq::IRQ_INDEX_COUNT;
 use vfud_protocol::messages::region::{
     RegionCap, RegionInfo, RegionInfoReply, RegionIoFds, SparseArea, PCI_CONFIG_REGION_INDEX,
     PCI_NUM_REGIONS, REGION_FLAG_MMAP, REGION_FLAG_READ, REGION_FLAG_WRITE,
 };
 use vfud_protocol::messages::version::{negotiate, Negotiated, ServerOffer};
-use vfud_protocol::messages::{DeviceInfo, Request};
+use vfud_protocol::messages::{DeviceInfo, MigState, Request, SetIrqs};
 use vfud_protocol::wire::put;
+use zerocopy::FromBytes;
 
 use crate::device::{BarBacking, BarIndex, BarKind, Device, DeviceCtx, DeviceDescription};
 use crate::dma::{ClientChannel, DmaTable, GuestMem};
 use crate::error::RequestError;
 use crate::irq::Interrupts;
+use crate::migration::fsm::{self, permits};
+use crate::migration::stream::{FinalState, Loader, Saver, StreamHeader};
 use crate::mmap::SharedMemory;
 use crate::pci::{ConfigEffect, ConfigSpace};
 
@@ -69,6 +78,70 @@ pub struct DeviceServer {
     work: bool,
     /// The connected client, if any.
     pub client: Option<ClientConn>,
+    mig: Migration,
+}
+
+/// Index of the v1 migration region.
+pub const V1_REGION_INDEX: u32 = 9;
+/// Offset of the v1 data window in its region.
+pub const V1_WINDOW_OFFSET: u64 = 4096;
+/// Size of the v1 data window.
+pub const V1_WINDOW_SIZE: usize = 1 << 20;
+
+/// Migration session state of one device.
+#[derive(Debug)]
+struct Migration {
+    state: MigState,
+    saver: Option<Saver>,
+    loader: Option<Loader>,
+    /// A migration began on this side as destination and RUNNING has not been reached yet:
+    /// SET_IRQS is validated and queued, applied at the transition to RUNNING.
+    resuming: bool,
+    deferred_irqs: Vec<SetIrqs>,
+    /// The client wrote config space during RESUMING; its image wins over the stream's.
+    config_written: bool,
+    /// Device event tokens that fired while the device was stopped.
+    missed_events: Vec<u32>,
+    v1_enabled: bool,
+    v1_window: Vec<u8>,
+    v1_staged: usize,
+    v1_size_read: bool,
+}
+
+impl Migration {
+    fn new(v1_enabled: bool) -> Self {
+        Self {
+            state: MigState::Running,
+            saver: None,
+            loader: None,
+            resuming: false,
+            deferred_irqs: Vec::new(),
+            config_written: false,
+            missed_events: Vec::new(),
+            v1_enabled,
+            v1_window: Vec::new(),
+            v1_staged: 0,
+            v1_size_read: false,
+        }
+    }
+}
+
+/// Server-side settings of a device.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Capabilities offered in VERSION.
+    pub offer: ServerOffer,
+    /// Expose the v1 migration region (index 9) when the device supports migration.
+    pub v1_region: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            offer: ServerOffer::default(),
+            v1_region: true,
+        }
+    }
 }
 
 fn einval(msg: impl Into<String>) -> RequestError {
@@ -85,7 +158,12 @@ enum BarTarget {
 
 impl DeviceServer {
     /// Wrap a device, allocating shared memory for its shared BARs.
-    pub fn new(device: Box<dyn Device>, offer: ServerOffer) -> Result<Self, crate::DeviceError> {
+    pub fn new(
+        device: Box<dyn Device>,
+        settings: ServerSettings,
+    ) -> Result<Self, crate::DeviceError> {
+        let offer = settings.offer;
+        let v1 = settings.v1_region && device.supports_migration();
         let desc = device.describe();
         let mut bars: [Option<SharedMemory>; 6] = Default::default();
         for (i, b) in desc.bars.iter().enumerate() {
@@ -118,7 +196,30 @@ impl DeviceServer {
             negotiated: None,
             work: false,
             client: None,
+            mig: Migration::new(v1),
         })
+    }
+
+    /// Current migration state.
+    pub fn mig_state(&self) -> MigState {
+        self.mig.state
+    }
+
+    /// Ordering flags (`vfud::ORDERING_*`) of this device.
+    pub fn ordering_flags(&self) -> u32 {
+        let mut f = vfud::ORDERING_SET_IRQS_DEFERRED;
+        if self.device.needs_config_before_data() {
+            f |= vfud::ORDERING_CONFIG_BEFORE_DATA;
+        }
+        f
+    }
+
+    fn num_regions(&self) -> u32 {
+        if self.mig.v1_enabled {
+            V1_REGION_INDEX + 1
+        } else {
+            PCI_NUM_REGIONS
+        }
     }
 
     /// The device's description.
@@ -195,6 +296,9 @@ impl DeviceServer {
 
     /// Run deferred device work (no client request is outstanding now).
     pub fn run_deferred(&mut self) {
+        if !permits(self.mig.state).device_runs {
+            return;
+        }
         let mut rounds = 0;
         while self.work && rounds < 64 {
             self.work = false;
@@ -207,6 +311,12 @@ impl DeviceServer {
 
     /// A device event fd became readable.
     pub fn device_event(&mut self, token: u32) {
+        if !permits(self.mig.state).device_runs {
+            if !self.mig.missed_events.contains(&token) {
+                self.mig.missed_events.push(token);
+            }
+            return;
+        }
         if let Err(e) = self.with_device(false, |d, cx| d.on_event(token, cx)) {
             tracing::warn!(device = self.desc.name, token, "device event failed: {e}");
         }
@@ -219,7 +329,12 @@ impl DeviceServer {
 
     /// The device's event fds and next deadline.
     pub fn device_sources(&self) -> (Vec<(std::os::fd::RawFd, u32)>, Option<std::time::Instant>) {
-        (self.device.event_fds(), self.device.next_deadline())
+        let deadline = if permits(self.mig.state).device_runs {
+            self.device.next_deadline()
+        } else {
+            None
+        };
+        (self.device.event_fds(), deadline)
     }
 
     /// Handle one decoded request. `request_len` is the payload size (VERSION needs it).
@@ -227,6 +342,14 @@ impl DeviceServer {
         if self.negotiated.is_none() && !matches!(req, Request::Version(_)) {
             return Err(einval("VERSION must be the first command"));
         }
+        let state = self.mig.state;
+        let allowed = permits(state);
+        let refuse = |what: &str| {
+            RequestError::new(
+                Errno::EBUSY,
+                format!("{what} not allowed in migration state {state:?}"),
+            )
+        };
         match req {
             Request::Version(v) => {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
@@ -236,10 +359,16 @@ impl DeviceServer {
                 Ok(Reply::bytes(reply.encode()))
             }
             Request::DmaMap(m, fd) => {
+                if !allowed.dma_map {
+                    return Err(refuse("DMA_MAP"));
+                }
                 self.dma.map(&m, fd)?;
                 Ok(Reply::default())
             }
             Request::DmaUnmap(u) => {
+                if !allowed.dma_map {
+                    return Err(refuse("DMA_UNMAP"));
+                }
                 if u.is_all() {
                     self.dma.unmap_all();
                 } else {
@@ -256,7 +385,7 @@ impl DeviceServer {
                     &DeviceInfo {
                         argsz: 16,
                         flags: DEVICE_FLAGS_RESET | DEVICE_FLAGS_PCI,
-                        num_regions: PCI_NUM_REGIONS,
+                        num_regions: self.num_regions(),
                         num_irqs: IRQ_INDEX_COUNT,
                     },
                 );
@@ -264,7 +393,7 @@ impl DeviceServer {
             }
             Request::GetRegionInfo(r) => self.region_info(r),
             Request::GetRegionIoFds(r) => {
-                if r.index >= PCI_NUM_REGIONS {
+                if r.index >= self.num_regions() {
                     return Err(einval(format!("no region {}", r.index)));
                 }
                 Ok(Reply::bytes(RegionIoFds::encode_reply(r.index, &[])))
@@ -275,15 +404,30 @@ impl DeviceServer {
                 Ok(Reply::bytes(p))
             }
             Request::SetIrqs(s) => {
-                self.irqs.apply(s)?;
+                if !allowed.set_irqs {
+                    return Err(refuse("SET_IRQS"));
+                }
+                if self.mig.resuming {
+                    // Validate now, apply at the transition to RUNNING (vfud's ordering rule:
+                    // interrupts must not be wired before the VM's interrupt controller is).
+                    self.irqs.validate(&s)?;
+                    self.mig.deferred_irqs.push(s);
+                } else {
+                    Interrupts::check_apply(&s)?;
+                    self.irqs.apply(s)?;
+                }
                 Ok(Reply::default())
             }
             Request::RegionRead(a) => {
+                if !allowed.region_read {
+                    return Err(refuse("REGION_READ"));
+                }
                 let mut buf = vec![0u8; a.count as usize];
                 self.region_access(a.region, a.offset, Access::Read(&mut buf))?;
                 Ok(Reply::bytes(a.encode_with_data(&buf)))
             }
             Request::RegionWrite(a, data) => {
+                self.check_write_allowed(a.region)?;
                 self.region_access(a.region, a.offset, Access::Write(&data))?;
                 let mut p = Vec::new();
                 put(&mut p, &a);
@@ -291,9 +435,9 @@ impl DeviceServer {
             }
             Request::RegionWriteMulti(entries) => {
                 for e in entries {
-                    if let Err(err) =
+                    if let Err(err) = self.check_write_allowed(e.region).and_then(|()| {
                         self.region_access(e.region, e.offset, Access::Write(e.bytes()))
-                    {
+                    }) {
                         tracing::debug!(
                             region = e.region,
                             offset = e.offset,
@@ -307,17 +451,378 @@ impl DeviceServer {
                 self.reset();
                 Ok(Reply::default())
             }
-            Request::DeviceFeature(f) => Err(RequestError::new(
-                Errno::ENOTTY,
-                format!("device feature {} is not supported", f.feature),
-            )),
-            Request::MigDataRead(_) | Request::MigDataWrite(_) => {
-                Err(einval("migration data outside a migration"))
+            Request::DeviceFeature(f) => self.device_feature(f),
+            Request::MigDataRead(m) => {
+                if !allowed.mig_data_read {
+                    return Err(einval(format!("MIG_DATA_READ in state {state:?}")));
+                }
+                let data = self.read_stream(m.size as usize)?;
+                Ok(Reply::bytes(MigData::encode_with_data(&data)))
+            }
+            Request::MigDataWrite(data) => {
+                if !allowed.mig_data_write {
+                    return Err(einval(format!("MIG_DATA_WRITE in state {state:?}")));
+                }
+                self.write_stream(&data)?;
+                Ok(Reply::default())
             }
         }
     }
 
+    fn check_write_allowed(&mut self, region: u32) -> Result<(), RequestError> {
+        let state = self.mig.state;
+        let allowed = permits(state);
+        let ok = match region {
+            PCI_CONFIG_REGION_INDEX => allowed.config_write,
+            V1_REGION_INDEX => true,
+            _ => allowed.bar_write,
+        };
+        if !ok {
+            return Err(RequestError::new(
+                Errno::EBUSY,
+                format!("writes to region {region} not allowed in migration state {state:?}"),
+            ));
+        }
+        if region == PCI_CONFIG_REGION_INDEX && state == MigState::Resuming {
+            self.mig.config_written = true;
+        }
+        Ok(())
+    }
+
+    fn stream_header(&self) -> StreamHeader {
+        StreamHeader {
+            ordering: self.ordering_flags(),
+            state_version: self.device.save().map(|s| s.version).unwrap_or(0),
+            model: self.desc.name.to_string(),
+        }
+    }
+
+    /// Up to `max` bytes of the migration stream (PRE_COPY or STOP_COPY).
+    fn read_stream(&mut self, max: usize) -> Result<Vec<u8>, RequestError> {
+        let stop_copy = self.mig.state == MigState::StopCopy;
+        let Self {
+            mig,
+            bars,
+            device,
+            config,
+            irqs,
+            ..
+        } = self;
+        let saver = mig
+            .saver
+            .as_mut()
+            .ok_or_else(|| einval("no migration stream in progress"))?;
+        let mut final_state = || {
+            Ok(FinalState {
+                config: config.image().to_vec(),
+                irq: irqs.save_pending(),
+                device: device.save()?,
+            })
+        };
+        let f: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>> = if stop_copy {
+            Some(&mut final_state)
+        } else {
+            None
+        };
+        Ok(saver.read(max, bars, f)?)
+    }
+
+    fn write_stream(&mut self, data: &[u8]) -> Result<(), RequestError> {
+        let loader = self
+            .mig
+            .loader
+            .as_mut()
+            .ok_or_else(|| einval("no migration stream being restored"))?;
+        loader
+            .write(data)
+            .map_err(|e| RequestError::new(Errno::EINVAL, format!("migration stream refused: {e}")))
+    }
+
+    /// Walk from the current state to `target`, one direct arc at a time.
+    pub fn set_mig_state(&mut self, target: MigState) -> Result<(), RequestError> {
+        if !self.device.supports_migration() {
+            return Err(RequestError::new(
+                Errno::ENOTTY,
+                "device does not support migration",
+            ));
+        }
+        let from = self.mig.state;
+        let hops = fsm::path(from, target).ok_or_else(|| {
+            einval(format!(
+                "no migration transition from {from:?} to {target:?}"
+            ))
+        })?;
+        for hop in hops {
+            let cur = self.mig.state;
+            self.hop(cur, hop).map_err(|e| {
+                tracing::warn!(
+                    device = self.desc.name,
+                    ?cur,
+                    ?hop,
+                    "migration hop failed: {}",
+                    e.message
+                );
+                e
+            })?;
+            tracing::debug!(device = self.desc.name, ?cur, ?hop, "migration hop");
+            self.mig.state = hop;
+        }
+        Ok(())
+    }
+
+    fn hop(&mut self, from: MigState, to: MigState) -> Result<(), RequestError> {
+        use MigState::*;
+        match (from, to) {
+            (Running, PreCopy) | (Stop, StopCopy) => {
+                self.mig.saver = Some(Saver::new(&self.stream_header(), &self.bars));
+            }
+            (PreCopy, Running) | (StopCopy, Stop) => self.mig.saver = None,
+            (PreCopy, StopCopy) | (Running, Stop) => {}
+            (Stop, Resuming) => {
+                self.mig.loader = Some(Loader::new(self.desc.name));
+                self.mig.resuming = true;
+                self.mig.config_written = false;
+                self.mig.deferred_irqs.clear();
+            }
+            (Resuming, Stop) => self.finish_restore()?,
+            (Stop, Running) => self.resume_running()?,
+            _ => return Err(einval(format!("{from:?}->{to:?} is not a direct arc"))),
+        }
+        Ok(())
+    }
+
+    /// Leaving RESUMING: apply the staged stream, or change nothing.
+    fn finish_restore(&mut self) -> Result<(), RequestError> {
+        let loader = self
+            .mig
+            .loader
+            .take()
+            .ok_or_else(|| einval("no migration stream was written"))?;
+        let staged = loader.finish().map_err(|e| {
+            RequestError::new(Errno::EINVAL, format!("migration stream refused: {e}"))
+        })?;
+        // Validate everything before touching anything.
+        for (bar, off, data) in &staged.memory {
+            let mem = self.bars[*bar].as_ref().ok_or_else(|| {
+                einval(format!("stream has memory for BAR {bar}, device has none"))
+            })?;
+            let end = off.checked_add(data.len() as u64).unwrap_or(u64::MAX);
+            if end > mem.len() as u64 {
+                return Err(einval(format!(
+                    "stream memory {off:#x}+{:#x} outside BAR {bar}",
+                    data.len()
+                )));
+            }
+        }
+        let config = staged.config.unwrap_or_default();
+        if config.len() != self.config.len() {
+            return Err(einval("stream config image has the wrong size"));
+        }
+        let irq = staged.irq.unwrap_or_default();
+        let mut irq_check = Interrupts::new(&self.desc.irqs);
+        irq_check.restore_pending(&irq).map_err(einval)?;
+        let device_state = staged
+            .device
+            .ok_or_else(|| einval("stream has no device state"))?;
+        // The device validates its own state and changes nothing on failure.
+        self.device.load(&device_state)?;
+        for (bar, off, data) in &staged.memory {
+            if let Some(mem) = &self.bars[*bar] {
+                mem.write(*off, data)?;
+            }
+        }
+        if self.mig.config_written {
+            tracing::debug!(
+                device = self.desc.name,
+                "client restored config itself; stream image not applied"
+            );
+        } else {
+            self.config.restore(&config).map_err(einval)?;
+        }
+        let cmd = self.config.u16_at(crate::pci::config::PCI_COMMAND);
+        self.irqs
+            .set_intx_disabled(cmd & crate::pci::config::PCI_COMMAND_INTX_DISABLE != 0);
+        self.irqs.restore_pending(&irq).map_err(einval)?;
+        self.work = true;
+        tracing::info!(
+            device = self.desc.name,
+            "device state restored from migration stream"
+        );
+        Ok(())
+    }
+
+    /// STOP→RUNNING: apply the SET_IRQS queued while resuming, all or nothing, then let the
+    /// device run again (deferred work, missed backend events).
+    fn resume_running(&mut self) -> Result<(), RequestError> {
+        if self.mig.resuming {
+            let queue = std::mem::take(&mut self.mig.deferred_irqs);
+            for s in &queue {
+                Interrupts::check_apply(s)?;
+            }
+            for s in queue {
+                self.irqs.apply(s)?;
+            }
+            self.mig.resuming = false;
+        }
+        self.work = true;
+        for token in std::mem::take(&mut self.mig.missed_events) {
+            self.mig.state = MigState::Running;
+            self.device_event(token);
+        }
+        Ok(())
+    }
+
+    fn device_feature(&mut self, f: DeviceFeature) -> Result<Reply, RequestError> {
+        let migration = self.device.supports_migration();
+        let unsupported = || {
+            RequestError::new(
+                Errno::ENOTTY,
+                format!("device feature {:#x} is not supported", f.feature),
+            )
+        };
+        // (GET supported, SET supported) per feature.
+        let (can_get, can_set) = match f.feature {
+            FEATURE_MIGRATION if migration => (true, false),
+            FEATURE_MIG_DEVICE_STATE if migration => (true, true),
+            FEATURE_MIG_DATA_SIZE if migration => (true, false),
+            FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP => (false, true),
+            FEATURE_DMA_LOGGING_REPORT => (true, false),
+            vfud::FEATURE_PRECOPY_INFO if migration => (true, false),
+            vfud::FEATURE_MIGRATION_ORDERING if migration => (true, false),
+            _ => return Err(unsupported()),
+        };
+        if (f.get && !can_get) || (f.set && !can_set) {
+            return Err(RequestError::new(
+                Errno::EINVAL,
+                format!("feature {:#x} does not support this operation", f.feature),
+            ));
+        }
+        if f.probe {
+            return Ok(Reply::bytes(f.encode()));
+        }
+        let data: Vec<u8> = match f.feature {
+            FEATURE_MIGRATION => (MIGRATION_STOP_COPY | MIGRATION_PRE_COPY)
+                .to_le_bytes()
+                .to_vec(),
+            FEATURE_MIG_DEVICE_STATE if f.set => {
+                let (req, _) = MigDeviceState::read_from_prefix(&f.data)
+                    .map_err(|_| einval("MIG_DEVICE_STATE payload too short"))?;
+                let target = MigState::try_from(req.device_state)?;
+                self.set_mig_state(target)?;
+                let mut p = Vec::new();
+                put(
+                    &mut p,
+                    &MigDeviceState {
+                        device_state: self.mig.state as u32,
+                        data_fd: u32::MAX,
+                    },
+                );
+                p
+            }
+            FEATURE_MIG_DEVICE_STATE => {
+                let mut p = Vec::new();
+                put(
+                    &mut p,
+                    &MigDeviceState {
+                        device_state: self.mig.state as u32,
+                        data_fd: u32::MAX,
+                    },
+                );
+                p
+            }
+            FEATURE_MIG_DATA_SIZE => {
+                let n = match &self.mig.saver {
+                    Some(s) => s.stop_copy_estimate(&self.bars),
+                    None => {
+                        self.bars
+                            .iter()
+                            .flatten()
+                            .map(|b| b.len() as u64)
+                            .sum::<u64>()
+                            + 8192
+                    }
+                };
+                n.to_le_bytes().to_vec()
+            }
+            FEATURE_DMA_LOGGING_START => {
+                let ctl = DmaLoggingControl::decode(&f.data)?;
+                let page = self.dma.start_logging(ctl.page_size)?;
+                DmaLoggingControl {
+                    page_size: page,
+                    ranges: ctl.ranges,
+                }
+                .encode()
+            }
+            FEATURE_DMA_LOGGING_STOP => {
+                if !self.dma.logging() {
+                    return Err(crate::DmaError::LoggingInactive.into());
+                }
+                self.dma.stop_logging();
+                f.data.clone()
+            }
+            FEATURE_DMA_LOGGING_REPORT => {
+                let (rep, _) = DmaLoggingReport::read_from_prefix(&f.data)
+                    .map_err(|_| einval("DMA_LOGGING_REPORT payload too short"))?;
+                let need = 8 + 24 + rep.bitmap_len()?;
+                if (f.argsz as usize) < need {
+                    return Err(einval(format!(
+                        "argsz {} too small for the bitmap ({need})",
+                        f.argsz
+                    )));
+                }
+                let bitmap = self.dma.report_dirty(rep.iova, rep.length, rep.page_size)?;
+                let mut p = Vec::with_capacity(24 + bitmap.len());
+                put(&mut p, &rep);
+                p.extend(bitmap);
+                p
+            }
+            vfud::FEATURE_PRECOPY_INFO => {
+                let Some(saver) = self
+                    .mig
+                    .saver
+                    .as_ref()
+                    .filter(|_| self.mig.state == MigState::PreCopy)
+                else {
+                    return Err(einval("precopy info is only valid in PRE_COPY"));
+                };
+                let mut p = Vec::new();
+                put(
+                    &mut p,
+                    &vfud::PrecopyInfo {
+                        initial_bytes: saver.initial_bytes(),
+                        dirty_bytes: saver.dirty_bytes(&self.bars),
+                    },
+                );
+                p
+            }
+            vfud::FEATURE_MIGRATION_ORDERING => {
+                let mut p = Vec::new();
+                put(
+                    &mut p,
+                    &vfud::MigrationOrdering {
+                        flags: self.ordering_flags(),
+                        reserved: 0,
+                    },
+                );
+                p
+            }
+            _ => return Err(unsupported()),
+        };
+        Ok(Reply::bytes(
+            DeviceFeature {
+                argsz: (8 + data.len()) as u32,
+                data,
+                ..f
+            }
+            .encode(),
+        ))
+    }
+
     fn reset(&mut self) {
+        // DEVICE_RESET returns the FSM to RUNNING and drops any migration and dirty logging.
+        let v1 = self.mig.v1_enabled;
+        self.mig = Migration::new(v1);
+        self.dma.stop_logging();
         self.config.reset();
         self.irqs.disable_all();
         for v in self.msix_table.chunks_mut(16) {
@@ -367,6 +872,27 @@ impl DeviceServer {
                 info.flags = REGION_FLAG_READ | REGION_FLAG_WRITE;
             }
             6 | 8 => {}
+            V1_REGION_INDEX if self.mig.v1_enabled => {
+                info.size = V1_WINDOW_OFFSET + V1_WINDOW_SIZE as u64;
+                info.flags = REGION_FLAG_READ | REGION_FLAG_WRITE;
+                caps.push(RegionCap::Type {
+                    region_type: v1::REGION_TYPE_MIGRATION,
+                    subtype: v1::REGION_SUBTYPE_MIGRATION,
+                });
+                let mut body = Vec::new();
+                put(
+                    &mut body,
+                    &vfud::MigrationOrdering {
+                        flags: self.ordering_flags(),
+                        reserved: 0,
+                    },
+                );
+                caps.push(RegionCap::Other {
+                    id: vfud::REGION_CAP_MIGRATION_ORDERING,
+                    version: 1,
+                    data: body,
+                });
+            }
             n => return Err(einval(format!("no region {n}"))),
         }
         let payload = RegionInfoReply { info, caps }.encode(r.argsz);
@@ -469,8 +995,94 @@ impl DeviceServer {
                     Ok(())
                 }
             },
+            V1_REGION_INDEX if self.mig.v1_enabled => self.v1_access(offset, access),
             n => Err(einval(format!("region {n} has no accessible bytes"))),
         }
+    }
+
+    /// The v1 migration region: registers at 0, data window at [`V1_WINDOW_OFFSET`]
+    /// (kernel ≤ 5.17 `struct vfio_device_migration_info`), mapped onto the v2 FSM.
+    fn v1_access(&mut self, offset: u64, access: Access<'_>) -> Result<(), RequestError> {
+        let len = access.len();
+        if offset >= V1_WINDOW_OFFSET {
+            let off = (offset - V1_WINDOW_OFFSET) as usize;
+            let end = off.checked_add(len).filter(|e| *e <= V1_WINDOW_SIZE);
+            let end = end.ok_or_else(|| einval("access outside the v1 data window"))?;
+            if self.mig.v1_window.len() < V1_WINDOW_SIZE {
+                self.mig.v1_window.resize(V1_WINDOW_SIZE, 0);
+            }
+            match access {
+                Access::Read(buf) => buf.copy_from_slice(&self.mig.v1_window[off..end]),
+                Access::Write(data) => self.mig.v1_window[off..end].copy_from_slice(data),
+            }
+            return Ok(());
+        }
+        let reg = match (offset, len) {
+            (v1::OFF_DEVICE_STATE, 4) => v1::OFF_DEVICE_STATE,
+            (o @ (v1::OFF_PENDING_BYTES | v1::OFF_DATA_OFFSET | v1::OFF_DATA_SIZE), 8) => o,
+            _ => {
+                return Err(einval(format!(
+                    "v1 register access of {len} bytes at {offset:#x}"
+                )))
+            }
+        };
+        match access {
+            Access::Read(buf) => {
+                let v: u64 = match reg {
+                    v1::OFF_DEVICE_STATE => u64::from(v1_bits(self.mig.state)),
+                    v1::OFF_PENDING_BYTES => self.v1_stage()? as u64,
+                    v1::OFF_DATA_OFFSET => {
+                        self.v1_stage()?;
+                        V1_WINDOW_OFFSET
+                    }
+                    _ => {
+                        self.mig.v1_size_read = true;
+                        self.mig.v1_staged as u64
+                    }
+                };
+                buf.copy_from_slice(&v.to_le_bytes()[..len]);
+            }
+            Access::Write(data) => match reg {
+                v1::OFF_DEVICE_STATE => {
+                    let bits = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                    let target = v1_state(bits)
+                        .ok_or_else(|| einval(format!("invalid v1 device_state {bits:#x}")))?;
+                    self.set_mig_state(target)?;
+                    self.mig.v1_staged = 0;
+                    self.mig.v1_size_read = false;
+                }
+                v1::OFF_DATA_SIZE => {
+                    if self.mig.state != MigState::Resuming {
+                        return Err(einval("data_size is written only while resuming"));
+                    }
+                    let n = u64::from_le_bytes(data.try_into().unwrap_or_default()) as usize;
+                    if n > V1_WINDOW_SIZE || self.mig.v1_window.len() < n {
+                        return Err(einval("data_size larger than the data window"));
+                    }
+                    let chunk = self.mig.v1_window[..n].to_vec();
+                    self.write_stream(&chunk)?;
+                }
+                _ => return Err(einval("v1 register is read-only")),
+            },
+        }
+        Ok(())
+    }
+
+    /// Stage the next chunk of the save stream in the v1 window; returns its size.
+    fn v1_stage(&mut self) -> Result<usize, RequestError> {
+        if !matches!(self.mig.state, MigState::PreCopy | MigState::StopCopy) {
+            return Ok(0);
+        }
+        if self.mig.v1_staged == 0 || self.mig.v1_size_read {
+            let data = self.read_stream(V1_WINDOW_SIZE)?;
+            if self.mig.v1_window.len() < V1_WINDOW_SIZE {
+                self.mig.v1_window.resize(V1_WINDOW_SIZE, 0);
+            }
+            self.mig.v1_window[..data.len()].copy_from_slice(&data);
+            self.mig.v1_staged = data.len();
+            self.mig.v1_size_read = false;
+        }
+        Ok(self.mig.v1_staged)
     }
 }
 
@@ -492,4 +1104,30 @@ impl Access<'_> {
 /// Send the fds of a reply as borrowed.
 pub fn borrowed(fds: &[OwnedFd]) -> Vec<std::os::fd::BorrowedFd<'_>> {
     fds.iter().map(|f| f.as_fd()).collect()
+}
+
+/// v1 `device_state` bits for a v2 state.
+fn v1_bits(s: MigState) -> u32 {
+    match s {
+        MigState::Running => v1::DEVICE_STATE_RUNNING,
+        MigState::PreCopy => v1::DEVICE_STATE_RUNNING | v1::DEVICE_STATE_SAVING,
+        MigState::StopCopy => v1::DEVICE_STATE_SAVING,
+        MigState::Resuming => v1::DEVICE_STATE_RESUMING,
+        _ => 0,
+    }
+}
+
+/// The v2 state a v1 `device_state` value asks for.
+fn v1_state(bits: u32) -> Option<MigState> {
+    const R: u32 = v1::DEVICE_STATE_RUNNING;
+    const S: u32 = v1::DEVICE_STATE_SAVING;
+    const RES: u32 = v1::DEVICE_STATE_RESUMING;
+    Some(match bits {
+        0 => MigState::Stop,
+        R => MigState::Running,
+        x if x == R | S => MigState::PreCopy,
+        S => MigState::StopCopy,
+        RES => MigState::Resuming,
+        _ => return None,
+    })
 }

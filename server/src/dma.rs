@@ -36,8 +36,17 @@ pub struct Iova(pub u64);
 enum Backing {
     /// Mapped from the client's fd.
     Mmap(Arc<GuestRegionMmap<AtomicBitmap>>),
-    /// Reached with DMA_READ/DMA_WRITE.
-    Socket,
+    /// Reached with DMA_READ/DMA_WRITE; the bitmap logs what the device wrote.
+    Socket(AtomicBitmap),
+}
+
+impl Backing {
+    fn bitmap(&self) -> &AtomicBitmap {
+        match self {
+            Backing::Mmap(r) => r.bitmap(),
+            Backing::Socket(b) => b,
+        }
+    }
 }
 
 /// One DMA mapping.
@@ -70,6 +79,7 @@ impl Mapping {
 pub struct DmaTable {
     maps: BTreeMap<u64, Mapping>,
     max_maps: usize,
+    logging: Option<u64>,
 }
 
 impl DmaTable {
@@ -78,6 +88,7 @@ impl DmaTable {
         Self {
             maps: BTreeMap::new(),
             max_maps,
+            logging: None,
         }
     }
 
@@ -117,7 +128,11 @@ impl DmaTable {
         let writable = m.flags & DMA_MAP_FLAG_WRITE != 0;
         let backing = match fd {
             Some(fd) => Backing::Mmap(Arc::new(map_fd(fd, m, readable, writable)?)),
-            None => Backing::Socket,
+            None => Backing::Socket(AtomicBitmap::new(
+                usize::try_from(m.size)
+                    .map_err(|_| DmaError::MapFailed("size too large".into()))?,
+                dirty_page_size(),
+            )),
         };
         self.maps.insert(
             m.addr,
@@ -148,6 +163,70 @@ impl DmaTable {
         self.maps.clear();
     }
 
+    /// DMA_LOGGING_START: clear every mapping's dirty bitmap and start reporting. Mappings
+    /// added later are covered too (each has its own bitmap from birth). Returns the page
+    /// size in force, which may differ from the one asked for (the reply says so).
+    pub fn start_logging(&mut self, _requested_page_size: u64) -> Result<u64, DmaError> {
+        if self.logging.is_some() {
+            return Err(DmaError::LoggingActive);
+        }
+        for m in self.maps.values() {
+            m.backing.bitmap().reset();
+        }
+        self.logging = Some(DIRTY_PAGE_SIZE as u64);
+        Ok(DIRTY_PAGE_SIZE as u64)
+    }
+
+    /// DMA_LOGGING_STOP.
+    pub fn stop_logging(&mut self) {
+        self.logging = None;
+    }
+
+    /// Whether dirty logging is on.
+    pub fn logging(&self) -> bool {
+        self.logging.is_some()
+    }
+
+    /// DMA_LOGGING_REPORT: the bitmap of `iova..iova+length` at `page_size` granularity
+    /// (u64 words, bit i = page i), clearing what it reports. Unmapped pages report clean.
+    pub fn report_dirty(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> Result<Vec<u8>, DmaError> {
+        if self.logging.is_none() {
+            return Err(DmaError::LoggingInactive);
+        }
+        if !page_size.is_power_of_two() || page_size < DIRTY_PAGE_SIZE as u64 {
+            return Err(DmaError::BadReport("page size"));
+        }
+        let end = iova
+            .checked_add(length)
+            .ok_or(DmaError::BadReport("range overflows"))?;
+        let pages = length.div_ceil(page_size);
+        let words =
+            usize::try_from(pages.div_ceil(64)).map_err(|_| DmaError::BadReport("range"))?;
+        let mut bitmap = vec![0u64; words];
+        for (addr, m) in self.maps.range(..end) {
+            let (s, e) = (iova.max(*addr), end.min(m.end()));
+            if s >= e {
+                continue;
+            }
+            let bm = m.backing.bitmap();
+            let mut off = s - m.iova;
+            while off < e - m.iova {
+                if bm.is_addr_set(off as usize) {
+                    let page = (m.iova + off - iova) / page_size;
+                    bitmap[(page / 64) as usize] |= 1 << (page % 64);
+                }
+                off += DIRTY_PAGE_SIZE as u64;
+            }
+            bm.reset_addr_range((s - m.iova) as usize, (e - s) as usize);
+        }
+        Ok(bitmap.iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+
     /// The mapping covering `iova`, if any.
     pub fn lookup(&self, iova: u64) -> Option<&Mapping> {
         self.maps
@@ -170,6 +249,10 @@ impl DmaTable {
     }
 }
 
+fn dirty_page_size() -> NonZeroUsize {
+    NonZeroUsize::MIN.saturating_add(DIRTY_PAGE_SIZE - 1)
+}
+
 fn map_fd(
     fd: OwnedFd,
     m: &DmaMap,
@@ -184,7 +267,7 @@ fn map_fd(
     if writable {
         prot |= libc_prot::WRITE;
     }
-    let bitmap = AtomicBitmap::new(size, NonZeroUsize::MIN.saturating_add(DIRTY_PAGE_SIZE - 1));
+    let bitmap = AtomicBitmap::new(size, dirty_page_size());
     let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
         .with_file_offset(FileOffset::new(File::from(fd), m.offset))
         .with_mmap_prot(prot)
@@ -277,7 +360,7 @@ impl<'a> GuestMem<'a> {
             Backing::Mmap(r) => r
                 .read_slice(buf, MemoryRegionAddress(iova.0 - m.iova))
                 .map_err(|e| DmaError::MapFailed(e.to_string())),
-            Backing::Socket => {
+            Backing::Socket(_) => {
                 let ch = self.channel.as_mut().ok_or(DmaError::WouldBlock)?;
                 let mut off = 0usize;
                 let max = ch.limits.max_data_xfer_size.max(1) as usize;
@@ -320,8 +403,9 @@ impl<'a> GuestMem<'a> {
             Backing::Mmap(r) => r
                 .write_slice(data, MemoryRegionAddress(iova.0 - m.iova))
                 .map_err(|e| DmaError::MapFailed(e.to_string())),
-            Backing::Socket => {
+            Backing::Socket(bm) => {
                 let ch = self.channel.as_mut().ok_or(DmaError::WouldBlock)?;
+                vm_memory::bitmap::Bitmap::mark_dirty(bm, (iova.0 - m.iova) as usize, data.len());
                 let max = ch.limits.max_data_xfer_size.max(1) as usize;
                 for (i, chunk) in data.chunks(max).enumerate() {
                     let req = DmaAccess {

@@ -14,6 +14,15 @@ pub enum DmaError {
         /// Length.
         len: usize,
     },
+    /// A malformed DMA_LOGGING_REPORT.
+    #[error("bad dirty report: {0}")]
+    BadReport(&'static str),
+    /// DMA_LOGGING_START while logging.
+    #[error("dirty logging is already active")]
+    LoggingActive,
+    /// DMA_LOGGING_REPORT/STOP without START.
+    #[error("dirty logging is not active")]
+    LoggingInactive,
     /// The client disconnected while a socket DMA was in flight.
     #[error("client unavailable for socket DMA")]
     ClientUnavailable,
@@ -68,6 +77,8 @@ impl DmaError {
             DmaError::TooManyMappings(_) => Errno::ENOSPC,
             DmaError::Protection { .. } => Errno::EPERM,
             DmaError::WouldBlock => Errno::EAGAIN,
+            DmaError::LoggingActive => Errno::EBUSY,
+            DmaError::BadReport(_) | DmaError::LoggingInactive => Errno::EINVAL,
             _ => Errno::EFAULT,
         }
     }

@@ -19,12 +19,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use vfud_protocol::codec::{send_error, send_message, Frame};
 use vfud_protocol::header::MessageKind;
-use vfud_protocol::messages::version::ServerOffer;
 use vfud_protocol::messages::Request;
 use vfud_protocol::ProtocolError;
 
 use crate::device::Device;
-use crate::dispatch::{borrowed, ClientConn, DeviceServer};
+use crate::dispatch::{borrowed, ClientConn, DeviceServer, ServerSettings};
 
 const LISTENER: Token = Token(0);
 const CLIENT: Token = Token(1);
@@ -74,8 +73,8 @@ pub struct ServeOptions {
     pub socket_path: PathBuf,
     /// chmod of the socket file.
     pub socket_mode: Option<u32>,
-    /// Capabilities offered in VERSION.
-    pub offer: ServerOffer,
+    /// Server-side settings (capabilities offered, v1 migration region).
+    pub settings: ServerSettings,
 }
 
 impl ServeOptions {
@@ -84,7 +83,7 @@ impl ServeOptions {
         Self {
             socket_path: path.into(),
             socket_mode: None,
-            offer: ServerOffer::default(),
+            settings: ServerSettings::default(),
         }
     }
 }
@@ -119,7 +118,7 @@ pub fn serve(
     shutdown: &ShutdownHandle,
 ) -> io::Result<()> {
     let listener = bind_socket(&opts.socket_path, opts.socket_mode)?;
-    let r = serve_listener(device, listener, &opts.offer, shutdown);
+    let r = serve_listener(device, listener, &opts.settings, shutdown);
     let _ = std::fs::remove_file(&opts.socket_path);
     r
 }
@@ -128,11 +127,11 @@ pub fn serve(
 pub fn serve_listener(
     device: Box<dyn Device>,
     listener: UnixListener,
-    offer: &ServerOffer,
+    settings: &ServerSettings,
     shutdown: &ShutdownHandle,
 ) -> io::Result<()> {
     let mut server =
-        DeviceServer::new(device, offer.clone()).map_err(|e| io::Error::other(e.to_string()))?;
+        DeviceServer::new(device, settings.clone()).map_err(|e| io::Error::other(e.to_string()))?;
     let name = server.description().name;
     listener.set_nonblocking(true)?;
     let mut poll = Poll::new()?;

@@ -378,6 +378,70 @@ impl Interrupts {
             .unwrap_or(false)
     }
 
+    /// The checks that can only be made when a SET_IRQS takes effect: every fd must be an
+    /// eventfd (the kernel's `eventfd_ctx_fdget` check). Deferred SET_IRQS run these for the
+    /// whole queue before applying any of it.
+    pub fn check_apply(s: &SetIrqs) -> Result<(), RequestError> {
+        if let IrqData::Eventfds(fds) = &s.data {
+            for fd in fds {
+                let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if link != "anon_inode:[eventfd]" {
+                    return Err(err(
+                        Errno::EINVAL,
+                        format!("fd for IRQ index {} is not an eventfd ({link})", s.index),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pending bits of every index, for the migration stream: `u32 count, count × u8` per index.
+    pub fn save_pending(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for st in &self.idx {
+            out.extend((st.pending.len() as u32).to_le_bytes());
+            out.extend(st.pending.iter().map(|p| u8::from(*p)));
+        }
+        out.push(u8::from(self.intx_level));
+        out
+    }
+
+    /// Restore pending bits saved by [`Interrupts::save_pending`]; they are delivered when the
+    /// vectors are assigned and unmasked.
+    pub fn restore_pending(&mut self, b: &[u8]) -> Result<(), String> {
+        let mut off = 0usize;
+        let mut all = Vec::new();
+        for st in &self.idx {
+            let n = b
+                .get(off..off + 4)
+                .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize)
+                .ok_or("interrupt state truncated")?;
+            if n != st.pending.len() {
+                return Err(format!(
+                    "interrupt state has {n} vectors, device has {}",
+                    st.pending.len()
+                ));
+            }
+            let bits = b
+                .get(off + 4..off + 4 + n)
+                .ok_or("interrupt state truncated")?;
+            all.push(bits.iter().map(|x| *x != 0).collect::<Vec<_>>());
+            off += 4 + n;
+        }
+        let level = *b.get(off).ok_or("interrupt state truncated")? != 0;
+        if off + 1 != b.len() {
+            return Err("interrupt state has trailing bytes".into());
+        }
+        for (st, bits) in self.idx.iter_mut().zip(all) {
+            st.pending = bits;
+        }
+        self.intx_level = level;
+        Ok(())
+    }
+
     /// Drop every eventfd and all mask/pending state (reset, disconnect).
     pub fn disable_all(&mut self) {
         self.idx.iter_mut().for_each(IndexState::clear);

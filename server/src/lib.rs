@@ -23,5 +23,7 @@ pub use device::{
     BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, IrqLayout,
     MsixPlacement, PciIds,
 };
+pub use dispatch::ServerSettings;
 pub use error::{DeviceError, DmaError};
 pub use event_loop::{serve, ServeOptions, ShutdownHandle};
+pub use migration::DeviceState;

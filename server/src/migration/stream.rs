@@ -627,10 +627,16 @@ mod tests {
         l.write(&s[..s.len() - 1]).unwrap();
         assert!(matches!(l.finish(), Err(StreamError::Truncated(_))));
         let mut l = Loader::new("dma-engine");
-        assert_eq!(l.write(&[0xff; 40]), Err(StreamError::SectionTooLarge(u64::MAX)));
+        assert_eq!(
+            l.write(&[0xff; 40]),
+            Err(StreamError::SectionTooLarge(u64::MAX))
+        );
         let mut l = Loader::new("dma-engine");
         let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
         bad.extend([1, 2, 3, 4]);
-        assert!(matches!(l.write(&bad), Err(StreamError::CrcMismatch { offset: 0, .. })));
+        assert!(matches!(
+            l.write(&bad),
+            Err(StreamError::CrcMismatch { offset: 0, .. })
+        ));
     }
 }
