@@ -554,16 +554,17 @@ impl DeviceServer {
         })?;
         for hop in hops {
             let cur = self.mig.state;
-            self.hop(cur, hop).map_err(|e| {
+            if let Err(e) = self.hop(cur, hop) {
+                let name = self.desc.name;
                 tracing::warn!(
-                    device = self.desc.name,
+                    device = name,
                     ?cur,
                     ?hop,
                     "migration hop failed: {}",
                     e.message
                 );
-                e
-            })?;
+                return Err(e);
+            }
             tracing::debug!(device = self.desc.name, ?cur, ?hop, "migration hop");
             self.mig.state = hop;
         }

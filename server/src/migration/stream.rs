@@ -225,7 +225,8 @@ impl Saver {
     /// Bytes dirtied since they were sent (a scan; the kernel's `dirty_bytes`).
     pub fn dirty_bytes(&self, bars: &[Option<SharedMemory>; 6]) -> u64 {
         if self.initial.is_some() {
-            return self.out.len() as u64;
+            // Everything queued still counts as initial data.
+            return 0;
         }
         let mut page = vec![0u8; PAGE];
         let mut n = self.out.len() as u64;
