@@ -118,7 +118,10 @@ fn attach_sequence_as_qemu_does_it() {
     let sizes: Vec<u64> = (0..10)
         .map(|i| c.region_info(i).unwrap().0.info.size)
         .collect();
-    assert_eq!(sizes, vec![4096, 0, 1 << 20, 0, 4096, 0, 0, 4096, 0, 4096 + (1 << 20)]);
+    assert_eq!(
+        sizes,
+        vec![4096, 0, 1 << 20, 0, 4096, 0, 0, 4096, 0, 4096 + (1 << 20)]
+    );
     let msix = c.irq_info(IRQ_INDEX_MSIX).unwrap();
     assert_eq!(msix.count, 4);
     assert_eq!(c.region_read_u32(CFG, 0).unwrap(), 0x0001_5646);
