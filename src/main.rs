@@ -1,6 +1,7 @@
 //! `vfud`: a vfio-user device server. CLI parsing and wiring only.
 
 mod probe;
+mod qemu_guard;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,9 @@ enum Cmd {
     },
     /// List the device models this build provides.
     Devices,
+    /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
+    /// cannot migrate device state (QEMU 11.1 would silently drop it).
+    QemuMigrate(qemu_guard::QemuMigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve(a) => serve(a),
         Cmd::Probe { socket } => probe::run(&socket),
+        Cmd::QemuMigrate(a) => qemu_guard::run(&a),
         Cmd::Devices => {
             for d in vfud_devices::DEVICE_NAMES {
                 println!("{d}");
