@@ -1,5 +1,6 @@
 //! `vfud`: a vfio-user device server. CLI parsing and wiring only.
 
+mod migrate_cmd;
 mod probe;
 mod qemu_guard;
 
@@ -28,6 +29,9 @@ enum Cmd {
         /// Path of the server's UNIX socket.
         socket: PathBuf,
     },
+    /// Live-migrate a device between two vfud servers as a QEMU-faithful VFIO VMM would,
+    /// or snapshot/restore it to/from a file.
+    Migrate(migrate_cmd::MigrateArgs),
     /// List the device models this build provides.
     Devices,
     /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Probe { socket } => probe::run(&socket),
         Cmd::QemuMigrate(a) => qemu_guard::run(&a),
+        Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Devices => {
             for d in vfud_devices::DEVICE_NAMES {
                 println!("{d}");

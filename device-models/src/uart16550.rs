@@ -509,6 +509,23 @@ impl Device for Uart16550 {
         true
     }
 
+    fn quiesce(&mut self) {
+        if let Backend::Socket { conn: Some(c), .. } = &mut self.backend {
+            let mut buf = [0u8; 4096];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) => {
+                        self.input_eof = true;
+                        break;
+                    }
+                    Ok(n) => self.input.extend(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
     fn save(&self) -> Result<DeviceState, DeviceError> {
         DeviceState::encode(
             STATE_VERSION,

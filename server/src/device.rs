@@ -186,6 +186,10 @@ pub trait Device: Send {
         Ok(())
     }
 
+    /// The device is about to stop for migration (RUNNING→STOP, PRE_COPY→STOP_COPY): take in
+    /// whatever backend input is already waiting, so the saved state holds it. Idempotent.
+    fn quiesce(&mut self) {}
+
     /// Whether the device can be migrated ([`Device::save`] and [`Device::load`] work).
     fn supports_migration(&self) -> bool {
         false

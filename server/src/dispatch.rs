@@ -578,9 +578,12 @@ impl DeviceServer {
                 self.mig.saver = Some(Saver::new(&self.stream_header(), &self.bars));
             }
             (PreCopy, Running) | (StopCopy, Stop) => self.mig.saver = None,
-            (PreCopy, StopCopy) | (Running, Stop) => {}
+            (PreCopy, StopCopy) | (Running, Stop) => self.device.quiesce(),
             (Stop, Resuming) => {
                 self.mig.loader = Some(Loader::new(self.desc.name));
+                // The incoming VM brings its own interrupt setup (replayed as deferred
+                // SET_IRQS); whatever this side had before must not linger.
+                self.irqs.disable_all();
                 self.mig.resuming = true;
                 self.mig.config_written = false;
                 self.mig.deferred_irqs.clear();
@@ -660,9 +663,12 @@ impl DeviceServer {
             for s in &queue {
                 Interrupts::check_apply(s)?;
             }
-            for s in queue {
-                self.irqs.apply(s)?;
-            }
+            // Apply the batch as one step: nothing is delivered until all of it is in force,
+            // so a vector masked later in the batch does not fire in between.
+            self.irqs.set_hold(true);
+            let applied = queue.into_iter().try_for_each(|s| self.irqs.apply(s));
+            self.irqs.set_hold(false);
+            applied?;
             self.mig.resuming = false;
         }
         self.work = true;

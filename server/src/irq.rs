@@ -71,6 +71,7 @@ pub struct Interrupts {
     intx_disabled: bool,
     dropped: u64,
     delivered: u64,
+    hold: bool,
 }
 
 fn err(errno: Errno, msg: impl Into<String>) -> RequestError {
@@ -102,6 +103,7 @@ impl Interrupts {
             intx_disabled: false,
             dropped: 0,
             delivered: 0,
+            hold: false,
         }
     }
 
@@ -236,7 +238,7 @@ impl Interrupts {
             return;
         }
         let intx_blocked = index == IRQ_INDEX_INTX && self.intx_disabled;
-        if st.masked[i] || intx_blocked {
+        if st.masked[i] || intx_blocked || self.hold {
             st.pending[i] = true;
             return;
         }
@@ -264,6 +266,17 @@ impl Interrupts {
             let i = v as usize;
             if st.pending[i] && !st.masked[i] && st.triggers[i].is_some() {
                 self.fire(index, v);
+            }
+        }
+    }
+
+    /// While held, every interrupt is latched as pending; releasing delivers what is pending
+    /// and unmasked. Used to apply a batch of deferred SET_IRQS as one step.
+    pub fn set_hold(&mut self, hold: bool) {
+        self.hold = hold;
+        if !hold {
+            for index in 0..IRQ_INDEX_COUNT {
+                self.flush_pending(index);
             }
         }
     }

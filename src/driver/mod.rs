@@ -1,0 +1,355 @@
+//! A migration driver that follows QEMU's VFIO migration choreography for kernel devices
+//! (`hw/vfio/migration.c`, `hw/vfio/pci.c`), so vfud's server half is exercised exactly as a
+//! VFIO-capable VMM would exercise it:
+//!
+//! 1. setup: destination RUNNING→RESUMING; source RUNNING→PRE_COPY when supported, with dirty
+//!    logging of guest RAM started and RAM copied;
+//! 2. iterate: read source data until a short read, write it to the destination, copy RAM
+//!    pages dirtied meanwhile, repeat until the data left is small or the round limit is hit;
+//! 3. stop (the VM's vCPUs pause): source →STOP_COPY, read until the empty read, final RAM sync;
+//! 4. non-iterable state: PCI config and interrupt setup restored on the destination after
+//!    the data — before it when the device advertises config-before-data — with SET_IRQS sent
+//!    while the destination is still RESUMING (vfud defers them);
+//! 5. destination →RUNNING, source →STOP.
+//!
+//! Any failure returns the source to RUNNING with its state and resets the destination.
+//! The driver reaches the device through v2 (DEVICE_FEATURE + MIG_DATA) or, when that is
+//! absent, the v1 migration region — see [`channel`].
+
+pub mod channel;
+pub mod vm;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vfud_protocol::messages::feature::vfud;
+use vfud_protocol::messages::MigState;
+use vfud_protocol::ProtocolError;
+
+pub use channel::{Channel, ChannelKind};
+pub use vm::{Endpoint, GuestRam, IrqSetup};
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The device offers neither v2 migration nor the v1 region.
+    #[error("device does not support migration")]
+    NotMigratable,
+    /// A protocol exchange failed.
+    #[error("{step}")]
+    Protocol {
+        /// What the driver was doing.
+        step: &'static str,
+        /// The failure.
+        #[source]
+        source: ProtocolError,
+    },
+    /// Guest RAM copy failed.
+    #[error("guest RAM: {0}")]
+    Ram(#[from] std::io::Error),
+    /// Source and destination RAM layouts differ.
+    #[error("source and destination guest RAM differ in layout")]
+    RamMismatch,
+}
+
+/// Attach a step name to protocol errors.
+pub(crate) trait Step<T> {
+    fn step(self, step: &'static str) -> Result<T, MigrateError>;
+}
+
+impl<T> Step<T> for Result<T, ProtocolError> {
+    fn step(self, step: &'static str) -> Result<T, MigrateError> {
+        self.map_err(|source| MigrateError::Protocol { step, source })
+    }
+}
+
+/// Tuning knobs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Most pre-copy rounds before stopping the VM.
+    pub max_rounds: u32,
+    /// Stop iterating once the device reports at most this much data left (and no initial data).
+    pub stop_threshold: u64,
+    /// Bytes per MIG_DATA_READ.
+    pub chunk: u32,
+    /// Force the v1 region even when v2 is available.
+    pub force_v1: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_rounds: 8,
+            stop_threshold: 64 * 1024,
+            chunk: 1 << 20,
+            force_v1: false,
+        }
+    }
+}
+
+/// Progress as reported during the migration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Progress {
+    /// Current phase ("setup", "precopy", "stop-copy", "restore", "done").
+    pub phase: &'static str,
+    /// Pre-copy round.
+    pub round: u32,
+    /// Device data moved so far.
+    pub device_bytes: u64,
+    /// Guest RAM bytes copied so far.
+    pub ram_bytes: u64,
+    /// Device data the source still reports (pre-copy).
+    pub remaining: u64,
+}
+
+/// What happened.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// v2 or v1.
+    pub channel: String,
+    /// Whether config space went before the device data.
+    pub config_before_data: bool,
+    /// Pre-copy rounds run.
+    pub rounds: u32,
+    /// Device data bytes moved.
+    pub device_bytes: u64,
+    /// Device data bytes moved while the VM was stopped.
+    pub stop_copy_bytes: u64,
+    /// Guest RAM bytes copied.
+    pub ram_bytes: u64,
+    /// Whole migration.
+    pub total_ms: f64,
+    /// From stopping the source to the destination running.
+    pub downtime_ms: f64,
+}
+
+/// Callbacks into the VM that owns the device: keep it busy during pre-copy, pause its vCPUs
+/// for stop-copy, and resume it (on the destination or, after a failure, on the source).
+pub trait VmHooks {
+    /// Called between pre-copy rounds while the VM runs on the source.
+    fn tick(&mut self, _src: &mut Endpoint) {}
+    /// The VM's vCPUs stop.
+    fn stop(&mut self, _src: &mut Endpoint) {}
+    /// The VM resumes; `on_destination` is false after a failed migration.
+    fn resume(&mut self, _on_destination: bool) {}
+    /// Progress update.
+    fn progress(&mut self, _p: &Progress) {}
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl VmHooks for NoHooks {}
+
+/// Migrate the device of `src` to `dst` (both already connected and negotiated, with their
+/// guest RAM mapped). On failure the source runs again with its state and the destination is
+/// reset.
+pub fn migrate(
+    src: &mut Endpoint,
+    dst: &mut Endpoint,
+    opts: &Options,
+    hooks: &mut dyn VmHooks,
+) -> Result<Report, MigrateError> {
+    let start = Instant::now();
+    let mut report = Report::default();
+    let result = run(src, dst, opts, hooks, &mut report, start);
+    match result {
+        Ok(()) => {
+            report.total_ms = ms(start.elapsed());
+            hooks.resume(true);
+            Ok(report)
+        }
+        Err(e) => {
+            tracing::warn!("migration failed: {e}; returning the source to RUNNING");
+            if let Ok(ch) = Channel::open(&mut src.client, opts.force_v1) {
+                let _ = ch.set_state(&mut src.client, MigState::Running);
+            }
+            let _ = src.client.dma_logging_stop();
+            let _ = dst.client.device_reset();
+            hooks.resume(false);
+            Err(e)
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn run(
+    src: &mut Endpoint,
+    dst: &mut Endpoint,
+    opts: &Options,
+    hooks: &mut dyn VmHooks,
+    report: &mut Report,
+    start: Instant,
+) -> Result<(), MigrateError> {
+    let ch = Channel::open(&mut src.client, opts.force_v1)?;
+    let dch = Channel::open(&mut dst.client, opts.force_v1)?;
+    report.channel = format!("{:?}", ch.kind).to_lowercase();
+    let ordering = ch.ordering(&mut src.client);
+    let config_first = ordering & vfud::ORDERING_CONFIG_BEFORE_DATA != 0;
+    report.config_before_data = config_first;
+    let mut p = Progress {
+        phase: "setup",
+        ..Progress::default()
+    };
+    hooks.progress(&p);
+
+    // Setup (QEMU's load_setup / save_setup).
+    dch.set_state(&mut dst.client, MigState::Resuming)
+        .step("destination to RESUMING")?;
+    if config_first {
+        vm::restore_config(&mut src.client, &mut dst.client).step("config before data")?;
+    }
+    let ram = vm::RamSync::start(src, dst)?;
+    p.ram_bytes = ram.copied;
+    let precopy = ch.supports_precopy(&mut src.client);
+    if precopy {
+        ch.set_state(&mut src.client, MigState::PreCopy)
+            .step("source to PRE_COPY")?;
+        p.phase = "precopy";
+        loop {
+            hooks.tick(src);
+            let n = pump(&ch, &dch, src, dst, opts.chunk)?;
+            p.device_bytes += n;
+            p.ram_bytes += ram.sync(src, dst)?;
+            p.round += 1;
+            let (initial, dirty) = ch.precopy_info(&mut src.client).unwrap_or((0, 0));
+            p.remaining = initial + dirty;
+            hooks.progress(&p);
+            if (initial == 0 && dirty <= opts.stop_threshold) || p.round >= opts.max_rounds {
+                break;
+            }
+        }
+    }
+    // Stop-copy: the VM stops.
+    hooks.stop(src);
+    let stopped = Instant::now();
+    p.phase = "stop-copy";
+    ch.set_state(&mut src.client, MigState::StopCopy)
+        .step("source to STOP_COPY")?;
+    let mut stop_bytes = 0;
+    loop {
+        let n = pump(&ch, &dch, src, dst, opts.chunk)?;
+        if n == 0 {
+            break;
+        }
+        stop_bytes += n;
+    }
+    p.device_bytes += stop_bytes;
+    p.ram_bytes += ram.sync(src, dst)?;
+    ram.stop(src);
+    // Non-iterable state: config (unless sent first) and interrupts, while RESUMING.
+    p.phase = "restore";
+    hooks.progress(&p);
+    if !config_first {
+        vm::restore_config(&mut src.client, &mut dst.client).step("restore config")?;
+    }
+    dst.irqs = src.irqs.try_clone().map_err(MigrateError::Ram)?;
+    dst.irqs.replay(&mut dst.client).step("replay SET_IRQS")?;
+    dch.set_state(&mut dst.client, MigState::Running)
+        .step("destination to RUNNING")?;
+    report.downtime_ms = ms(stopped.elapsed());
+    ch.set_state(&mut src.client, MigState::Stop)
+        .step("source to STOP")?;
+    p.phase = "done";
+    hooks.progress(&p);
+    report.rounds = p.round;
+    report.device_bytes = p.device_bytes;
+    report.stop_copy_bytes = stop_bytes;
+    report.ram_bytes = p.ram_bytes;
+    report.total_ms = ms(start.elapsed());
+    Ok(())
+}
+
+/// Move device data from source to destination until the source has nothing more for now.
+fn pump(
+    ch: &Channel,
+    dch: &Channel,
+    src: &mut Endpoint,
+    dst: &mut Endpoint,
+    chunk: u32,
+) -> Result<u64, MigrateError> {
+    let mut total = 0u64;
+    loop {
+        let data = ch
+            .read(&mut src.client, chunk)
+            .step("read migration data")?;
+        if data.is_empty() {
+            return Ok(total);
+        }
+        dch.write(&mut dst.client, &data)
+            .step("write migration data")?;
+        total += data.len() as u64;
+        if data.len() < chunk as usize && ch.kind == ChannelKind::V2 {
+            // A short read means nothing more for now (spec "VFIO_USER_MIG_DATA_READ").
+            return Ok(total);
+        }
+    }
+}
+
+/// Save the device's state to a file (a snapshot; the source keeps running).
+pub fn save_to_file(
+    src: &mut Endpoint,
+    path: &std::path::Path,
+    opts: &Options,
+) -> Result<Report, MigrateError> {
+    let start = Instant::now();
+    let ch = Channel::open(&mut src.client, opts.force_v1)?;
+    let mut out = Vec::new();
+    let r = (|| {
+        ch.set_state(&mut src.client, MigState::StopCopy)
+            .step("source to STOP_COPY")?;
+        loop {
+            let d = ch
+                .read(&mut src.client, opts.chunk)
+                .step("read migration data")?;
+            if d.is_empty() {
+                break;
+            }
+            out.extend(d);
+        }
+        Ok::<(), MigrateError>(())
+    })();
+    let _ = ch.set_state(&mut src.client, MigState::Running);
+    r?;
+    std::fs::write(path, &out)?;
+    Ok(Report {
+        channel: format!("{:?}", ch.kind).to_lowercase(),
+        device_bytes: out.len() as u64,
+        stop_copy_bytes: out.len() as u64,
+        total_ms: ms(start.elapsed()),
+        downtime_ms: ms(start.elapsed()),
+        ..Report::default()
+    })
+}
+
+/// Restore a device from a file written by [`save_to_file`]; the device then runs.
+pub fn restore_from_file(
+    dst: &mut Endpoint,
+    path: &std::path::Path,
+    opts: &Options,
+) -> Result<Report, MigrateError> {
+    let start = Instant::now();
+    let data = std::fs::read(path)?;
+    let ch = Channel::open(&mut dst.client, opts.force_v1)?;
+    let r = (|| {
+        ch.set_state(&mut dst.client, MigState::Resuming)
+            .step("destination to RESUMING")?;
+        for c in data.chunks(opts.chunk as usize) {
+            ch.write(&mut dst.client, c).step("write migration data")?;
+        }
+        ch.set_state(&mut dst.client, MigState::Running)
+            .step("destination to RUNNING")
+    })();
+    if r.is_err() {
+        let _ = dst.client.device_reset();
+    }
+    r?;
+    Ok(Report {
+        channel: format!("{:?}", ch.kind).to_lowercase(),
+        device_bytes: data.len() as u64,
+        total_ms: ms(start.elapsed()),
+        ..Report::default()
+    })
+}
