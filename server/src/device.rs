@@ -213,6 +213,26 @@ pub trait Device: Send {
         Err(DeviceError::MigrationUnsupported)
     }
 
+    /// Live handover: describe the host-side backend and duplicate its fds so another vfud
+    /// process can adopt it (e.g. a UART's host socket and its connection). `None`: nothing to
+    /// hand over.
+    fn export_backend(&self) -> Option<(String, Vec<std::os::fd::OwnedFd>)> {
+        None
+    }
+
+    /// Live handover, receiving side: replace the backend with the one described.
+    fn adopt_backend(
+        &mut self,
+        _desc: &str,
+        _fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), DeviceError> {
+        Err(DeviceError::Other("this device has no backend to adopt".into()))
+    }
+
+    /// Live handover succeeded: let go of the backend without tearing it down (no unlinking of
+    /// socket paths the new process now serves).
+    fn release_backend(&mut self) {}
+
     /// File descriptors the event loop should watch for the device (backends), with tokens.
     fn event_fds(&self) -> Vec<(RawFd, u32)> {
         Vec::new()

@@ -60,6 +60,8 @@ pub struct Mapping {
     pub readable: bool,
     /// The device may write.
     pub writable: bool,
+    /// Offset into the client's fd.
+    pub offset: u64,
     backing: Backing,
 }
 
@@ -141,6 +143,7 @@ impl DmaTable {
                 size: m.size,
                 readable,
                 writable,
+                offset: m.offset,
                 backing,
             },
         );
@@ -161,6 +164,35 @@ impl DmaTable {
     /// Remove everything.
     pub fn unmap_all(&mut self) {
         self.maps.clear();
+    }
+
+    /// Every mapping as the DMA_MAP that made it, with a duplicate of its fd (for handing the
+    /// session to another process).
+    pub fn export(&self) -> std::io::Result<Vec<(DmaMap, Option<OwnedFd>)>> {
+        self.maps
+            .values()
+            .map(|m| {
+                let flags = if m.readable { DMA_MAP_FLAG_READ } else { 0 }
+                    | if m.writable { DMA_MAP_FLAG_WRITE } else { 0 };
+                let fd = match &m.backing {
+                    Backing::Mmap(r) => match r.file_offset() {
+                        Some(fo) => Some(OwnedFd::from(fo.file().try_clone()?)),
+                        None => None,
+                    },
+                    Backing::Socket(_) => None,
+                };
+                Ok((
+                    DmaMap {
+                        argsz: 32,
+                        flags,
+                        offset: m.offset,
+                        addr: m.iova,
+                        size: m.size,
+                    },
+                    fd,
+                ))
+            })
+            .collect()
     }
 
     /// DMA_LOGGING_START: clear every mapping's dirty bitmap and start reporting. Mappings

@@ -462,6 +462,51 @@ impl Interrupts {
         self.intx_level = false;
     }
 
+    /// The client's interrupt setup as SET_IRQS requests with duplicated fds, in an order that
+    /// rebuilds it: trigger eventfds per vector, then masks, then the INTx unmask eventfd.
+    pub fn export(&self) -> std::io::Result<Vec<SetIrqs>> {
+        let mut out = Vec::new();
+        for (index, st) in self.idx.iter().enumerate() {
+            for (v, fd) in st.triggers.iter().enumerate() {
+                if let Some(fd) = fd {
+                    out.push(SetIrqs {
+                        index: index as u32,
+                        start: v as u32,
+                        count: 1,
+                        action: IrqAction::Trigger,
+                        data: IrqData::Eventfds(vec![fd.try_clone()?]),
+                    });
+                }
+            }
+        }
+        for (index, st) in self.idx.iter().enumerate() {
+            if index as u32 == IRQ_INDEX_INTX {
+                continue; // INTx masking is automatic state, carried by the pending bits
+            }
+            for (v, m) in st.masked.iter().enumerate() {
+                if *m {
+                    out.push(SetIrqs {
+                        index: index as u32,
+                        start: v as u32,
+                        count: 1,
+                        action: IrqAction::Mask,
+                        data: IrqData::None,
+                    });
+                }
+            }
+        }
+        if let Some(fd) = &self.intx_unmask_fd {
+            out.push(SetIrqs {
+                index: IRQ_INDEX_INTX,
+                start: 0,
+                count: 1,
+                action: IrqAction::Unmask,
+                data: IrqData::Eventfds(vec![fd.try_clone()?]),
+            });
+        }
+        Ok(out)
+    }
+
     /// Interrupts delivered and dropped so far.
     pub fn counters(&self) -> (u64, u64) {
         (self.delivered, self.dropped)

@@ -216,7 +216,7 @@ impl Default for ServerOffer {
 }
 
 /// Effective session parameters after negotiation, defaults filled in.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Negotiated {
     /// Minor version in force.
     pub minor: u16,
