@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use vfud_server::event_loop::Outcome;
 use vfud_server::{ServeOptions, ShutdownHandle};
 
 /// vfio-user device server with live migration.
@@ -46,8 +47,15 @@ struct ServeArgs {
     #[arg(long = "device", required = true)]
     devices: Vec<String>,
     /// Socket path for the device at the same position.
-    #[arg(long = "socket", required = true)]
+    #[arg(long = "socket", required_unless_present = "incoming")]
     sockets: Vec<PathBuf>,
+    /// Control socket for live handover (`vfud migrate --handover --from THIS`); one device.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Start without a client socket and wait on this control socket for a device handed
+    /// over by another vfud process (`vfud migrate --handover --to THIS`); one device.
+    #[arg(long, conflicts_with = "sockets")]
+    incoming: Option<PathBuf>,
     /// Octal permissions for the socket files (e.g. 660).
     #[arg(long, value_parser = parse_octal)]
     socket_mode: Option<u32>,
@@ -86,7 +94,11 @@ fn install_signal_thread(shutdown: ShutdownHandle) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    if args.devices.len() != args.sockets.len() {
+    let control_path = args.control.as_ref().or(args.incoming.as_ref());
+    if control_path.is_some() && args.devices.len() != 1 {
+        bail!("--control and --incoming take exactly one --device");
+    }
+    if args.incoming.is_none() && args.devices.len() != args.sockets.len() {
         bail!(
             "{} --device but {} --socket: give one socket per device",
             args.devices.len(),
@@ -96,30 +108,50 @@ fn serve(args: ServeArgs) -> Result<()> {
     let shutdown = ShutdownHandle::new();
     install_signal_thread(shutdown.clone())?;
     let mut threads = Vec::new();
-    for (name, path) in args.devices.iter().zip(&args.sockets) {
-        let device = vfud_devices::create(name).map_err(anyhow::Error::msg)?;
-        let mut opts = ServeOptions::new(path);
-        opts.socket_mode = args.socket_mode;
-        let listener = vfud_server::event_loop::bind_socket(&opts.socket_path, opts.socket_mode)
-            .with_context(|| format!("binding {}", path.display()))?;
+    for (i, spec) in args.devices.iter().enumerate() {
+        let device = vfud_devices::create(spec).map_err(anyhow::Error::msg)?;
+        let path = args.sockets.get(i).cloned();
+        let listener = match &path {
+            Some(p) => Some(
+                vfud_server::event_loop::bind_socket(p, args.socket_mode)
+                    .with_context(|| format!("binding {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let control = match control_path {
+            Some(p) => Some(
+                vfud_server::event_loop::bind_socket(p, args.socket_mode)
+                    .with_context(|| format!("binding control socket {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let settings = ServeOptions::new(path.clone().unwrap_or_default()).settings;
         let shutdown = shutdown.clone();
-        let name = name.clone();
-        let path = path.clone();
+        let name = spec.clone();
+        let ctl = control_path.cloned();
+        match &path {
+            Some(p) => tracing::info!(device = %spec, socket = %p.display(), "listening"),
+            None => tracing::info!(device = %spec, "waiting for a handover"),
+        }
         threads.push(
             std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
                     let r = vfud_server::event_loop::serve_listener(
-                        device,
-                        listener,
-                        &opts.settings,
-                        &shutdown,
+                        device, listener, control, &settings, &shutdown,
                     );
-                    let _ = std::fs::remove_file(&path);
-                    r.with_context(|| format!("device {name} on {}", path.display()))
+                    // After a handover the new process serves these paths: leave them.
+                    if !matches!(r, Ok(Outcome::HandedOver)) {
+                        if let Some(p) = &path {
+                            let _ = std::fs::remove_file(p);
+                        }
+                    }
+                    if let Some(c) = &ctl {
+                        let _ = std::fs::remove_file(c);
+                    }
+                    r.map(|_| ()).with_context(|| format!("device {name}"))
                 })?,
         );
-        tracing::info!(device = %args.devices[threads.len() - 1], socket = %args.sockets[threads.len() - 1].display(), "listening");
     }
     let mut first_err = None;
     for t in threads {

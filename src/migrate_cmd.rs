@@ -34,6 +34,11 @@ pub struct MigrateArgs {
     /// Print the report as JSON (and no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// Live handover: move a running device, with its attached client (e.g. QEMU), from the
+    /// process whose `--control` socket is --from to the process started with
+    /// `vfud serve --incoming` on --to.
+    #[arg(long, requires_all = ["from", "to"])]
+    pub handover: bool,
 }
 
 struct Bar(Option<ProgressBar>);
@@ -84,8 +89,107 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use vfud_server::handover::{self as ho, kind, ControlCommand};
+    let ctl = UnixStream::connect(from)
+        .with_context(|| format!("connecting to control socket {}", from.display()))?;
+    let to_abs = std::path::absolute(to).with_context(|| format!("{}", to.display()))?;
+    ho::send_json(
+        ctl.as_fd(),
+        kind::COMMAND,
+        &ControlCommand::Handover {
+            to: to_abs.to_string_lossy().into_owned(),
+            max_rounds: Some(a.max_rounds),
+        },
+    )?;
+    let hooks = bar(a.json);
+    let mut reader = vfud_protocol::FrameReader::new();
+    let done = loop {
+        let f = ho::recv(&ctl, &mut reader, Duration::from_secs(120))
+            .context("waiting for the handover")?;
+        let ev: serde_json::Value = serde_json::from_slice(&f.payload)?;
+        match ev["event"].as_str() {
+            Some("round") => {
+                if let Some(b) = &hooks.0 {
+                    b.set_position(ev["bytes"].as_u64().unwrap_or(0));
+                    b.set_message(format!(
+                        "pre-copy round {} ({} B left)",
+                        ev["round"], ev["remaining"]
+                    ));
+                }
+            }
+            Some("done") => break ev,
+            _ => {
+                if let Some(b) = &hooks.0 {
+                    b.finish_and_clear();
+                }
+                bail!(
+                    "handover failed: {}; the device keeps running in the old process",
+                    ev["message"].as_str().unwrap_or("unknown error")
+                );
+            }
+        }
+    };
+    if let Some(b) = &hooks.0 {
+        b.finish_and_clear();
+    }
+    // The pause the client saw ends with the new process's first reply; ask it.
+    let mut pause_ms = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while pause_ms.is_none() && std::time::Instant::now() < deadline {
+        if let Ok(s) = UnixStream::connect(to) {
+            let mut r = vfud_protocol::FrameReader::new();
+            if ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).is_ok() {
+                if let Ok(f) = ho::recv(&s, &mut r, Duration::from_secs(2)) {
+                    let st: serde_json::Value = serde_json::from_slice(&f.payload)?;
+                    if let (Some(first), Some(stopped)) = (
+                        st["handover_first_reply_at_ns"].as_u64(),
+                        st["handover_stopped_at_ns"].as_u64(),
+                    ) {
+                        pause_ms = Some(first.saturating_sub(stopped) as f64 / 1e6);
+                    }
+                }
+            }
+        }
+        if pause_ms.is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let report = serde_json::json!({
+        "handover": true,
+        "rounds": done["rounds"],
+        "bytes": done["bytes"],
+        "stop_copy_bytes": done["stop_copy_bytes"],
+        "total_ms": done["total_ms"],
+        "switchover_ms": done["switchover_ms"],
+        "pause_ms": pause_ms,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "handed over in {:.1} ms: {} pre-copy rounds, {} bytes ({} after the stop), switchover {:.2} ms, client pause {}",
+            done["total_ms"].as_f64().unwrap_or(0.0),
+            done["rounds"],
+            done["bytes"],
+            done["stop_copy_bytes"],
+            done["switchover_ms"].as_f64().unwrap_or(0.0),
+            pause_ms.map(|p| format!("{p:.2} ms")).unwrap_or_else(|| "not measured (the client sent nothing within 2 s)".into())
+        );
+    }
+    Ok(())
+}
+
 /// Run the command.
 pub fn run(a: &MigrateArgs) -> Result<()> {
+    if a.handover {
+        let (Some(from), Some(to)) = (&a.from, &a.to) else {
+            bail!("--handover needs --from OLD.ctl and --to NEW.ctl");
+        };
+        return handover(a, from, to);
+    }
     let opts = Options {
         max_rounds: a.max_rounds,
         force_v1: a.v1,

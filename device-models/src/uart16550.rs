@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -145,7 +145,10 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         if let Backend::Socket { path, .. } = self {
-            let _ = std::fs::remove_file(path);
+            // An empty path means another process took the socket over (live handover).
+            if !path.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -549,6 +552,51 @@ impl Device for Uart16550 {
         self.input = st.input.into();
         self.flush();
         Ok(())
+    }
+
+    fn export_backend(&self) -> Option<(String, Vec<OwnedFd>)> {
+        let Backend::Socket {
+            listener,
+            path,
+            conn,
+        } = &self.backend
+        else {
+            return None;
+        };
+        let mut fds = vec![listener.as_fd().try_clone_to_owned().ok()?];
+        if let Some(c) = conn {
+            fds.push(c.as_fd().try_clone_to_owned().ok()?);
+        }
+        Some((format!("socket:{}", path.display()), fds))
+    }
+
+    fn adopt_backend(&mut self, desc: &str, fds: Vec<OwnedFd>) -> Result<(), DeviceError> {
+        let path = desc
+            .strip_prefix("socket:")
+            .ok_or_else(|| DeviceError::Other(format!("cannot adopt backend {desc:?}")))?;
+        let mut it = fds.into_iter();
+        let listener = UnixListener::from(
+            it.next()
+                .ok_or_else(|| DeviceError::Other("backend listener fd missing".into()))?,
+        );
+        let conn = it.next().map(UnixStream::from);
+        let nb = |r: std::io::Result<()>| r.map_err(|e| DeviceError::Other(e.to_string()));
+        nb(listener.set_nonblocking(true))?;
+        if let Some(c) = &conn {
+            nb(c.set_nonblocking(true))?;
+        }
+        self.backend = Backend::Socket {
+            listener,
+            path: PathBuf::from(path),
+            conn,
+        };
+        Ok(())
+    }
+
+    fn release_backend(&mut self) {
+        if let Backend::Socket { path, .. } = &mut self.backend {
+            *path = PathBuf::new();
+        }
     }
 
     fn event_fds(&self) -> Vec<(RawFd, u32)> {

@@ -226,7 +226,9 @@ pub trait Device: Send {
         _desc: &str,
         _fds: Vec<std::os::fd::OwnedFd>,
     ) -> Result<(), DeviceError> {
-        Err(DeviceError::Other("this device has no backend to adopt".into()))
+        Err(DeviceError::Other(
+            "this device has no backend to adopt".into(),
+        ))
     }
 
     /// Live handover succeeded: let go of the backend without tearing it down (no unlinking of

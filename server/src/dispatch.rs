@@ -538,6 +538,188 @@ impl DeviceServer {
             .map_err(|e| RequestError::new(Errno::EINVAL, format!("migration stream refused: {e}")))
     }
 
+    /// Up to `max` bytes of the outgoing stream, for a live handover (PRE_COPY/STOP_COPY).
+    pub fn handover_read(&mut self, max: usize) -> Result<Vec<u8>, RequestError> {
+        self.read_stream(max)
+    }
+
+    /// Feed incoming stream bytes, for a live handover (RESUMING).
+    pub fn handover_write(&mut self, data: &[u8]) -> Result<(), RequestError> {
+        self.write_stream(data)
+    }
+
+    /// Pre-copy counts (initial, dirty) while in PRE_COPY.
+    pub fn precopy_info(&self) -> Option<(u64, u64)> {
+        let s = self.mig.saver.as_ref()?;
+        Some((s.initial_bytes(), s.dirty_bytes(&self.bars)))
+    }
+
+    /// Everything about the attached client that a new process needs to carry on the same
+    /// connection: negotiated caps, DMA maps and interrupt setup, with duplicated fds.
+    /// `fds` receives the descriptors; the returned description indexes into it.
+    pub fn export_session(
+        &self,
+        fds: &mut Vec<OwnedFd>,
+    ) -> std::io::Result<crate::handover::SessionInfo> {
+        use crate::handover::{IrqEntry, MapEntry, SessionInfo};
+        let push = |fd: OwnedFd, fds: &mut Vec<OwnedFd>| {
+            fds.push(fd);
+            fds.len() - 1
+        };
+        let mut maps = Vec::new();
+        for (m, fd) in self.dma.export()? {
+            maps.push(MapEntry {
+                iova: m.addr,
+                size: m.size,
+                offset: m.offset,
+                flags: m.flags,
+                fd: fd.map(|f| push(f, fds)),
+            });
+        }
+        let mut irqs = Vec::new();
+        for s in self.irqs.export()? {
+            let action = match s.action {
+                vfud_protocol::messages::IrqAction::Mask => "mask",
+                vfud_protocol::messages::IrqAction::Unmask => "unmask",
+                vfud_protocol::messages::IrqAction::Trigger => "trigger",
+            };
+            let fd = match s.data {
+                vfud_protocol::messages::IrqData::Eventfds(mut v) => v.pop().map(|f| push(f, fds)),
+                _ => None,
+            };
+            irqs.push(IrqEntry {
+                index: s.index,
+                vector: s.start,
+                action: action.into(),
+                fd,
+            });
+        }
+        let client = match &self.client {
+            Some(c) => Some(push(c.stream.as_fd().try_clone_to_owned()?, fds)),
+            None => None,
+        };
+        let backend = self.device.export_backend().map(|(desc, bfds)| {
+            let idx = bfds.into_iter().map(|f| push(f, fds)).collect();
+            (desc, idx)
+        });
+        Ok(SessionInfo {
+            model: self.desc.name.to_string(),
+            negotiated: self.negotiated.clone(),
+            maps,
+            irqs,
+            client,
+            listener: None,
+            backend,
+            stopped_at_unix_ns: 0,
+        })
+    }
+
+    /// Receiving side of a live handover (called in RESUMING, after the stream): adopt the
+    /// session and go to RUNNING. On failure the device is reset and nothing is adopted.
+    pub fn import_session(
+        &mut self,
+        info: &crate::handover::SessionInfo,
+        fds: Vec<Option<OwnedFd>>,
+    ) -> Result<(), RequestError> {
+        let r = self.import_inner(info, fds);
+        if r.is_err() {
+            self.client = None;
+            self.dma.unmap_all();
+            self.reset();
+            self.negotiated = None;
+        }
+        r
+    }
+
+    fn import_inner(
+        &mut self,
+        info: &crate::handover::SessionInfo,
+        mut fds: Vec<Option<OwnedFd>>,
+    ) -> Result<(), RequestError> {
+        use vfud_protocol::messages::{IrqAction, IrqData};
+        if info.model != self.desc.name {
+            return Err(einval(format!(
+                "handover of a {} to a {}",
+                info.model, self.desc.name
+            )));
+        }
+        if self.mig.state != MigState::Resuming {
+            return Err(einval("handover session outside RESUMING"));
+        }
+        let mut take = |i: Option<usize>| -> Result<Option<OwnedFd>, RequestError> {
+            match i {
+                None => Ok(None),
+                Some(i) => fds
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .map(Some)
+                    .ok_or_else(|| einval(format!("handover fd {i} missing"))),
+            }
+        };
+        if let Some(n) = &info.negotiated {
+            self.dma.set_max_maps(n.max_dma_maps as usize);
+        }
+        self.negotiated = info.negotiated.clone();
+        for m in &info.maps {
+            let map = vfud_protocol::messages::DmaMap {
+                argsz: 32,
+                flags: m.flags,
+                offset: m.offset,
+                addr: m.iova,
+                size: m.size,
+            };
+            self.dma.map(&map, take(m.fd)?)?;
+        }
+        for e in &info.irqs {
+            let action = match e.action.as_str() {
+                "mask" => IrqAction::Mask,
+                "unmask" => IrqAction::Unmask,
+                "trigger" => IrqAction::Trigger,
+                other => return Err(einval(format!("unknown IRQ action {other}"))),
+            };
+            let data = match take(e.fd)? {
+                Some(fd) => IrqData::Eventfds(vec![fd]),
+                None => IrqData::None,
+            };
+            let s = SetIrqs {
+                index: e.index,
+                start: e.vector,
+                count: 1,
+                action,
+                data,
+            };
+            self.irqs.validate(&s)?;
+            self.mig.deferred_irqs.push(s);
+        }
+        if let Some((desc, idx)) = &info.backend {
+            let mut b = Vec::new();
+            for i in idx {
+                b.extend(take(Some(*i))?);
+            }
+            self.device.adopt_backend(desc, b)?;
+        }
+        let client = take(info.client)?;
+        self.set_mig_state(MigState::Running)?;
+        if let Some(fd) = client {
+            let stream = UnixStream::from(fd);
+            stream
+                .set_nonblocking(true)
+                .map_err(|e| RequestError::new(Errno::EIO, e.to_string()))?;
+            self.client = Some(ClientConn {
+                stream,
+                reader: FrameReader::new(),
+                backlog: VecDeque::new(),
+                next_id: 0x8000,
+            });
+        }
+        Ok(())
+    }
+
+    /// After handing the device over: let go of the backend without tearing it down.
+    pub fn release_after_handover(&mut self) {
+        self.device.release_backend();
+    }
+
     /// Walk from the current state to `target`, one direct arc at a time.
     pub fn set_mig_state(&mut self, target: MigState) -> Result<(), RequestError> {
         if !self.device.supports_migration() {

@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod dma;
 pub mod error;
 pub mod event_loop;
+pub mod handover;
 pub mod irq;
 pub mod migration;
 pub mod mmap;

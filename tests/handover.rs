@@ -1,0 +1,389 @@
+//! Live handover between vfud processes while the client stays attached: the client (QEMU's
+//! stand-in) keeps one connection, its DMA maps and its eventfds, and never notices beyond a
+//! pause. Failures leave the old process serving as if nothing happened.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE, STATUS_DONE};
+use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
+use vfud_protocol::Client;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn wait_exit(&mut self, t: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < t {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+fn serve(args: &[&str], wait_for: &Path) -> Proc {
+    let child = Command::new(common::vfud_bin())
+        .arg("serve")
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_for_path(wait_for, Duration::from_secs(10)));
+    Proc(child)
+}
+
+fn handover(from: &Path, to: &Path) -> std::process::Output {
+    Command::new(common::vfud_bin())
+        .args(["migrate", "--handover", "--json", "--from"])
+        .arg(from)
+        .arg("--to")
+        .arg(to)
+        .output()
+        .unwrap()
+}
+
+fn fired(e: &EventFd, ms: u16) -> u64 {
+    let mut p = [PollFd::new(e.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut p, PollTimeout::from(ms)).unwrap_or(0) == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    match nix::unistd::read(e.as_fd(), &mut b) {
+        Ok(8) => u64::from_ne_bytes(b),
+        _ => 0,
+    }
+}
+
+fn crc_job(c: &mut Client, iova: u64, len: u32) -> u32 {
+    for (o, v) in [
+        (reg::SRC_LO, iova as u32),
+        (reg::SRC_HI, (iova >> 32) as u32),
+        (reg::LEN, len),
+        (reg::OPCODE, Opcode::Crc32 as u32),
+        (reg::DOORBELL, 1),
+    ] {
+        c.region_write_u32(0, o, v).unwrap();
+    }
+    let t = Instant::now();
+    while c.region_read_u32(0, reg::STATUS).unwrap() & STATUS_DONE == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+    c.region_write_u32(0, reg::STATUS, STATUS_DONE).unwrap();
+    c.region_read_u32(0, reg::RESULT).unwrap()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("dev.sock");
+        Self { dir, sock }
+    }
+    fn p(&self, n: &str) -> PathBuf {
+        self.dir.path().join(n)
+    }
+}
+
+#[test]
+fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
+    let s = Setup::new();
+    let (a_ctl, b_ctl, c_ctl) = (s.p("a.ctl"), s.p("b.ctl"), s.p("c.ctl"));
+    let mut a = serve(
+        &[
+            "--device",
+            "dma-engine",
+            "--socket",
+            s.sock.to_str().unwrap(),
+            "--control",
+            a_ctl.to_str().unwrap(),
+        ],
+        &a_ctl,
+    );
+    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    let ram = File::from(
+        nix::sys::memfd::memfd_create(c"ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+    );
+    ram.set_len(1 << 20).unwrap();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 13) as u8).collect();
+    ram.write_all_at(&data, 0).unwrap();
+    c.dma_map(
+        DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        0,
+        0x10_0000,
+        1 << 20,
+        Some(ram.as_fd()),
+    )
+    .unwrap();
+    let irq = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap();
+    c.set_irq_eventfds(IRQ_INDEX_MSIX, 0, &[irq.as_fd()])
+        .unwrap();
+    c.region_write_u32(0, reg::CONTROL, CONTROL_IRQ_ENABLE)
+        .unwrap();
+    assert_eq!(crc_job(&mut c, 0x10_0000, 65536), crc32fast::hash(&data));
+    assert_eq!(fired(&irq, 2000), 1);
+    c.region_write(2, 0x800, b"device memory moves too")
+        .unwrap();
+
+    let mut b = serve(
+        &[
+            "--device",
+            "dma-engine",
+            "--incoming",
+            b_ctl.to_str().unwrap(),
+        ],
+        &b_ctl,
+    );
+    // The client keeps issuing back-to-back reads during the handover.
+    let out = std::thread::scope(|sc| {
+        let h = sc.spawn(|| handover(&a_ctl, &b_ctl));
+        while !h.is_finished() {
+            assert_eq!(
+                c.region_read_u32(0, reg::ID).unwrap(),
+                vfud_devices::dma_engine::ID
+            );
+        }
+        h.join().unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["pause_ms"].as_f64().is_some(), "{report}");
+    assert!(report["bytes"].as_u64().unwrap() > 1 << 20);
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "the old process exits"
+    );
+
+    // Same connection, same maps, same eventfd: now served by B.
+    assert_eq!(
+        c.region_read(2, 0x800, 23).unwrap(),
+        b"device memory moves too"
+    );
+    assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 1);
+    assert_eq!(
+        crc_job(&mut c, 0x10_0000, 4096),
+        crc32fast::hash(&data[..4096])
+    );
+    assert_eq!(fired(&irq, 2000), 1, "interrupts reach the same eventfd");
+
+    // And again, to a third process.
+    let _c3 = serve(
+        &[
+            "--device",
+            "dma-engine",
+            "--incoming",
+            c_ctl.to_str().unwrap(),
+        ],
+        &c_ctl,
+    );
+    let out = handover(&b_ctl, &c_ctl);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(b.wait_exit(Duration::from_secs(5)), Some(0));
+    assert_eq!(
+        crc_job(&mut c, 0x10_0000, 100),
+        crc32fast::hash(&data[..100])
+    );
+    assert_eq!(fired(&irq, 2000), 1);
+    assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 3);
+    // The listening socket moved too: a reconnect reaches the new process.
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut again = Client::connect_negotiated(&s.sock).unwrap();
+    assert_eq!(
+        again.region_read(2, 0x800, 23).unwrap(),
+        b"device memory moves too"
+    );
+}
+
+#[test]
+fn a_failed_handover_leaves_the_old_process_serving() {
+    let s = Setup::new();
+    let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
+    let mut a = serve(
+        &[
+            "--device",
+            "dma-engine",
+            "--socket",
+            s.sock.to_str().unwrap(),
+            "--control",
+            a_ctl.to_str().unwrap(),
+        ],
+        &a_ctl,
+    );
+    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    c.region_write(2, 0, b"still here").unwrap();
+    // Nobody listens on the destination.
+    let out = handover(&a_ctl, &b_ctl);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keeps running"));
+    assert_eq!(c.region_read(2, 0, 10).unwrap(), b"still here");
+    // A destination of another model refuses.
+    let host = s.p("u.host");
+    let _b = serve(
+        &[
+            "--device",
+            &format!("uart16550,backend=socket:{}", host.display()),
+            "--incoming",
+            b_ctl.to_str().unwrap(),
+        ],
+        &b_ctl,
+    );
+    let out = handover(&a_ctl, &b_ctl);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.region_read(2, 0, 10).unwrap(), b"still here");
+    assert_eq!(
+        c.mig_state().unwrap(),
+        vfud_protocol::messages::MigState::Running
+    );
+    assert!(
+        a.wait_exit(Duration::from_millis(200)).is_none(),
+        "A keeps running"
+    );
+}
+
+#[test]
+fn the_destination_dying_mid_handover_leaves_the_old_process_serving() {
+    let s = Setup::new();
+    let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
+    let _a = serve(
+        &[
+            "--device",
+            "dma-engine",
+            "--socket",
+            s.sock.to_str().unwrap(),
+            "--control",
+            a_ctl.to_str().unwrap(),
+        ],
+        &a_ctl,
+    );
+    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    c.region_write(2, 0x40, b"survives").unwrap();
+    // A fake destination that accepts, answers READY, then vanishes.
+    let l = std::os::unix::net::UnixListener::bind(&b_ctl).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut r = vfud_protocol::FrameReader::new();
+        let _hello = vfud_server::handover::recv(&s, &mut r, Duration::from_secs(5)).unwrap();
+        vfud_server::handover::send(s.as_fd(), vfud_server::handover::kind::READY, &[], &[])
+            .unwrap();
+        let _data = vfud_server::handover::recv(&s, &mut r, Duration::from_secs(5));
+        drop(s);
+    });
+    let out = handover(&a_ctl, &b_ctl);
+    fake.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(c.region_read(2, 0x40, 8).unwrap(), b"survives");
+    assert_eq!(
+        c.mig_state().unwrap(),
+        vfud_protocol::messages::MigState::Running
+    );
+}
+
+#[test]
+fn uart_host_connection_and_bytes_survive_handovers() {
+    let s = Setup::new();
+    let host = s.p("uart.host");
+    let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
+    let spec = format!("uart16550,backend=socket:{}", host.display());
+    let mut a = serve(
+        &[
+            "--device",
+            &spec,
+            "--socket",
+            s.sock.to_str().unwrap(),
+            "--control",
+            a_ctl.to_str().unwrap(),
+        ],
+        &a_ctl,
+    );
+    assert!(common::wait_for_path(&host, Duration::from_secs(5)));
+    let mut h = UnixStream::connect(&host).unwrap();
+    h.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    c.region_write(0, 2, &[0x07]).unwrap();
+    for b in b"before " {
+        c.region_write(0, 0, &[*b]).unwrap();
+    }
+    h.write_all(b"in1").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _b = serve(
+        &[
+            "--device",
+            "uart16550,backend=null",
+            "--incoming",
+            b_ctl.to_str().unwrap(),
+        ],
+        &b_ctl,
+    );
+    let out = handover(&a_ctl, &b_ctl);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
+    for b in b"after" {
+        c.region_write(0, 0, &[*b]).unwrap();
+    }
+    h.write_all(b"in2").unwrap();
+    let mut got = [0u8; 12];
+    h.read_exact(&mut got).unwrap();
+    assert_eq!(
+        &got, b"before after",
+        "guest output over the same host connection"
+    );
+    let mut input = Vec::new();
+    let t = Instant::now();
+    while input.len() < 6 && t.elapsed() < Duration::from_secs(5) {
+        if c.region_read(0, 5, 1).unwrap()[0] & 1 == 1 {
+            input.push(c.region_read(0, 0, 1).unwrap()[0]);
+        }
+    }
+    assert_eq!(input, b"in1in2");
+}
