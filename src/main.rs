@@ -1,5 +1,6 @@
 //! `vfud`: a vfio-user device server. CLI parsing and wiring only.
 
+mod bench;
 mod migrate_cmd;
 mod probe;
 mod qemu_guard;
@@ -33,6 +34,8 @@ enum Cmd {
     /// Live-migrate a device between two vfud servers as a QEMU-faithful VFIO VMM would,
     /// or snapshot/restore it to/from a file.
     Migrate(migrate_cmd::MigrateArgs),
+    /// Run the performance scenarios and print each against its same-run baseline.
+    Bench(bench::BenchArgs),
     /// List the device models this build provides.
     Devices,
     /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
         Cmd::Probe { socket } => probe::run(&socket),
         Cmd::QemuMigrate(a) => qemu_guard::run(&a),
         Cmd::Migrate(a) => migrate_cmd::run(&a),
+        Cmd::Bench(a) => bench::run(&a),
         Cmd::Devices => {
             for d in vfud_devices::DEVICE_NAMES {
                 println!("{d}");
