@@ -74,6 +74,9 @@ pub struct Options {
     pub chunk: u32,
     /// Force the v1 region even when v2 is available.
     pub force_v1: bool,
+    /// Fault injection for tests: flip one bit of the device stream at this byte offset on
+    /// its way to the destination. The destination must refuse it.
+    pub corrupt_stream_at: Option<u64>,
 }
 
 impl Default for Options {
@@ -83,6 +86,7 @@ impl Default for Options {
             stop_threshold: 64 * 1024,
             chunk: 1 << 20,
             force_v1: false,
+            corrupt_stream_at: None,
         }
     }
 }
@@ -193,6 +197,10 @@ fn run(
         phase: "setup",
         ..Progress::default()
     };
+    let mut fault = Fault {
+        at: opts.corrupt_stream_at,
+        offset: 0,
+    };
     hooks.progress(&p);
 
     // Setup (QEMU's load_setup / save_setup).
@@ -210,7 +218,7 @@ fn run(
         p.phase = "precopy";
         loop {
             hooks.tick(src);
-            let n = pump(&ch, &dch, src, dst, opts.chunk)?;
+            let n = pump(&ch, &dch, src, dst, opts.chunk, &mut fault)?;
             p.device_bytes += n;
             p.ram_bytes += ram.sync(src, dst)?;
             p.round += 1;
@@ -230,7 +238,7 @@ fn run(
         .step("source to STOP_COPY")?;
     let mut stop_bytes = 0;
     loop {
-        let n = pump(&ch, &dch, src, dst, opts.chunk)?;
+        let n = pump(&ch, &dch, src, dst, opts.chunk, &mut fault)?;
         if n == 0 {
             break;
         }
@@ -262,6 +270,12 @@ fn run(
     Ok(())
 }
 
+/// Where the stream is, and the bit to flip (fault injection).
+struct Fault {
+    at: Option<u64>,
+    offset: u64,
+}
+
 /// Move device data from source to destination until the source has nothing more for now.
 fn pump(
     ch: &Channel,
@@ -269,15 +283,23 @@ fn pump(
     src: &mut Endpoint,
     dst: &mut Endpoint,
     chunk: u32,
+    fault: &mut Fault,
 ) -> Result<u64, MigrateError> {
     let mut total = 0u64;
     loop {
-        let data = ch
+        let mut data = ch
             .read(&mut src.client, chunk)
             .step("read migration data")?;
         if data.is_empty() {
             return Ok(total);
         }
+        if let Some(at) = fault.at {
+            if at >= fault.offset && at < fault.offset + data.len() as u64 {
+                data[(at - fault.offset) as usize] ^= 0x10;
+                fault.at = None;
+            }
+        }
+        fault.offset += data.len() as u64;
         dch.write(&mut dst.client, &data)
             .step("write migration data")?;
         total += data.len() as u64;
