@@ -419,7 +419,11 @@ fn set_irqs_while_resuming_is_deferred_until_running_and_pending_interrupts_foll
     dst.set_mig_state(MigState::Running).unwrap();
     // The restored pending interrupt and the client's deferred trigger share one pending
     // bit (as in the MSI-X PBA), so one signal is delivered.
-    assert_eq!(fired(&de, 2000), 1, "the pending interrupt fires right after RUNNING");
+    assert_eq!(
+        fired(&de, 2000),
+        1,
+        "the pending interrupt fires right after RUNNING"
+    );
     assert_eq!(dst.region_read(4, 0x800, 1).unwrap()[0] & 1, 0);
     // The destination runs: a new completion interrupts once.
     run_op(&mut dst, Opcode::Crc32, RAM_IOVA, 0, 4, 0);
