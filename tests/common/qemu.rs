@@ -575,6 +575,102 @@ run_op() {
 }
 "#;
 
+/// Kernel command-line argument for guests with a vfud `uart16550`: the 8250 driver then has
+/// slots past the four legacy ports (ttyS0 is QEMU's ISA console UART, ttyS1–3 stay
+/// placeholders), so the first PCI UART becomes ttyS4.
+pub const UART_KERNEL_ARG: &str = "8250.nr_uarts=8";
+
+/// Guest shell prelude for PCI enumeration and interrupts:
+/// - `ok TEXT` / `fail TEXT`: result lines (`VFUD-TEST: …`; `fail` counts into `$fails`);
+/// - `find_pci VENDOR DEVICE`: prints the sysfs directory of the first match (`0x5646` form);
+/// - `report_pci NAME DIR`: result values `NAME_slot`, `NAME_vendor`, `NAME_device`,
+///   `NAME_subsystem` (`vendor:device`), `NAME_class`, `NAME_irq`, `NAME_pin` (config 0x3d),
+///   `NAME_driver` and `NAME_tty` (`none` when absent) and `NAME_res0`…`NAME_res6` (the first
+///   seven lines of sysfs `resource` as `start,end,flags`; see [`SysfsResource`]);
+/// - `irq_count IRQ`: the total count of IRQ over all CPUs in `/proc/interrupts`, or `none`
+///   when the IRQ has no handler (e.g. the serial driver frees it while the tty is closed);
+/// - `irq_line IRQ`: that line of `/proc/interrupts`.
+pub const PCI_GUEST_LIB: &str = r##"
+fails=0
+ok() { echo "VFUD-TEST: $*"; }
+fail() { echo "VFUD-TEST: FAIL $*"; fails=$((fails + 1)); }
+find_pci() {
+  for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/vendor")" = "$1" ] && [ "$(cat "$d/device")" = "$2" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
+report_pci() {
+  n=$1 d=$2
+  drv=none; [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
+  tty=none; [ -d "$d/tty" ] && tty=$(ls "$d/tty" | head -n 1)
+  pin=$(od -An -tu1 -j61 -N1 "$d/config" | tr -d ' ')
+  ok "${n}_slot=${d##*/} ${n}_vendor=$(cat "$d/vendor") ${n}_device=$(cat "$d/device")" \
+     "${n}_subsystem=$(cat "$d/subsystem_vendor"):$(cat "$d/subsystem_device")" \
+     "${n}_class=$(cat "$d/class") ${n}_irq=$(cat "$d/irq") ${n}_pin=$pin" \
+     "${n}_driver=$drv ${n}_tty=$tty"
+  i=0
+  while read -r start end flags && [ $i -le 6 ]; do
+    ok "${n}_res$i=$start,$end,$flags"
+    i=$((i + 1))
+  done < "$d/resource"
+}
+irq_count() {
+  awk -v k="$1:" '$1 == k { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s; f = 1 }
+                  END { if (!f) print "none" }' /proc/interrupts
+}
+irq_line() { grep "^ *$1:" /proc/interrupts; }
+"##;
+
+/// One line of a sysfs `resource` file (Linux `resource_show`: start, end and flags in hex).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SysfsResource {
+    /// First address (0 when the BAR is not implemented).
+    pub start: u64,
+    /// Last address.
+    pub end: u64,
+    /// `IORESOURCE_*` flags.
+    pub flags: u64,
+}
+
+impl SysfsResource {
+    /// `IORESOURCE_IO`.
+    pub const IO: u64 = 0x100;
+    /// `IORESOURCE_MEM`.
+    pub const MEM: u64 = 0x200;
+    /// `IORESOURCE_PREFETCH`.
+    pub const PREFETCH: u64 = 0x2000;
+    /// `IORESOURCE_MEM_64`.
+    pub const MEM_64: u64 = 0x10_0000;
+
+    /// Parse `start,end,flags` as [`PCI_GUEST_LIB`]'s `report_pci` prints it.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s
+            .split(',')
+            .map(|w| u64::from_str_radix(w.trim().trim_start_matches("0x"), 16).ok());
+        let r = Self {
+            start: it.next()??,
+            end: it.next()??,
+            flags: it.next()??,
+        };
+        it.next().is_none().then_some(r)
+    }
+
+    /// Size in bytes (0 for an unimplemented BAR).
+    pub fn size(&self) -> u64 {
+        if self.flags == 0 || self.end < self.start {
+            0
+        } else {
+            self.end - self.start + 1
+        }
+    }
+
+    /// Whether every flag in `mask` is set.
+    pub fn has(&self, mask: u64) -> bool {
+        self.flags & mask == mask
+    }
+}
+
 fn read_lossy(p: &Path) -> String {
     fs::read(p)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
