@@ -6,7 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn vfud(args: &[&str]) -> std::process::Output {
-    Command::new(common::vfud_bin()).args(args).output().unwrap()
+    Command::new(common::vfud_bin())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -15,14 +18,21 @@ fn probe_of_a_missing_socket_fails_with_one_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("/nonexistent.sock") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("/nonexistent.sock") && err.contains("No such file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn probe_prints_the_full_layout() {
     let v = common::Vfud::start("dma-engine", &[]);
     let out = vfud(&["probe", v.socket.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "max_msg_fds=16",
@@ -62,22 +72,38 @@ fn one_process_serves_several_devices_and_stops_cleanly_on_sigterm() {
     }
     std::thread::sleep(Duration::from_millis(100));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&a).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let pa = vfud(&["probe", a.to_str().unwrap()]);
     let pb = vfud(&["probe", b.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&pa.stdout).contains("5646:0001"));
     assert!(String::from_utf8_lossy(&pb.stdout).contains("5646:0002"));
     // A second server on a live socket is refused.
-    let busy = vfud(&["serve", "--device", "dma-engine", "--socket", a.to_str().unwrap()]);
+    let busy = vfud(&[
+        "serve",
+        "--device",
+        "dma-engine",
+        "--socket",
+        a.to_str().unwrap(),
+    ]);
     assert!(!busy.status.success());
     assert!(String::from_utf8_lossy(&busy.stderr).contains("in use"));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let t = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "vfud did not stop on SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "vfud did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success());
@@ -89,13 +115,32 @@ fn bad_arguments_get_readable_errors_and_every_subcommand_has_help() {
     let out = vfud(&["serve", "--device", "nope", "--socket", "/tmp/x.sock"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device \"nope\""));
-    let out = vfud(&["serve", "--device", "uart16550,speed=9", "--socket", "/tmp/x.sock"]);
+    let out = vfud(&[
+        "serve",
+        "--device",
+        "uart16550,speed=9",
+        "--socket",
+        "/tmp/x.sock",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no option \"speed\""));
-    for sub in ["serve", "probe", "migrate", "qemu-migrate", "bench", "devices"] {
+    for sub in [
+        "serve",
+        "probe",
+        "migrate",
+        "qemu-migrate",
+        "bench",
+        "devices",
+    ] {
         let out = vfud(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{sub}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{sub}"
+        );
     }
     let out = vfud(&["devices"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "dma-engine\nuart16550\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "dma-engine\nuart16550\n"
+    );
 }
