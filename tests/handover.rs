@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::wait_eventfd as fired;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -13,8 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE, STATUS_DONE};
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
@@ -65,18 +65,6 @@ fn handover(from: &Path, to: &Path) -> std::process::Output {
         .arg(to)
         .output()
         .unwrap()
-}
-
-fn fired(e: &EventFd, ms: u16) -> u64 {
-    let mut p = [PollFd::new(e.as_fd(), PollFlags::POLLIN)];
-    if poll(&mut p, PollTimeout::from(ms)).unwrap_or(0) == 0 {
-        return 0;
-    }
-    let mut b = [0u8; 8];
-    match nix::unistd::read(e.as_fd(), &mut b) {
-        Ok(8) => u64::from_ne_bytes(b),
-        _ => 0,
-    }
 }
 
 fn crc_job(c: &mut Client, iova: u64, len: u32) -> u32 {
@@ -143,7 +131,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
         Some(ram.as_fd()),
     )
     .unwrap();
-    let irq = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap();
+    let irq = common::eventfd();
     c.set_irq_eventfds(IRQ_INDEX_MSIX, 0, &[irq.as_fd()])
         .unwrap();
     c.region_write_u32(0, reg::CONTROL, CONTROL_IRQ_ENABLE)

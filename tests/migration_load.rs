@@ -5,14 +5,15 @@
 
 mod common;
 
+use common::{eventfd as efd, wait_eventfd as count};
+
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::Vfud;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::eventfd::EventFd;
 use vfud::driver::{self, Endpoint, GuestRam, Options, VmHooks};
 use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE, STATUS_DONE};
 use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
@@ -22,22 +23,6 @@ const RAM_IOVA: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 16 << 20;
 const OUT_BASE: u64 = RAM_IOVA + (8 << 20);
 const JOBS: u32 = 90;
-
-fn efd() -> EventFd {
-    EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap()
-}
-
-fn count(e: &EventFd, ms: u16) -> u64 {
-    let mut p = [PollFd::new(e.as_fd(), PollFlags::POLLIN)];
-    if poll(&mut p, PollTimeout::from(ms)).unwrap_or(0) == 0 {
-        return 0;
-    }
-    let mut b = [0u8; 8];
-    match nix::unistd::read(e.as_fd(), &mut b) {
-        Ok(8) => u64::from_ne_bytes(b),
-        _ => 0,
-    }
-}
 
 fn input(i: u32) -> Vec<u8> {
     (0..4096 + i * 37)

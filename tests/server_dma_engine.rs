@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{eventfd as efd, memfd, wait_eventfd as wait_efd};
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
@@ -12,8 +14,7 @@ use std::time::Duration;
 
 use common::Vfud;
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::eventfd::EventFd;
 use vfud_devices::dma_engine::{
     reg, Opcode, CONTROL_IRQ_ENABLE, ID, STATUS_DONE, STATUS_ERROR, VERSION,
 };
@@ -33,14 +34,6 @@ const RAM_IOVA: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 4 << 20;
 const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 
-fn memfd(size: u64) -> File {
-    let fd = nix::sys::memfd::memfd_create(c"guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .unwrap();
-    let f = File::from(fd);
-    f.set_len(size).unwrap();
-    f
-}
-
 /// A client with guest RAM (a memfd) mapped at RAM_IOVA.
 fn attached(v: &Vfud) -> (Client, File) {
     let mut c = v.client();
@@ -50,22 +43,7 @@ fn attached(v: &Vfud) -> (Client, File) {
     (c, ram)
 }
 
-fn efd() -> EventFd {
-    EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap()
-}
-
 /// Wait up to `ms` for the eventfd to fire; returns its counter (0 = did not fire).
-fn wait_efd(e: &EventFd, ms: u16) -> u64 {
-    let mut p = [PollFd::new(e.as_fd(), PollFlags::POLLIN)];
-    if poll(&mut p, PollTimeout::from(ms)).unwrap_or(0) == 0 {
-        return 0;
-    }
-    let mut b = [0u8; 8];
-    match nix::unistd::read(e.as_fd(), &mut b) {
-        Ok(8) => u64::from_ne_bytes(b),
-        _ => 0,
-    }
-}
 
 fn w(c: &mut Client, off: u64, v: u32) {
     c.region_write_u32(BAR0, off, v).unwrap();

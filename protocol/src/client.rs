@@ -164,14 +164,7 @@ impl Client {
     /// Receive the next frame, serving DMA requests from the server in between.
     pub fn recv_reply(&mut self, sent: &Header) -> Result<Reply, ProtocolError> {
         loop {
-            let frame = match self.reader.read_frame(self.stream.as_fd(), &self.limits) {
-                Ok(Some(f)) => f,
-                Ok(None) => return Err(ProtocolError::Timeout),
-                Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(ProtocolError::Timeout)
-                }
-                Err(e) => return Err(e),
-            };
+            let frame = self.recv_frame()?;
             match frame.header.kind()? {
                 MessageKind::Command { no_reply } => {
                     self.serve_server_request(&frame, no_reply)?;
@@ -493,11 +486,7 @@ impl Client {
         start: u32,
         count: u32,
     ) -> Result<(), ProtocolError> {
-        let a = match action {
-            IrqAction::Mask => IRQ_SET_ACTION_MASK,
-            IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
-            IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
-        };
+        let a = action_flag(action);
         self.set_irqs_raw(a | IRQ_SET_DATA_NONE, index, start, count, &[], &[])
     }
 
@@ -509,11 +498,7 @@ impl Client {
         start: u32,
         bools: &[bool],
     ) -> Result<(), ProtocolError> {
-        let a = match action {
-            IrqAction::Mask => IRQ_SET_ACTION_MASK,
-            IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
-            IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
-        };
+        let a = action_flag(action);
         let data: Vec<u8> = bools.iter().map(|b| u8::from(*b)).collect();
         self.set_irqs_raw(
             a | IRQ_SET_DATA_BOOL,
@@ -771,6 +756,14 @@ impl Client {
     pub fn mig_data_write(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
         self.request(Command::MigDataWrite, &MigData::encode_with_data(data), &[])?;
         Ok(())
+    }
+}
+
+fn action_flag(action: IrqAction) -> u32 {
+    match action {
+        IrqAction::Mask => IRQ_SET_ACTION_MASK,
+        IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
+        IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
     }
 }
 

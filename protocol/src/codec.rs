@@ -130,6 +130,25 @@ fn recv_with_fds(
     Ok(n)
 }
 
+/// Receive at least one byte: `Ok(None)` when the socket would block; EOF is
+/// [`ProtocolError::Disconnected`].
+fn recv_some(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<Option<usize>, ProtocolError> {
+    loop {
+        return match recv_with_fds(sock, buf, fds) {
+            Ok(0) => Err(ProtocolError::Disconnected),
+            Ok(n) => Ok(Some(n)),
+            Err(Errno::EAGAIN) => Ok(None),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EMSGSIZE) => Err(ProtocolError::FdsTruncated),
+            Err(e) => Err(e.into()),
+        };
+    }
+}
+
 impl FrameReader {
     /// A fresh reader.
     pub fn new() -> Self {
@@ -151,17 +170,10 @@ impl FrameReader {
     ) -> Result<Option<Frame>, ProtocolError> {
         loop {
             if self.header.is_none() {
-                let n = match recv_with_fds(
-                    sock,
-                    &mut self.header_buf[self.header_len..],
-                    &mut self.fds,
-                ) {
-                    Ok(0) => return Err(ProtocolError::Disconnected),
-                    Ok(n) => n,
-                    Err(Errno::EAGAIN) => return Ok(None),
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EMSGSIZE) => return Err(ProtocolError::FdsTruncated),
-                    Err(e) => return Err(e.into()),
+                let Some(n) =
+                    recv_some(sock, &mut self.header_buf[self.header_len..], &mut self.fds)?
+                else {
+                    return Ok(None);
                 };
                 self.header_len += n;
                 if self.header_len < HEADER_SIZE {
@@ -181,16 +193,11 @@ impl FrameReader {
                 self.header = Some(h);
             }
             if self.payload_len < self.payload.len() {
-                let n =
-                    match recv_with_fds(sock, &mut self.payload[self.payload_len..], &mut self.fds)
-                    {
-                        Ok(0) => return Err(ProtocolError::Disconnected),
-                        Ok(n) => n,
-                        Err(Errno::EAGAIN) => return Ok(None),
-                        Err(Errno::EINTR) => continue,
-                        Err(Errno::EMSGSIZE) => return Err(ProtocolError::FdsTruncated),
-                        Err(e) => return Err(e.into()),
-                    };
+                let Some(n) =
+                    recv_some(sock, &mut self.payload[self.payload_len..], &mut self.fds)?
+                else {
+                    return Ok(None);
+                };
                 self.payload_len += n;
                 continue;
             }

@@ -25,7 +25,7 @@ use vfud_protocol::messages::{DeviceInfo, MigState, Request, SetIrqs};
 use vfud_protocol::wire::put;
 use zerocopy::FromBytes;
 
-use crate::device::{BarBacking, BarIndex, BarKind, Device, DeviceCtx, DeviceDescription};
+use crate::device::{BarBacking, BarIndex, Device, DeviceCtx, DeviceDescription};
 use crate::dma::{ClientChannel, DmaTable, GuestMem};
 use crate::error::RequestError;
 use crate::irq::Interrupts;
@@ -1133,7 +1133,6 @@ impl DeviceServer {
                         spec.size
                     )));
                 }
-                let _io = spec.kind == BarKind::Io;
                 match (self.bar_target(bar, offset, len), access) {
                     (BarTarget::MsixTable(o), Access::Read(buf)) => {
                         buf.copy_from_slice(&self.msix_table[o as usize..(o + len) as usize]);
@@ -1218,7 +1217,7 @@ impl DeviceServer {
         match access {
             Access::Read(buf) => {
                 let v: u64 = match reg {
-                    v1::OFF_DEVICE_STATE => u64::from(v1_bits(self.mig.state)),
+                    v1::OFF_DEVICE_STATE => u64::from(v1::bits_for(self.mig.state)),
                     v1::OFF_PENDING_BYTES => self.v1_stage()? as u64,
                     v1::OFF_DATA_OFFSET => {
                         self.v1_stage()?;
@@ -1234,7 +1233,7 @@ impl DeviceServer {
             Access::Write(data) => match reg {
                 v1::OFF_DEVICE_STATE => {
                     let bits = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                    let target = v1_state(bits)
+                    let target = v1::state_for(bits)
                         .ok_or_else(|| einval(format!("invalid v1 device_state {bits:#x}")))?;
                     self.set_mig_state(target)?;
                     self.mig.v1_staged = 0;
@@ -1293,30 +1292,4 @@ impl Access<'_> {
 /// Send the fds of a reply as borrowed.
 pub fn borrowed(fds: &[OwnedFd]) -> Vec<std::os::fd::BorrowedFd<'_>> {
     fds.iter().map(|f| f.as_fd()).collect()
-}
-
-/// v1 `device_state` bits for a v2 state.
-fn v1_bits(s: MigState) -> u32 {
-    match s {
-        MigState::Running => v1::DEVICE_STATE_RUNNING,
-        MigState::PreCopy => v1::DEVICE_STATE_RUNNING | v1::DEVICE_STATE_SAVING,
-        MigState::StopCopy => v1::DEVICE_STATE_SAVING,
-        MigState::Resuming => v1::DEVICE_STATE_RESUMING,
-        _ => 0,
-    }
-}
-
-/// The v2 state a v1 `device_state` value asks for.
-fn v1_state(bits: u32) -> Option<MigState> {
-    const R: u32 = v1::DEVICE_STATE_RUNNING;
-    const S: u32 = v1::DEVICE_STATE_SAVING;
-    const RES: u32 = v1::DEVICE_STATE_RESUMING;
-    Some(match bits {
-        0 => MigState::Stop,
-        R => MigState::Running,
-        x if x == R | S => MigState::PreCopy,
-        S => MigState::StopCopy,
-        RES => MigState::Resuming,
-        _ => return None,
-    })
 }

@@ -30,16 +30,6 @@ pub struct Channel {
     ordering: u32,
 }
 
-fn v1_bits(s: MigState) -> u32 {
-    match s {
-        MigState::Running => v1::DEVICE_STATE_RUNNING,
-        MigState::PreCopy => v1::DEVICE_STATE_RUNNING | v1::DEVICE_STATE_SAVING,
-        MigState::StopCopy => v1::DEVICE_STATE_SAVING,
-        MigState::Resuming => v1::DEVICE_STATE_RESUMING,
-        _ => 0,
-    }
-}
-
 fn read_u64(c: &mut Client, region: u32, off: u64) -> Result<u64, ProtocolError> {
     let b = c.region_read(region, off, 8)?;
     Ok(u64::from_le_bytes(b.try_into().unwrap_or_default()))
@@ -131,9 +121,11 @@ impl Channel {
     pub fn set_state(&self, c: &mut Client, s: MigState) -> Result<(), ProtocolError> {
         match self.kind {
             ChannelKind::V2 => c.set_mig_state(s),
-            ChannelKind::V1 => {
-                c.region_write(self.region, v1::OFF_DEVICE_STATE, &v1_bits(s).to_le_bytes())
-            }
+            ChannelKind::V1 => c.region_write(
+                self.region,
+                v1::OFF_DEVICE_STATE,
+                &v1::bits_for(s).to_le_bytes(),
+            ),
         }
     }
 

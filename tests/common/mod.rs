@@ -24,14 +24,19 @@ pub struct Vfud {
 impl Vfud {
     /// Start `vfud serve --device SPEC --socket DIR/NAME.sock` with extra args.
     pub fn start(device: &str, extra: &[&str]) -> Vfud {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn(tempfile::tempdir().expect("tempdir"), device, extra)
+    }
+
+    /// Start with a temp dir chosen by the caller (for device options that name paths in it).
+    pub fn start_in(dir: tempfile::TempDir, device: &str) -> Vfud {
+        Self::spawn(dir, device, &[])
+    }
+
+    fn spawn(dir: tempfile::TempDir, device: &str, extra: &[&str]) -> Vfud {
         let model = device.split(',').next().unwrap_or(device);
         let socket = dir.path().join(format!("{model}.sock"));
         let child = Command::new(vfud_bin())
-            .arg("serve")
-            .arg("--device")
-            .arg(device)
-            .arg("--socket")
+            .args(["serve", "--device", device, "--socket"])
             .arg(&socket)
             .args(extra)
             .env(
@@ -45,27 +50,6 @@ impl Vfud {
             wait_for_path(&socket, Duration::from_secs(10)),
             "vfud did not create {}",
             socket.display()
-        );
-        Vfud { child, socket, dir }
-    }
-
-    /// Start with a temp dir chosen by the caller (for device options that name paths in it).
-    pub fn start_in(dir: tempfile::TempDir, device: &str) -> Vfud {
-        let model = device.split(',').next().unwrap_or(device);
-        let socket = dir.path().join(format!("{model}.sock"));
-        let child = Command::new(vfud_bin())
-            .args(["serve", "--device", device, "--socket"])
-            .arg(&socket)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn vfud");
-        assert!(
-            wait_for_path(&socket, Duration::from_secs(10)),
-            "vfud did not start"
         );
         Vfud { child, socket, dir }
     }
@@ -85,6 +69,38 @@ impl Drop for Vfud {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Zeroed memfd of `size` bytes, e.g. guest RAM to DMA-map.
+pub fn memfd(size: u64) -> std::fs::File {
+    let fd = nix::sys::memfd::memfd_create(c"vfud-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .expect("memfd");
+    let f = std::fs::File::from(fd);
+    f.set_len(size).expect("memfd size");
+    f
+}
+
+/// A non-blocking eventfd, as a VMM hands out for interrupts.
+pub fn eventfd() -> nix::sys::eventfd::EventFd {
+    nix::sys::eventfd::EventFd::from_value_and_flags(0, nix::sys::eventfd::EfdFlags::EFD_NONBLOCK)
+        .expect("eventfd")
+}
+
+/// Wait up to `ms` for an eventfd to fire; returns (and clears) its counter, 0 if it did not.
+pub fn wait_eventfd(e: &nix::sys::eventfd::EventFd, ms: u16) -> u64 {
+    use std::os::fd::AsFd;
+    let mut p = [nix::poll::PollFd::new(
+        e.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    if nix::poll::poll(&mut p, nix::poll::PollTimeout::from(ms)).unwrap_or(0) == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    match nix::unistd::read(e.as_fd(), &mut b) {
+        Ok(8) => u64::from_ne_bytes(b),
+        _ => 0,
     }
 }
 

@@ -404,6 +404,32 @@ pub mod v1 {
     /// Offset of `data_size`.
     pub const OFF_DATA_SIZE: u64 = 24;
 
+    /// `device_state` bits for a v2 state (STOP and anything without a v1 form read as 0).
+    pub fn bits_for(s: super::MigState) -> u32 {
+        use super::MigState;
+        match s {
+            MigState::Running => DEVICE_STATE_RUNNING,
+            MigState::PreCopy => DEVICE_STATE_RUNNING | DEVICE_STATE_SAVING,
+            MigState::StopCopy => DEVICE_STATE_SAVING,
+            MigState::Resuming => DEVICE_STATE_RESUMING,
+            _ => 0,
+        }
+    }
+
+    /// The v2 state a `device_state` value asks for; `None` for SAVING|RESUMING and unknown bits.
+    pub fn state_for(bits: u32) -> Option<super::MigState> {
+        use super::MigState;
+        const RS: u32 = DEVICE_STATE_RUNNING | DEVICE_STATE_SAVING;
+        Some(match bits {
+            0 => MigState::Stop,
+            DEVICE_STATE_RUNNING => MigState::Running,
+            RS => MigState::PreCopy,
+            DEVICE_STATE_SAVING => MigState::StopCopy,
+            DEVICE_STATE_RESUMING => MigState::Resuming,
+            _ => return None,
+        })
+    }
+
     /// The register block.
     #[derive(
         Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
