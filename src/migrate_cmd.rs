@@ -203,8 +203,13 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         })
     };
     let connect = |p: &PathBuf| -> Result<Endpoint> {
-        let mut e =
-            Endpoint::connect(p).with_context(|| format!("connecting to {}", p.display()))?;
+        let mut e = Endpoint::connect(p).with_context(|| {
+            format!(
+                "connecting to {} (a device that already has a client, such as QEMU, refuses a \
+                 second one: move it with --handover instead)",
+                p.display()
+            )
+        })?;
         if let Some(r) = ram(a.ram_mib)? {
             e = e.with_ram(r).context("mapping guest RAM")?;
         }
