@@ -137,6 +137,7 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
     }
     // The pause the client saw ends with the new process's first reply; ask it.
     let mut pause_ms = None;
+    let mut client_idle = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while pause_ms.is_none() && std::time::Instant::now() < deadline {
         if let Ok(s) = UnixStream::connect(to) {
@@ -144,6 +145,7 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
             if ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).is_ok() {
                 if let Ok(f) = ho::recv(&s, &mut r, Duration::from_secs(2)) {
                     let st: serde_json::Value = serde_json::from_slice(&f.payload)?;
+                    client_idle = st["handover_client_idle"].as_bool().unwrap_or(false);
                     if let (Some(first), Some(stopped)) = (
                         st["handover_first_reply_at_ns"].as_u64(),
                         st["handover_stopped_at_ns"].as_u64(),
@@ -154,7 +156,7 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
             }
         }
         if pause_ms.is_none() {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     let report = serde_json::json!({
@@ -165,6 +167,7 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
         "total_ms": done["total_ms"],
         "switchover_ms": done["switchover_ms"],
         "pause_ms": pause_ms,
+        "client_idle": client_idle,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -176,7 +179,11 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
             done["bytes"],
             done["stop_copy_bytes"],
             done["switchover_ms"].as_f64().unwrap_or(0.0),
-            pause_ms.map(|p| format!("{p:.2} ms")).unwrap_or_else(|| "not measured (the client sent nothing within 2 s)".into())
+            match (pause_ms, client_idle) {
+                (Some(p), false) => format!("{p:.2} ms"),
+                (Some(p), true) => format!("none (no request was waiting; at most {p:.2} ms)"),
+                (None, _) => "not measured".into(),
+            }
         );
     }
     Ok(())

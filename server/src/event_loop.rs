@@ -144,7 +144,11 @@ pub fn serve(
 struct HandoverStats {
     stopped_at_ns: u64,
     running_at_ns: u64,
+    /// First reply to a request that waited during the handover (or, when none waited, the
+    /// moment the device ran again).
     first_reply_at_ns: Option<u64>,
+    /// No request was waiting when the new process took over.
+    client_idle: bool,
 }
 
 /// An outgoing handover in progress (this process is A).
@@ -516,6 +520,7 @@ impl Loop {
                             "handover_stopped_at_ns": st.stopped_at_ns,
                             "handover_running_at_ns": st.running_at_ns,
                             "handover_first_reply_at_ns": st.first_reply_at_ns,
+                            "handover_client_idle": st.client_idle,
                         });
                         let (s, _) = self.controls.get(&t).ok_or("control gone")?;
                         handover::send_json(s.as_fd(), kind::EVENT, &ev).map_err(|e| e.to_string())
@@ -579,10 +584,25 @@ impl Loop {
                     self.set_listener(UnixListener::from(l))
                         .map_err(|e| e.to_string())?;
                 }
+                // Did a request wait while nobody read the socket? If not, the client saw no
+                // pause at all; the stop→running window bounds what it would have seen.
+                let running_at = handover::now_ns();
+                let waiting = self.server.client.as_ref().is_some_and(|c| {
+                    let mut b = [0u8; 1];
+                    matches!(
+                        nix::sys::socket::recv(
+                            c.stream.as_raw_fd(),
+                            &mut b,
+                            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                        ),
+                        Ok(n) if n > 0
+                    )
+                });
                 self.stats = Some(HandoverStats {
                     stopped_at_ns: info.stopped_at_unix_ns,
-                    running_at_ns: handover::now_ns(),
-                    first_reply_at_ns: None,
+                    running_at_ns: running_at,
+                    first_reply_at_ns: (!waiting).then_some(running_at),
+                    client_idle: !waiting,
                 });
                 tracing::info!(device = name, "device taken over, running");
                 let (s, _) = self.controls.get(&t).ok_or("control gone")?;
