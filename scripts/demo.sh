@@ -243,7 +243,7 @@ handover() {
   ((rc == 0)) || { show_log "vfud migrate" "$WORK/migrate.$to.err"; fail "handover $from → $to failed"; }
   info "report | $report"
   switchover=$(sed -n 's/.*switchover \([0-9.]* ms\).*/\1/p' <<<"$report")
-  pause=$(sed -n 's/.*client pause \([0-9.]* ms\).*/\1/p' <<<"$report")
+  pause=$(sed -n 's/.*client pause \(.*\)$/\1/p' <<<"$report")
   PAUSES+=("$from→$to: switchover ${switchover:-?}, client pause ${pause:-n/a};")
   # The old process lets go and exits 0 once the new one runs the device.
   for ((i = 0; i < 50; i++)); do
