@@ -43,8 +43,6 @@ fn attached(v: &Vfud) -> (Client, File) {
     (c, ram)
 }
 
-/// Wait up to `ms` for the eventfd to fire; returns its counter (0 = did not fire).
-
 fn w(c: &mut Client, off: u64, v: u32) {
     c.region_write_u32(BAR0, off, v).unwrap();
 }

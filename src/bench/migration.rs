@@ -1,0 +1,370 @@
+//! Migration: stream bandwidth, downtime, and the pause of a live handover.
+//!
+//! **Stream bandwidth** (`mig-data`): the bench-only [`super::bigmem`] device (256 MiB of
+//! device memory, filled with a pattern first) runs in a child process; the client walks it to
+//! STOP_COPY and reads the whole stream with 1 MiB MIG_DATA_READs. Each request is 24 bytes
+//! and each reply 1 MiB + 24 bytes, so the baseline is the same number of 24-byte requests
+//! answered with 1 MiB + 24-byte replies by the raw peer: the socket's bandwidth for exactly
+//! this exchange. Everything vfud does beyond that (producing the stream from device memory,
+//! checksumming it, framing and copying) shows as the ratio.
+//!
+//! **Downtime** (`downtime`): two bigmem servers, source memory filled with a pattern, and the
+//! migration driver ([`vfud::driver`]) moving the device between them. With PRE_COPY the memory
+//! is copied while the VM runs; 1% of its pages (655 of 65 536) are then rewritten through the
+//! BAR's fd, after their copy was sent and before the driver decides to stop, so they must go
+//! in the stop-copy phase — the dirtying a last pre-copy round always leaves behind. (It
+//! happens in `VmHooks::progress`, which the driver calls after a round's copy and before its
+//! convergence check; `VmHooks::tick` runs before the round's copy, so pages dirtied there
+//! would simply ride along in it.) The baseline is stop-and-copy of the same device with the
+//! same pages written before the stop: everything moves while the VM is stopped. The driver
+//! always pre-copies when the device offers it, so the baseline drives the same steps as the
+//! driver's stop phase (source to STOP_COPY, read until empty, restore config and interrupts,
+//! destination to RUNNING) through the driver's public [`Channel`] API, and times it the same
+//! way: from the stop to the destination running. Both runs check that the dirtied pages
+//! arrived.
+//!
+//! **Handover** (`handover`): `vfud serve --control` hands a running dma-engine, with its
+//! client attached, to a `vfud serve --incoming` process (`vfud migrate --handover --json`)
+//! while the client issues back-to-back 4-byte reads. Reported: the server-measured pause
+//! (`pause_ms`: from the old process stopping to the new one's first reply) and the longest
+//! read the client saw, each against the median read round trip measured just before.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vfud::driver::{self, vm, Channel, Endpoint, Options, Progress, VmHooks};
+use vfud_devices::dma_engine::reg;
+use vfud_protocol::messages::MigState;
+use vfud_protocol::Client;
+
+use super::bigmem::{MEMORY_BAR, MEMORY_SIZE};
+use super::harness::{median, seconds, Ctx, Goal, Row, Samples, Unit};
+use super::raw;
+
+const CHUNK: usize = 1 << 20;
+const PAGE: u64 = 4096;
+
+/// Fill the device memory of the device behind `c` with a pattern; returns its fd.
+fn fill_memory(c: &mut Client, seed: u8) -> Result<File> {
+    let (_, fd) = c.region_info(MEMORY_BAR)?;
+    let f = File::from(fd.context("device memory has no fd")?);
+    let buf: Vec<u8> = (0..CHUNK)
+        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+        .collect();
+    for off in (0..MEMORY_SIZE).step_by(CHUNK) {
+        f.write_all_at(&buf, off)?;
+    }
+    Ok(f)
+}
+
+/// Pages rewritten by [`dirty`]: 1% of the device memory, spread evenly.
+fn dirty_pages() -> impl Iterator<Item = u64> {
+    let pages = MEMORY_SIZE / PAGE;
+    (0..pages / 100).map(move |i| i * 100)
+}
+
+/// Rewrite 1% of the pages of device memory `mem` with `byte`.
+fn dirty(mem: &File, byte: u8) -> std::io::Result<()> {
+    let page = vec![byte; PAGE as usize];
+    for p in dirty_pages() {
+        mem.write_all_at(&page, p * PAGE)?;
+    }
+    Ok(())
+}
+
+/// Whether the destination's memory holds `byte` on every dirtied page.
+fn check_dirtied(dst: &mut Client, byte: u8) -> Result<()> {
+    let (_, fd) = dst.region_info(MEMORY_BAR)?;
+    let f = File::from(fd.context("device memory has no fd")?);
+    let mut page = vec![0u8; PAGE as usize];
+    for p in dirty_pages() {
+        f.read_exact_at(&mut page, p * PAGE)?;
+        if page.iter().any(|&b| b != byte) {
+            bail!("page {p} did not reach the destination");
+        }
+    }
+    Ok(())
+}
+
+/// Scenario `mig-data`.
+pub fn mig_data(ctx: &mut Ctx) -> Result<Vec<Row>> {
+    let (_srv, sock) = ctx.serve_bench_model("bigmem")?;
+    let mut c = Client::connect_negotiated(&sock)?;
+    fill_memory(&mut c, 0)?;
+    let mut r = ctx.raw(raw::Mode::Plain)?;
+    let req = raw::message(16 + 8, Some(16 + 8 + CHUNK));
+    let mut reply = vec![0u8; 16 + 8 + CHUNK];
+    let (mut v, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        c.set_mig_state(MigState::StopCopy)?;
+        let (mut bytes, mut reads) = (0usize, 0usize);
+        let s = seconds(|| {
+            loop {
+                let d = c.mig_data_read(CHUNK as u32)?;
+                if d.is_empty() {
+                    break;
+                }
+                bytes += d.len();
+                reads += 1;
+            }
+            anyhow::Ok(())
+        })?;
+        c.set_mig_state(MigState::Running)?;
+        if bytes < MEMORY_SIZE as usize {
+            bail!("stream of {bytes} bytes is shorter than the device memory");
+        }
+        v.push(bytes as f64 / s / 1e9);
+        let s = seconds(|| {
+            for _ in 0..reads {
+                r.round_trip(&req, &mut reply)?;
+            }
+            anyhow::Ok(())
+        })?;
+        b.push((reads * CHUNK) as f64 / s / 1e9);
+    }
+    Ok(vec![Row::new(
+        "mig-data 256 MiB in 1 MiB reads",
+        Unit::GBps,
+        median(v),
+        median(b),
+        "raw 24-byte request / 1 MiB+24-byte reply ping-pong, same count",
+        Goal::RatioMin(0.7),
+    )])
+}
+
+/// A downtime and its two parts: moving the data (source stopped → last byte written to the
+/// destination) and finishing (config and interrupts restored, destination to RUNNING, which
+/// is where the destination applies the stream). Milliseconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Downtime {
+    total: f64,
+    data: f64,
+    finish: f64,
+}
+
+/// Stop-and-copy without pre-copy, timed as the driver times downtime.
+fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
+    let ch = Channel::open(&mut src.client, false)?;
+    let dch = Channel::open(&mut dst.client, false)?;
+    dch.set_state(&mut dst.client, MigState::Resuming)?;
+    let stopped = Instant::now();
+    ch.set_state(&mut src.client, MigState::StopCopy)?;
+    loop {
+        let data = ch.read(&mut src.client, CHUNK as u32)?;
+        if data.is_empty() {
+            break;
+        }
+        dch.write(&mut dst.client, &data)?;
+    }
+    let data = stopped.elapsed().as_secs_f64() * 1000.0;
+    vm::restore_config(&mut src.client, &mut dst.client)?;
+    dst.irqs = src.irqs.try_clone()?;
+    dst.irqs.replay(&mut dst.client)?;
+    dch.set_state(&mut dst.client, MigState::Running)?;
+    let total = stopped.elapsed().as_secs_f64() * 1000.0;
+    ch.set_state(&mut src.client, MigState::Stop)?;
+    Ok(Downtime {
+        total,
+        data,
+        finish: total - data,
+    })
+}
+
+/// The VM of the pre-copy run: dirties 1% of device memory once its copy has been sent, and
+/// notes when the VM stops and when the stop-copy data is through (the driver reports phase
+/// "restore" right after it).
+struct Dirtier {
+    mem: File,
+    byte: u8,
+    done: bool,
+    error: Option<std::io::Error>,
+    stopped: Option<Instant>,
+    data_ms: f64,
+}
+
+impl VmHooks for Dirtier {
+    fn stop(&mut self, _src: &mut Endpoint) {
+        self.stopped = Some(Instant::now());
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        if p.phase == "precopy" && !self.done {
+            self.done = true;
+            self.error = dirty(&self.mem, self.byte).err();
+        }
+        if let (Some(t), "restore") = (self.stopped, p.phase) {
+            self.data_ms = t.elapsed().as_secs_f64() * 1000.0;
+        }
+    }
+}
+
+/// Two bigmem servers with the source memory filled; returns them with their endpoints.
+fn pair(ctx: &mut Ctx) -> Result<(Vec<super::harness::Proc>, Endpoint, Endpoint, File)> {
+    let (a, sa) = ctx.serve_bench_model("bigmem")?;
+    let (b, sb) = ctx.serve_bench_model("bigmem")?;
+    let mut src = Endpoint::connect(&sa)?;
+    let dst = Endpoint::connect(&sb)?;
+    let mem = fill_memory(&mut src.client, 1)?;
+    Ok((vec![a, b], src, dst, mem))
+}
+
+/// Scenario `downtime`.
+pub fn downtime(ctx: &mut Ctx) -> Result<Vec<Row>> {
+    let (mut stop, mut pre) = (Vec::new(), Vec::new());
+    for run in 0..2u8 {
+        let byte = 0xd0 + run;
+        {
+            let (_procs, mut src, mut dst, mem) = pair(ctx)?;
+            dirty(&mem, byte)?;
+            stop.push(stop_and_copy(&mut src, &mut dst)?);
+            check_dirtied(&mut dst.client, byte)?;
+        }
+        {
+            let (_procs, mut src, mut dst, mem) = pair(ctx)?;
+            let mut hooks = Dirtier {
+                mem,
+                byte,
+                done: false,
+                error: None,
+                stopped: None,
+                data_ms: 0.0,
+            };
+            let report = driver::migrate(&mut src, &mut dst, &Options::default(), &mut hooks)?;
+            if let Some(e) = hooks.error {
+                return Err(e).context("dirtying device memory");
+            }
+            if report.rounds == 0 {
+                bail!("the driver did not pre-copy");
+            }
+            check_dirtied(&mut dst.client, byte)?;
+            pre.push(Downtime {
+                total: report.downtime_ms,
+                data: hooks.data_ms,
+                finish: report.downtime_ms - hooks.data_ms,
+            });
+        }
+    }
+    const BASE: &str = "stop-and-copy of the same device (no pre-copy)";
+    let part = |v: &[Downtime], f: fn(&Downtime) -> f64| median(v.iter().map(f).collect());
+    Ok(vec![
+        Row::new(
+            "downtime 256 MiB, 1% dirtied",
+            Unit::Ms,
+            part(&pre, |d| d.total),
+            part(&stop, |d| d.total),
+            BASE,
+            Goal::RatioMax(0.2),
+        ),
+        Row::new(
+            "downtime   of which moving data",
+            Unit::Ms,
+            part(&pre, |d| d.data),
+            part(&stop, |d| d.data),
+            BASE,
+            Goal::None,
+        ),
+        Row::new(
+            "downtime   of which restore+RUNNING",
+            Unit::Ms,
+            part(&pre, |d| d.finish),
+            part(&stop, |d| d.finish),
+            BASE,
+            Goal::None,
+        ),
+    ])
+}
+
+/// Scenario `handover`.
+pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
+    let sock = ctx.path("dev");
+    let (a_ctl, b_ctl) = (ctx.path("a-ctl"), ctx.path("b-ctl"));
+    let _a = ctx.serve(
+        &[
+            "--device".into(),
+            "dma-engine".into(),
+            "--socket".into(),
+            sock.clone().into(),
+            "--control".into(),
+            a_ctl.clone().into(),
+        ],
+        &[sock.clone(), a_ctl.clone()],
+    )?;
+    let _b = ctx.serve(
+        &[
+            "--device".into(),
+            "dma-engine".into(),
+            "--incoming".into(),
+            b_ctl.clone().into(),
+        ],
+        std::slice::from_ref(&b_ctl),
+    )?;
+    let mut c = Client::connect_negotiated(&sock)?;
+    let mut base = Samples::default();
+    for i in 0..22_000 {
+        let t = Instant::now();
+        c.region_read(0, reg::ID, 4)?;
+        if i >= 2000 {
+            base.0.push(super::harness::ns(t));
+        }
+    }
+    let rtt_ms = base.percentile_us(50.0) / 1e3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<Samples> {
+            let mut s = Samples::default();
+            while !stop.load(Ordering::Relaxed) {
+                s.time(|| c.region_read(0, reg::ID, 4))?;
+            }
+            Ok(s)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let out = std::process::Command::new(ctx.exe())
+        .args(["migrate", "--handover", "--json", "--from"])
+        .arg(&a_ctl)
+        .arg("--to")
+        .arg(&b_ctl)
+        .env("RUST_LOG", "error")
+        .output()
+        .context("running vfud migrate --handover")?;
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    if !out.status.success() {
+        bail!(
+            "handover failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let pause = report["pause_ms"]
+        .as_f64()
+        .context("handover report has no pause_ms")?;
+    let longest = reads.0.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+    const BASE: &str = "median 4-byte REGION_READ round trip before the handover";
+    Ok(vec![
+        Row::new(
+            "handover pause (server)",
+            Unit::Ms,
+            pause,
+            rtt_ms,
+            BASE,
+            Goal::None,
+        ),
+        Row::new(
+            "handover longest client read",
+            Unit::Ms,
+            longest,
+            rtt_ms,
+            BASE,
+            Goal::None,
+        ),
+    ])
+}
