@@ -97,6 +97,8 @@ pub struct FrameReader {
     payload: Vec<u8>,
     payload_len: usize,
     fds: Vec<OwnedFd>,
+    /// Ancillary-data buffer, allocated once per reader rather than per `recvmsg`.
+    cmsg: Vec<u8>,
 }
 
 /// Receive into `buf`, appending any fds to `fds`. `Ok(0)` means EOF.
@@ -104,13 +106,16 @@ fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    cmsg: &mut Vec<u8>,
 ) -> Result<usize, Errno> {
-    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    if cmsg.capacity() == 0 {
+        *cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    }
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
-        Some(&mut cmsg),
+        Some(cmsg),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
     let n = msg.bytes;
@@ -136,9 +141,10 @@ fn recv_some(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    cmsg: &mut Vec<u8>,
 ) -> Result<Option<usize>, ProtocolError> {
     loop {
-        return match recv_with_fds(sock, buf, fds) {
+        return match recv_with_fds(sock, buf, fds, cmsg) {
             Ok(0) => Err(ProtocolError::Disconnected),
             Ok(n) => Ok(Some(n)),
             Err(Errno::EAGAIN) => Ok(None),
@@ -170,8 +176,12 @@ impl FrameReader {
     ) -> Result<Option<Frame>, ProtocolError> {
         loop {
             if self.header.is_none() {
-                let Some(n) =
-                    recv_some(sock, &mut self.header_buf[self.header_len..], &mut self.fds)?
+                let Some(n) = recv_some(
+                    sock,
+                    &mut self.header_buf[self.header_len..],
+                    &mut self.fds,
+                    &mut self.cmsg,
+                )?
                 else {
                     return Ok(None);
                 };
@@ -193,8 +203,12 @@ impl FrameReader {
                 self.header = Some(h);
             }
             if self.payload_len < self.payload.len() {
-                let Some(n) =
-                    recv_some(sock, &mut self.payload[self.payload_len..], &mut self.fds)?
+                let Some(n) = recv_some(
+                    sock,
+                    &mut self.payload[self.payload_len..],
+                    &mut self.fds,
+                    &mut self.cmsg,
+                )?
                 else {
                     return Ok(None);
                 };

@@ -294,11 +294,13 @@ impl DeviceServer {
         f(device.as_mut(), &mut cx)
     }
 
-    /// Run deferred device work (no client request is outstanding now).
-    pub fn run_deferred(&mut self) {
-        if !permits(self.mig.state).device_runs {
-            return;
+    /// Run deferred device work (no client request is outstanding now). Returns whether it
+    /// talked to the client (socket DMA), which may have left client bytes unread.
+    pub fn run_deferred(&mut self) -> bool {
+        if !permits(self.mig.state).device_runs || !self.work {
+            return false;
         }
+        let id_before = self.client.as_ref().map(|c| c.next_id);
         let mut rounds = 0;
         while self.work && rounds < 64 {
             self.work = false;
@@ -307,6 +309,7 @@ impl DeviceServer {
                 tracing::warn!(device = self.desc.name, "deferred work failed: {e}");
             }
         }
+        self.client.as_ref().map(|c| c.next_id) != id_before
     }
 
     /// A device event fd became readable.
@@ -766,6 +769,10 @@ impl DeviceServer {
                 // The incoming VM brings its own interrupt setup (replayed as deferred
                 // SET_IRQS); whatever this side had before must not linger.
                 self.irqs.disable_all();
+                // Restoring memory happens inside the downtime: take the page faults now.
+                for mem in self.bars.iter().flatten() {
+                    mem.prefault();
+                }
                 self.mig.resuming = true;
                 self.mig.config_written = false;
                 self.mig.deferred_irqs.clear();

@@ -244,9 +244,10 @@ pub fn serve_listener(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             lp.server.device_timer();
         }
-        lp.drain_deferred();
         // Socket DMA may have left client bytes unread; epoll is edge-triggered, so read on.
-        lp.read_client();
+        if lp.drain_deferred() {
+            lp.read_client();
+        }
         if lp.outgoing.is_some() && lp.handover_step() {
             tracing::info!(device = name, "device handed over; this process lets go");
             lp.server.release_after_handover();
@@ -369,24 +370,27 @@ impl Loop {
             if self.process_frame(frame).is_err() {
                 return self.disconnect("send failed");
             }
-            self.drain_deferred();
+            let _ = self.drain_deferred();
         }
     }
 
-    /// Run deferred work and any commands it had to set aside.
-    fn drain_deferred(&mut self) {
+    /// Run deferred work and any commands it had to set aside. Returns whether socket DMA
+    /// happened (client bytes may then be waiting unread).
+    fn drain_deferred(&mut self) -> bool {
+        let mut dma = false;
         loop {
-            self.server.run_deferred();
+            dma |= self.server.run_deferred();
             let Some(frame) = self
                 .server
                 .client
                 .as_mut()
                 .and_then(|c| c.backlog.pop_front())
             else {
-                return;
+                return dma;
             };
             if self.process_frame(frame).is_err() {
-                return self.disconnect("send failed");
+                self.disconnect("send failed");
+                return dma;
             }
         }
     }

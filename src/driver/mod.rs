@@ -211,7 +211,8 @@ fn run(
     }
     let ram = vm::RamSync::start(src, dst)?;
     p.ram_bytes = ram.copied;
-    let precopy = ch.supports_precopy(&mut src.client);
+    // `max_rounds: 0` asks for plain stop-and-copy.
+    let precopy = ch.supports_precopy(&mut src.client) && opts.max_rounds > 0;
     if precopy {
         ch.set_state(&mut src.client, MigState::PreCopy)
             .step("source to PRE_COPY")?;

@@ -17,8 +17,6 @@
 //! The destination stages everything and applies it only when it leaves RESUMING with a
 //! complete, valid stream; otherwise the device is left exactly as it was.
 
-use std::collections::VecDeque;
-
 use crate::migration::DeviceState;
 use crate::mmap::SharedMemory;
 
@@ -106,12 +104,12 @@ fn section_crc(kind: u16, flags: u16, payload: &[u8]) -> u32 {
 }
 
 /// Append one section to `out`.
-pub fn put_section(out: &mut VecDeque<u8>, kind: u16, payload: &[u8]) {
-    out.extend(kind.to_le_bytes());
-    out.extend(0u16.to_le_bytes());
-    out.extend(section_crc(kind, 0, payload).to_le_bytes());
-    out.extend((payload.len() as u64).to_le_bytes());
-    out.extend(payload.iter().copied());
+pub fn put_section(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&section_crc(kind, 0, payload).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
 }
 
 /// The stream header's contents.
@@ -176,7 +174,9 @@ pub struct FinalState {
 /// Produces the stream on the source.
 #[derive(Debug)]
 pub struct Saver {
-    out: VecDeque<u8>,
+    /// Produced bytes; `out[pos..]` has not been read yet.
+    out: Vec<u8>,
+    pos: usize,
     /// Copy of each shared BAR as last sent, to find changed pages.
     shadows: Vec<(usize, Vec<u8>)>,
     /// Next (shadow index, offset) of the initial full copy; `None` once sent.
@@ -189,7 +189,7 @@ pub struct Saver {
 impl Saver {
     /// Start a stream: the header is queued at once.
     pub fn new(header: &StreamHeader, bars: &[Option<SharedMemory>; 6]) -> Self {
-        let mut out = VecDeque::new();
+        let mut out = Vec::new();
         put_section(&mut out, kind::HEADER, &header.encode());
         let shadows = bars
             .iter()
@@ -199,11 +199,16 @@ impl Saver {
         let initial = (!shadows.is_empty()).then_some((0, 0));
         Self {
             out,
+            pos: 0,
             shadows,
             initial,
             finished: false,
             delta_bytes: 0,
         }
+    }
+
+    fn pending(&self) -> usize {
+        self.out.len() - self.pos
     }
 
     /// Initial data not yet read (the kernel's `initial_bytes`).
@@ -217,7 +222,7 @@ impl Saver {
                 .map(|(_, s)| s.len() as u64)
                 .sum::<u64>()
                 - off as u64;
-            n += self.out.len() as u64;
+            n += self.pending() as u64;
         }
         n
     }
@@ -229,7 +234,7 @@ impl Saver {
             return 0;
         }
         let mut page = vec![0u8; PAGE];
-        let mut n = self.out.len() as u64;
+        let mut n = self.pending() as u64;
         for (bar, shadow) in &self.shadows {
             let Some(mem) = &bars[*bar] else { continue };
             for (i, s) in shadow.chunks(PAGE).enumerate() {
@@ -244,7 +249,7 @@ impl Saver {
 
     /// Whether END has been produced and read.
     pub fn is_finished(&self) -> bool {
-        self.finished && self.out.is_empty()
+        self.finished && self.pending() == 0
     }
 
     fn memory_section(&mut self, bar: usize, offset: usize, data: &[u8]) {
@@ -281,7 +286,7 @@ impl Saver {
 
     /// Produce sections for pages that changed since sent; false when nothing changed.
     fn step_delta(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
-        let before = self.out.len();
+        let before = self.pending();
         let mut page = vec![0u8; PAGE];
         for si in 0..self.shadows.len() {
             let bar = self.shadows[si].0;
@@ -317,7 +322,7 @@ impl Saver {
                 self.memory_section(bar, o, &d);
             }
         }
-        self.out.len() > before
+        self.pending() > before
     }
 
     /// Fill up to `max` bytes. In pre-copy (`final_state` = None) only memory is produced and
@@ -331,7 +336,7 @@ impl Saver {
     ) -> Result<Vec<u8>, crate::DeviceError> {
         let stop_copy = final_state.is_some();
         let mut final_state = final_state;
-        while self.out.len() < max {
+        while self.pending() < max {
             if self.step_initial(bars) {
                 continue;
             }
@@ -352,8 +357,17 @@ impl Saver {
                 _ => break,
             }
         }
-        let n = self.out.len().min(max);
-        Ok(self.out.drain(..n).collect())
+        let n = self.pending().min(max);
+        let chunk = self.out[self.pos..self.pos + n].to_vec();
+        self.pos += n;
+        if self.pos == self.out.len() {
+            self.out.clear();
+            self.pos = 0;
+        } else if self.pos >= MEMORY_CHUNK * 4 {
+            self.out.drain(..self.pos);
+            self.pos = 0;
+        }
+        Ok(chunk)
     }
 
     /// Bytes the stop-copy phase would still produce (estimate for MIG_DATA_SIZE).
