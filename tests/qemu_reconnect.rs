@@ -50,7 +50,13 @@ fn second_qemu_attaches_to_same_vfud_and_device_memory_survives() {
     let log = first.wait_for_serial("first_guest_ready=", GUEST_TIMEOUT);
     let v = guest_values(&log);
     let get = |k: &str| v.get(k).map(String::as_str).unwrap_or("<missing>");
-    assert_eq!(get("first_guest_ready"), "0", "{}", first.diagnostics());
+    assert_eq!(
+        get("first_guest_ready"),
+        "0",
+        "{}\nvfud: {}",
+        first.diagnostics(),
+        if vfud.alive() { "alive" } else { "exited" }
+    );
     assert_eq!(get("marker_written"), MARKER, "{}", first.diagnostics());
     assert_eq!(get("fill_status"), "0x00000001", "{}", first.diagnostics());
     assert_eq!(get("fill_word"), "0xa5a5a5a5", "{}", first.diagnostics());

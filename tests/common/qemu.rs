@@ -570,7 +570,7 @@ run_op() {
   n=0
   while [ $(( $(rd 0x0c) & 4 )) -ne 0 ]; do
     n=$((n + 1))
-    if [ $n -gt 500 ]; then fail "still BUSY"; return 1; fi
+    if [ $n -gt 5000 ]; then fail "still BUSY: STATUS=$(rd 0x0c) CONTROL=$(rd 0x08)"; return 1; fi
   done
 }
 "#;
