@@ -89,17 +89,28 @@ pub struct Frame {
 
 /// Incremental frame assembler: call [`FrameReader::read_frame`] whenever the socket is
 /// readable (or in a loop on a blocking socket).
+///
+/// It reads whatever the socket has into a per-connection buffer — one `recvmsg` per wakeup
+/// rather than per header and payload — and cuts whole frames out of it. File descriptors are
+/// matched to frames by position: a Unix stream `recvmsg` stops right after the segment that
+/// carried descriptors, and a sender attaches them to the first byte of a message sent with one
+/// `sendmsg`, so they belong to the frame holding the last byte of the read that brought them.
 #[derive(Debug, Default)]
 pub struct FrameReader {
-    header_buf: [u8; HEADER_SIZE],
-    header_len: usize,
-    header: Option<Header>,
-    payload: Vec<u8>,
-    payload_len: usize,
-    fds: Vec<OwnedFd>,
+    buf: Vec<u8>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    consumed: u64,
+    /// Descriptors received, keyed by the stream offset of the last byte of their read.
+    fds: std::collections::VecDeque<(u64, Vec<OwnedFd>)>,
     /// Ancillary-data buffer, allocated once per reader rather than per `recvmsg`.
     cmsg: Vec<u8>,
 }
+
+/// Smallest receive buffer.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Receive into `buf`, appending any fds to `fds`. `Ok(0)` means EOF.
 fn recv_with_fds(
@@ -161,12 +172,12 @@ impl FrameReader {
         Self::default()
     }
 
-    /// Whether a frame is partly read.
+    /// Whether bytes or descriptors of a frame not yet returned are held here.
     pub fn in_progress(&self) -> bool {
-        self.header_len > 0 || !self.fds.is_empty()
+        self.end > self.start || !self.fds.is_empty()
     }
 
-    /// Read as much as is available. `Ok(Some(frame))` when a whole frame is in;
+    /// Return the next whole frame, reading from the socket only when the buffer holds none.
     /// `Ok(None)` when the socket would block. A malformed header is an error after which
     /// the stream cannot be resynchronised: the caller should drop the connection.
     pub fn read_frame(
@@ -175,56 +186,72 @@ impl FrameReader {
         limits: &Limits,
     ) -> Result<Option<Frame>, ProtocolError> {
         loop {
-            if self.header.is_none() {
-                let Some(n) = recv_some(
-                    sock,
-                    &mut self.header_buf[self.header_len..],
-                    &mut self.fds,
-                    &mut self.cmsg,
-                )?
-                else {
-                    return Ok(None);
-                };
-                self.header_len += n;
-                if self.header_len < HEADER_SIZE {
-                    continue;
-                }
-                let h = Header::read_from_bytes(&self.header_buf[..])
+            let avail = self.end - self.start;
+            let need = if avail >= HEADER_SIZE {
+                let h = Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_SIZE])
                     .map_err(|_| ProtocolError::MsgSizeTooSmall(0))?;
-                let len = h.payload_len()?;
+                h.payload_len()?;
                 if h.msg_size as usize > limits.max_msg_size {
                     return Err(ProtocolError::MsgTooLarge {
                         size: h.msg_size,
                         max: limits.max_msg_size,
                     });
                 }
-                self.payload = vec![0; len];
-                self.payload_len = 0;
-                self.header = Some(h);
-            }
-            if self.payload_len < self.payload.len() {
-                let Some(n) = recv_some(
-                    sock,
-                    &mut self.payload[self.payload_len..],
-                    &mut self.fds,
-                    &mut self.cmsg,
-                )?
-                else {
-                    return Ok(None);
-                };
-                self.payload_len += n;
-                continue;
-            }
-            let Some(header) = self.header.take() else {
-                continue;
+                let total = h.msg_size as usize;
+                if avail >= total {
+                    return Ok(Some(self.take_frame(h, total)));
+                }
+                total
+            } else {
+                HEADER_SIZE
             };
-            self.header_len = 0;
-            self.payload_len = 0;
-            return Ok(Some(Frame {
-                header,
-                payload: std::mem::take(&mut self.payload),
-                fds: std::mem::take(&mut self.fds),
-            }));
+            // Make room for at least the rest of this frame.
+            if self.buf.len() - self.start < need {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.buf.len() < need {
+                    self.buf.resize(need.max(READ_BUFFER), 0);
+                }
+            } else if self.buf.is_empty() {
+                self.buf.resize(READ_BUFFER, 0);
+            }
+            let mut fds = Vec::new();
+            let Some(n) = recv_some(sock, &mut self.buf[self.end..], &mut fds, &mut self.cmsg)?
+            else {
+                return Ok(None);
+            };
+            self.end += n;
+            if !fds.is_empty() {
+                let last = self.consumed + (self.end - self.start) as u64 - 1;
+                self.fds.push_back((last, fds));
+            }
+        }
+    }
+
+    fn take_frame(&mut self, header: Header, total: usize) -> Frame {
+        let payload = self.buf[self.start + HEADER_SIZE..self.start + total].to_vec();
+        let (lo, hi) = (self.consumed, self.consumed + total as u64);
+        let mut fds = Vec::new();
+        while self.fds.front().is_some_and(|(off, _)| *off < hi) {
+            if let Some((off, v)) = self.fds.pop_front() {
+                if off >= lo {
+                    fds.extend(v);
+                } else {
+                    tracing::debug!(n = v.len(), "closing descriptors that matched no frame");
+                }
+            }
+        }
+        self.start += total;
+        self.consumed = hi;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Frame {
+            header,
+            payload,
+            fds,
         }
     }
 }

@@ -364,3 +364,35 @@ fn frames_written_with_std_io_are_read_the_same() {
     assert_eq!(f.header, h);
     assert_eq!(f.payload, [3; 16]);
 }
+
+#[test]
+fn fds_of_several_buffered_frames_each_stay_with_their_frame() {
+    let (tx, rx) = pair();
+    let evs: Vec<OwnedFd> = (0..3).map(|_| eventfd_nb()).collect();
+    // Frames 0, 2 and 5 carry one fd each; all are sent before anything is read.
+    let with_fd = [Some(0usize), None, Some(1), None, None, Some(2), None];
+    for (i, fd) in with_fd.iter().enumerate() {
+        let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|k| evs[*k].as_fd()).collect();
+        send_message(
+            tx.as_fd(),
+            &command(Command::RegionRead, i),
+            &[&vec![i as u8; i]],
+            &fds,
+        )
+        .expect("send");
+    }
+    let mut reader = FrameReader::new();
+    let l = Limits::default();
+    for (i, fd) in with_fd.iter().enumerate() {
+        let f = recv_frame_with(&mut reader, &rx, &l).expect("frame");
+        assert_eq!(f.payload, vec![i as u8; i], "frame {i} payload");
+        match fd {
+            Some(k) => {
+                assert_eq!(f.fds.len(), 1, "frame {i}");
+                assert!(same_file(f.fds[0].as_fd(), evs[*k].as_fd()), "frame {i}");
+            }
+            None => assert!(f.fds.is_empty(), "frame {i} has no fds"),
+        }
+    }
+    assert!(!reader.in_progress());
+}
