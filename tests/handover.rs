@@ -99,23 +99,30 @@ impl Setup {
     fn p(&self, n: &str) -> PathBuf {
         self.dir.path().join(n)
     }
+
+    /// The old process: `spec` on the shared device socket, with control socket `ctl`.
+    fn old(&self, spec: &str, ctl: &Path) -> Proc {
+        let (sock, ctl_s) = (self.sock.to_str().unwrap(), ctl.to_str().unwrap());
+        serve(
+            &["--device", spec, "--socket", sock, "--control", ctl_s],
+            ctl,
+        )
+    }
+
+    /// A new process waiting on `ctl` for a handover.
+    fn new_process(&self, spec: &str, ctl: &Path) -> Proc {
+        serve(
+            &["--device", spec, "--incoming", ctl.to_str().unwrap()],
+            ctl,
+        )
+    }
 }
 
 #[test]
 fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
     let s = Setup::new();
     let (a_ctl, b_ctl, c_ctl) = (s.p("a.ctl"), s.p("b.ctl"), s.p("c.ctl"));
-    let mut a = serve(
-        &[
-            "--device",
-            "dma-engine",
-            "--socket",
-            s.sock.to_str().unwrap(),
-            "--control",
-            a_ctl.to_str().unwrap(),
-        ],
-        &a_ctl,
-    );
+    let mut a = s.old("dma-engine", &a_ctl);
     let mut c = Client::connect_negotiated(&s.sock).unwrap();
     let ram = File::from(
         nix::sys::memfd::memfd_create(c"ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
@@ -141,15 +148,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
     c.region_write(2, 0x800, b"device memory moves too")
         .unwrap();
 
-    let mut b = serve(
-        &[
-            "--device",
-            "dma-engine",
-            "--incoming",
-            b_ctl.to_str().unwrap(),
-        ],
-        &b_ctl,
-    );
+    let mut b = s.new_process("dma-engine", &b_ctl);
     // The client keeps issuing back-to-back reads during the handover.
     let out = std::thread::scope(|sc| {
         let h = sc.spawn(|| handover(&a_ctl, &b_ctl));
@@ -188,15 +187,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
     assert_eq!(fired(&irq, 2000), 1, "interrupts reach the same eventfd");
 
     // And again, to a third process.
-    let _c3 = serve(
-        &[
-            "--device",
-            "dma-engine",
-            "--incoming",
-            c_ctl.to_str().unwrap(),
-        ],
-        &c_ctl,
-    );
+    let _c3 = s.new_process("dma-engine", &c_ctl);
     let out = handover(&b_ctl, &c_ctl);
     assert!(
         out.status.success(),
@@ -224,17 +215,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
 fn a_failed_handover_leaves_the_old_process_serving() {
     let s = Setup::new();
     let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
-    let mut a = serve(
-        &[
-            "--device",
-            "dma-engine",
-            "--socket",
-            s.sock.to_str().unwrap(),
-            "--control",
-            a_ctl.to_str().unwrap(),
-        ],
-        &a_ctl,
-    );
+    let mut a = s.old("dma-engine", &a_ctl);
     let mut c = Client::connect_negotiated(&s.sock).unwrap();
     c.region_write(2, 0, b"still here").unwrap();
     // Nobody listens on the destination.
@@ -244,13 +225,8 @@ fn a_failed_handover_leaves_the_old_process_serving() {
     assert_eq!(c.region_read(2, 0, 10).unwrap(), b"still here");
     // A destination of another model refuses.
     let host = s.p("u.host");
-    let _b = serve(
-        &[
-            "--device",
-            &format!("uart16550,backend=socket:{}", host.display()),
-            "--incoming",
-            b_ctl.to_str().unwrap(),
-        ],
+    let _b = s.new_process(
+        &format!("uart16550,backend=socket:{}", host.display()),
         &b_ctl,
     );
     let out = handover(&a_ctl, &b_ctl);
@@ -275,17 +251,7 @@ fn a_failed_handover_leaves_the_old_process_serving() {
 fn the_destination_dying_mid_handover_leaves_the_old_process_serving() {
     let s = Setup::new();
     let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
-    let _a = serve(
-        &[
-            "--device",
-            "dma-engine",
-            "--socket",
-            s.sock.to_str().unwrap(),
-            "--control",
-            a_ctl.to_str().unwrap(),
-        ],
-        &a_ctl,
-    );
+    let _a = s.old("dma-engine", &a_ctl);
     let mut c = Client::connect_negotiated(&s.sock).unwrap();
     c.region_write(2, 0x40, b"survives").unwrap();
     // A fake destination that accepts, answers READY, then vanishes.
@@ -319,17 +285,7 @@ fn uart_host_connection_and_bytes_survive_handovers() {
     let host = s.p("uart.host");
     let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
     let spec = format!("uart16550,backend=socket:{}", host.display());
-    let mut a = serve(
-        &[
-            "--device",
-            &spec,
-            "--socket",
-            s.sock.to_str().unwrap(),
-            "--control",
-            a_ctl.to_str().unwrap(),
-        ],
-        &a_ctl,
-    );
+    let mut a = s.old(&spec, &a_ctl);
     assert!(common::wait_for_path(&host, Duration::from_secs(5)));
     let mut h = UnixStream::connect(&host).unwrap();
     h.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -340,15 +296,7 @@ fn uart_host_connection_and_bytes_survive_handovers() {
     }
     h.write_all(b"in1").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let _b = serve(
-        &[
-            "--device",
-            "uart16550,backend=null",
-            "--incoming",
-            b_ctl.to_str().unwrap(),
-        ],
-        &b_ctl,
-    );
+    let _b = s.new_process("uart16550,backend=null", &b_ctl);
     let out = handover(&a_ctl, &b_ctl);
     assert!(
         out.status.success(),
