@@ -1091,9 +1091,10 @@ impl DeviceServer {
             }
             n => return Err(einval(format!("no region {n}"))),
         }
+        let has_caps = !caps.is_empty();
         let payload = RegionInfoReply { info, caps }.encode(r.argsz);
-        // No fd when the caps did not fit: the client will ask again.
-        if payload.len() < 32 + 8 && info.flags & REGION_FLAG_MMAP != 0 {
+        // No fd when the caps did not fit (the reply is the bare struct): the client asks again.
+        if has_caps && payload.len() == std::mem::size_of::<RegionInfo>() {
             fds.clear();
         }
         Ok(Reply { payload, fds })
