@@ -12,7 +12,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE, STATUS_DONE};
@@ -43,16 +43,7 @@ impl Proc {
 }
 
 fn serve(args: &[&str], wait_for: &Path) -> Proc {
-    let child = Command::new(common::vfud_bin())
-        .arg("serve")
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = common::serve_command().args(args).spawn().unwrap();
     assert!(common::wait_for_path(wait_for, Duration::from_secs(10)));
     Proc(child)
 }

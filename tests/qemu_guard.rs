@@ -55,14 +55,9 @@ struct Server {
 impl Server {
     fn start(dir: &Path, name: &str) -> Server {
         let socket = dir.join(format!("{name}.sock"));
-        let child = Command::new(vfud_bin())
-            .args(["serve", "--device", "dma-engine", "--socket"])
+        let child = common::serve_command()
+            .args(["--device", "dma-engine", "--socket"])
             .arg(&socket)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
             .spawn()
             .expect("spawn vfud serve");
         assert!(

@@ -124,14 +124,8 @@ struct Vfud(Child);
 impl Vfud {
     /// `vfud serve ARGS`, once `ready` exists.
     fn serve(args: &[&str], ready: &Path) -> Vfud {
-        let child = Command::new(common::vfud_bin())
-            .arg("serve")
+        let child = common::serve_command()
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
             .spawn()
             .expect("spawn vfud");
         let mut v = Vfud(child);

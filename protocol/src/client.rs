@@ -185,34 +185,6 @@ impl Client {
         }
     }
 
-    /// Process pending server requests without sending anything (e.g. while idle), waiting
-    /// at most `timeout` for the first one. Returns how many were served.
-    pub fn poll_server_requests(&mut self, timeout: Duration) -> Result<usize, ProtocolError> {
-        self.stream.set_read_timeout(Some(timeout))?;
-        let mut served = 0;
-        let r = loop {
-            match self.reader.read_frame(self.stream.as_fd(), &self.limits) {
-                Ok(Some(frame)) => match frame.header.kind()? {
-                    MessageKind::Command { no_reply } => {
-                        self.serve_server_request(&frame, no_reply)?;
-                        served += 1;
-                        self.stream
-                            .set_read_timeout(Some(Duration::from_millis(1)))?;
-                    }
-                    _ => break Err(ProtocolError::UnexpectedReply("unsolicited reply".into())),
-                },
-                Ok(None) => break Ok(served),
-                Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    break Ok(served)
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        self.stream
-            .set_read_timeout(Some(Duration::from_secs(30)))?;
-        r
-    }
-
     fn serve_server_request(&mut self, f: &Frame, no_reply: bool) -> Result<(), ProtocolError> {
         let sock = self.stream.as_fd();
         let cmd = Command::try_from(f.header.cmd);

@@ -64,6 +64,18 @@ pub struct ClientConn {
     pub next_id: u16,
 }
 
+impl ClientConn {
+    /// A connection on a non-blocking socket; server→client request ids start at `first_id`.
+    pub fn new(stream: UnixStream, first_id: u16) -> Self {
+        Self {
+            stream,
+            reader: FrameReader::new(),
+            backlog: VecDeque::new(),
+            next_id: first_id,
+        }
+    }
+}
+
 /// One device and all server-side emulation around it.
 pub struct DeviceServer {
     device: Box<dyn Device>,
@@ -708,12 +720,7 @@ impl DeviceServer {
             stream
                 .set_nonblocking(true)
                 .map_err(|e| RequestError::new(Errno::EIO, e.to_string()))?;
-            self.client = Some(ClientConn {
-                stream,
-                reader: FrameReader::new(),
-                backlog: VecDeque::new(),
-                next_id: 0x8000,
-            });
+            self.client = Some(ClientConn::new(stream, 0x8000));
         }
         Ok(())
     }

@@ -321,12 +321,7 @@ impl Loop {
                         Interest::READABLE,
                     )?;
                     tracing::info!(device = self.server.description().name, "client connected");
-                    self.server.client = Some(crate::dispatch::ClientConn {
-                        stream,
-                        reader: Default::default(),
-                        backlog: Default::default(),
-                        next_id: 0,
-                    });
+                    self.server.client = Some(crate::dispatch::ClientConn::new(stream, 0));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -14,6 +14,18 @@ pub fn vfud_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vfud")
 }
 
+/// `vfud serve`, with the test's `RUST_LOG` (default `warn`) and no stdin; add arguments.
+pub fn serve_command() -> Command {
+    let mut c = Command::new(vfud_bin());
+    c.arg("serve")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null());
+    c
+}
+
 /// A `vfud serve` child process, killed on drop.
 pub struct Vfud {
     pub child: Child,
@@ -35,15 +47,10 @@ impl Vfud {
     fn spawn(dir: tempfile::TempDir, device: &str, extra: &[&str]) -> Vfud {
         let model = device.split(',').next().unwrap_or(device);
         let socket = dir.path().join(format!("{model}.sock"));
-        let child = Command::new(vfud_bin())
-            .args(["serve", "--device", device, "--socket"])
+        let child = serve_command()
+            .args(["--device", device, "--socket"])
             .arg(&socket)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
             .spawn()
             .expect("spawn vfud");
         assert!(
