@@ -329,8 +329,10 @@ pub fn refusal_message(
     let _ = write!(
         m,
         "  - to move the VM to another QEMU, use a QEMU whose {VFIO_USER_PCI} has \
-         `{ENABLE_MIGRATION}`, or unplug the vfio-user devices (`device_del`, the guest \
-         sees the removal) before migrating and attach them again on the destination"
+         `{ENABLE_MIGRATION}`, or move it with `vfud qemu-migrate --replug`, which unplugs \
+         the vfio-user devices before migrating and plugs them in again on the destination \
+         (the guest sees a hot-unplug and a hot-plug; the devices must sit behind a \
+         pcie-root-port)"
     );
     m
 }
@@ -420,6 +422,7 @@ mod tests {
         assert!(m.contains("freshly reset device"));
         assert!(m.contains("vfud migrate --handover"));
         assert!(m.contains("(status: running)"));
+        assert!(m.contains("--replug"));
     }
 
     #[test]

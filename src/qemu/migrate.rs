@@ -2,11 +2,14 @@
 //! destination's start.
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use vfud::qmp::Qmp;
+
+use super::Progress;
 
 /// Interval between `query-migrate` polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -36,6 +39,20 @@ pub fn query_status(q: &mut Qmp) -> Result<String> {
         .ok_or_else(|| anyhow!("query-status: no status in {v}"))
 }
 
+/// Refuse unless the destination QEMU at `path` waits for an incoming migration.
+pub fn ensure_incoming(q: &mut Qmp, path: &Path, uri: &str) -> Result<()> {
+    let st = query_status(q)?;
+    if st != "inmigrate" {
+        bail!(
+            "the destination QEMU ({}) is not waiting for a migration (status {st}): \
+             start it with `-incoming {uri}` (or `-incoming defer` and QMP \
+             `migrate-incoming`)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuse when a migration is already under way or QEMU reports blockers.
 pub fn preflight_source(q: &mut Qmp) -> Result<()> {
     let v = q.execute("query-migrate", None)?;
@@ -59,9 +76,26 @@ pub fn preflight_source(q: &mut Qmp) -> Result<()> {
     Ok(())
 }
 
+/// What QEMU reported about a completed migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// `total-time`, ms.
+    pub total_ms: u64,
+    /// `downtime` (the VM paused for the switchover), ms.
+    pub downtime_ms: u64,
+}
+
 /// Send `migrate` and poll `query-migrate` until it completes; cancel at `deadline`.
-pub fn migrate(q: &mut Qmp, uri: &str, deadline: Instant, vfio_user_devices: usize) -> Result<()> {
-    println!("migrating to {uri}");
+/// `vfio_user_devices` is how many vfio-user devices the migrating VM has: QEMU must then
+/// have transferred vfio state.
+pub fn migrate(
+    q: &mut Qmp,
+    uri: &str,
+    deadline: Instant,
+    vfio_user_devices: usize,
+    out: Progress,
+) -> Result<MigrationStats> {
+    out.line(format_args!("migrating to {uri}"));
     let started = Instant::now();
     if let Err(e) = q.try_execute("migrate", Some(json!({ "uri": uri })))? {
         bail!("QEMU refused to start the migration: {e} (the source VM keeps running)");
@@ -72,11 +106,11 @@ pub fn migrate(q: &mut Qmp, uri: &str, deadline: Instant, vfio_user_devices: usi
         let v = q.execute("query-migrate", None)?;
         let status = v["status"].as_str().unwrap_or("none").to_string();
         if status != last_status || last_print.elapsed() >= PROGRESS_INTERVAL {
-            println!(
+            out.line(format_args!(
                 "  {:>6.1?} {}",
                 started.elapsed(),
                 progress_line(&status, &v)
-            );
+            ));
             last_status = status.clone();
             last_print = Instant::now();
         }
@@ -84,7 +118,9 @@ pub fn migrate(q: &mut Qmp, uri: &str, deadline: Instant, vfio_user_devices: usi
             "completed" => {
                 let total = v["total-time"].as_u64().unwrap_or(0);
                 let downtime = v["downtime"].as_u64().unwrap_or(0);
-                println!("migration completed in {total} ms (downtime {downtime} ms)");
+                out.line(format_args!(
+                    "migration completed in {total} ms (downtime {downtime} ms)"
+                ));
                 let vfio = v["vfio"]["transferred"].as_u64().unwrap_or(0);
                 if vfio_user_devices > 0 && vfio == 0 {
                     bail!(
@@ -94,7 +130,10 @@ pub fn migrate(q: &mut Qmp, uri: &str, deadline: Instant, vfio_user_devices: usi
                          elsewhere before checking them"
                     );
                 }
-                return Ok(());
+                return Ok(MigrationStats {
+                    total_ms: total,
+                    downtime_ms: downtime,
+                });
             }
             "failed" | "cancelled" => {
                 let desc = v["error-desc"].as_str().unwrap_or("no error description");
@@ -131,7 +170,12 @@ pub fn progress_line(status: &str, v: &Value) -> String {
 }
 
 /// Wait until the destination QEMU has loaded the VM and (if the source ran) runs it.
-pub fn wait_destination(q: &mut Qmp, expect_running: bool, deadline: Instant) -> Result<()> {
+pub fn wait_destination(
+    q: &mut Qmp,
+    expect_running: bool,
+    deadline: Instant,
+    out: Progress,
+) -> Result<()> {
     loop {
         let st = query_status(q)?;
         let done = if expect_running {
@@ -140,7 +184,7 @@ pub fn wait_destination(q: &mut Qmp, expect_running: bool, deadline: Instant) ->
             st != "inmigrate"
         };
         if done {
-            println!("destination status: {st}");
+            out.line(format_args!("destination status: {st}"));
             return Ok(());
         }
         if st == "guest-panicked" || st == "internal-error" || st == "shutdown" {

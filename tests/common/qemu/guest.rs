@@ -1,7 +1,9 @@
 //! Guest scripts: shell preludes for the busybox initramfs and the result lines they print.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::process::Qemu;
 
 /// Deadline for a Linux guest to print `VFUD-GUEST-EXIT` (TCG boot + test ≈ 5–10 s).
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -121,4 +123,65 @@ pub fn guest_values(log: &str) -> HashMap<String, String> {
         }
     }
     m
+}
+
+/// Deadline for a ticking guest (see [`last_tick`]) to print its next tick.
+pub const TICK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The values of the last complete `VFUD-TEST: tick=N k=v …` line of a serial log: guests
+/// that run for a while print one such line per step.
+pub fn last_tick(log: &str) -> Option<(u64, HashMap<String, String>)> {
+    let complete = &log[..log.rfind('\n')?];
+    complete.lines().rev().find_map(|line| {
+        let rest = &line[line.find(GUEST_RESULT_PREFIX)? + GUEST_RESULT_PREFIX.len()..];
+        let m: HashMap<String, String> = rest
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let n = m.get("tick")?.parse().ok()?;
+        Some((n, m))
+    })
+}
+
+impl Qemu {
+    /// Wait (up to [`TICK_TIMEOUT`]) for a tick numbered above `after` on the serial console.
+    pub fn wait_tick(&mut self, after: u64) -> (u64, HashMap<String, String>) {
+        self.wait_tick_where(after, |_| true)
+    }
+
+    /// Wait (up to [`TICK_TIMEOUT`] per tick) for a tick numbered above `after` whose values
+    /// satisfy `want`.
+    pub fn wait_tick_where(
+        &mut self,
+        after: u64,
+        want: impl Fn(&HashMap<String, String>) -> bool,
+    ) -> (u64, HashMap<String, String>) {
+        let mut after = after;
+        let mut deadline = Instant::now() + TICK_TIMEOUT;
+        loop {
+            if let Some((n, m)) = last_tick(&self.serial_log()) {
+                if n > after {
+                    if want(&m) {
+                        return (n, m);
+                    }
+                    after = n;
+                    deadline = Instant::now() + TICK_TIMEOUT;
+                }
+            }
+            if let Some(st) = self.try_exit() {
+                panic!(
+                    "QEMU exited ({st}) waiting for a tick after {after}\n{}",
+                    self.diagnostics()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no wanted guest tick after {after} within {TICK_TIMEOUT:?}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -19,7 +19,10 @@ use super::qmp::{self, Qmp, QmpError, QMP_TIMEOUT};
 /// How to start QEMU; build with the methods, then [`QemuOpts::start`].
 #[derive(Clone, Debug, Default)]
 pub struct QemuOpts {
-    devices: Vec<PathBuf>,
+    /// vfio-user sockets, each with an optional `(id, root port)`.
+    devices: Vec<(PathBuf, Option<(String, String)>)>,
+    root_ports: Vec<String>,
+    incoming: Option<String>,
     guest_script: Option<String>,
     append: Vec<String>,
     extra: Vec<String>,
@@ -34,7 +37,30 @@ impl QemuOpts {
 
     /// Attach a `vfio-user-pci` device connected to the vfud socket `path`.
     pub fn device(mut self, path: impl AsRef<Path>) -> Self {
-        self.devices.push(path.as_ref().to_path_buf());
+        self.devices.push((path.as_ref().to_path_buf(), None));
+        self
+    }
+
+    /// Add a `pcie-root-port` with this id on `pcie.0`: a slot where a device can be
+    /// hot-unplugged and hot-plugged (q35's root bus has none).
+    pub fn root_port(mut self, id: &str) -> Self {
+        self.root_ports.push(id.to_string());
+        self
+    }
+
+    /// Attach a `vfio-user-pci` device with `id`, connected to the vfud socket `path`, behind
+    /// the root port `port` (see [`QemuOpts::root_port`]).
+    pub fn device_on(mut self, path: impl AsRef<Path>, id: &str, port: &str) -> Self {
+        self.devices.push((
+            path.as_ref().to_path_buf(),
+            Some((id.to_string(), port.to_string())),
+        ));
+        self
+    }
+
+    /// Wait for an incoming migration on `uri` (`-incoming`) instead of starting the VM.
+    pub fn incoming(mut self, uri: &str) -> Self {
+        self.incoming = Some(uri.to_string());
         self
     }
 
@@ -99,12 +125,26 @@ impl QemuOpts {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
         ];
-        for sock in &self.devices {
+        for (chassis, id) in self.root_ports.iter().enumerate() {
+            args.extend([
+                "-device".into(),
+                format!("pcie-root-port,id={id},bus=pcie.0,chassis={}", chassis + 1),
+            ]);
+        }
+        for (sock, place) in &self.devices {
             let sock = fs::canonicalize(sock)
                 .unwrap_or_else(|e| panic!("vfio-user socket {}: {e}", sock.display()));
             bind_dirs.push(sock.parent().expect("socket dir").to_path_buf());
-            let dev = json!({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}});
+            let mut dev =
+                json!({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}});
+            if let Some((id, port)) = place {
+                dev["id"] = json!(id);
+                dev["bus"] = json!(port);
+            }
             args.extend(["-device".into(), dev.to_string()]);
+        }
+        if let Some(uri) = &self.incoming {
+            args.extend(["-incoming".into(), uri.clone()]);
         }
         if let Some(script) = &self.guest_script {
             let initrd = d.join("initramfs.cpio.gz");
@@ -365,7 +405,8 @@ impl Qemu {
         self.wait_exit(QMP_TIMEOUT)
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL QEMU's process group now and reap it (as a crash would end it).
+    pub fn kill(&mut self) {
         if self.try_exit().is_some() {
             return;
         }
