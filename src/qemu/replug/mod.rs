@@ -151,7 +151,7 @@ fn move_vm(
             if let Some(i) = e.pending {
                 report.devices[i].plugged = Plugged::PendingUnplug;
             }
-            return Err(e.error.context(back));
+            return Err(after_rollback(e.error, back));
         }
     }
     report.phase("unplug", t.elapsed());
@@ -163,7 +163,7 @@ fn move_vm(
         Err(e) => {
             report.phase("migrate", t.elapsed());
             let back = m.back_on_source(&all(placements), report, false);
-            return Err(e.context(back));
+            return Err(after_rollback(e, back));
         }
     }
     report.phase("migrate", t.elapsed());
@@ -172,7 +172,7 @@ fn move_vm(
     let t = Instant::now();
     if let Err(e) = wait_destination(&mut m.dst, m.was_running, deadline, out) {
         let back = m.back_on_source(&all(placements), report, true);
-        return Err(e.context(back));
+        return Err(after_rollback(e, back));
     }
     report.phase("destination-start", t.elapsed());
 
@@ -202,7 +202,7 @@ fn move_vm(
                     u.error
                 ),
             };
-            return Err(e.context(back));
+            return Err(after_rollback(e, back));
         }
     }
     report.phase("replug", t.elapsed());
@@ -219,6 +219,11 @@ fn move_vm(
     }
     report.moved = true;
     Ok(())
+}
+
+/// The error of a failed step, followed by how the way back left the source.
+fn after_rollback(e: anyhow::Error, back: String) -> anyhow::Error {
+    anyhow!("{e:#}\n{back}")
 }
 
 /// How long to wait for the guest to release devices when undoing a failed step.
