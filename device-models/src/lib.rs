@@ -131,6 +131,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn dma_engine_msix_off_leaves_msix_out_and_keeps_msi() {
+        let on = create("dma-engine").unwrap().describe();
+        let off = create("dma-engine,msix=off").unwrap().describe();
+
+        assert!(on.irqs.msix.is_some());
+        assert!(off.irqs.msix.is_none());
+        assert_eq!(off.irqs.msi_vectors, on.irqs.msi_vectors);
+    }
+
     fn refusal(spec: &str) -> String {
         create(spec)
             .err()
