@@ -3,7 +3,7 @@
 mod bench;
 mod migrate_cmd;
 mod probe;
-mod qemu_guard;
+mod qemu;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,7 +40,7 @@ enum Cmd {
     Devices,
     /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
     /// cannot migrate device state (QEMU 11.1 would silently drop it).
-    QemuMigrate(qemu_guard::QemuMigrateArgs),
+    QemuMigrate(qemu::QemuMigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -181,7 +181,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve(a) => serve(a),
         Cmd::Probe { socket } => probe::run(&socket),
-        Cmd::QemuMigrate(a) => qemu_guard::run(&a),
+        Cmd::QemuMigrate(a) => qemu::run(&a),
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Devices => {

@@ -53,16 +53,27 @@ pub const MODELS: &[Model] = &[
     Model {
         name: "dma-engine",
         help: "DMA controller: COPY/FILL/CRC32 over guest and device memory, MSI-X/MSI/INTx",
-        options: &[(
-            "slice",
-            "bytes a job moves per event-loop turn (default 1 MiB)",
-        )],
+        options: &[
+            (
+                "slice",
+                "bytes a job moves per event-loop turn (default 1 MiB)",
+            ),
+            (
+                "msix",
+                "on or off (default on); off lets QEMU 11.1 unplug it (qemu-migrate --replug)",
+            ),
+        ],
         create: |o| {
             let slice = o
                 .number("slice")?
                 .unwrap_or(u64::from(dma_engine::DEFAULT_SLICE));
             let slice = u32::try_from(slice).map_err(|_| "slice is too large".to_string())?;
-            Ok(Box::new(dma_engine::DmaEngine::with_slice(slice)))
+            let engine = dma_engine::DmaEngine::with_slice(slice);
+            Ok(Box::new(match o.get("msix") {
+                None | Some("on") => engine,
+                Some("off") => engine.without_msix(),
+                Some(v) => return Err(format!("option msix={v}: give on or off")),
+            }))
         },
     },
     Model {
@@ -120,6 +131,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn dma_engine_msix_off_leaves_msix_out_and_keeps_msi() {
+        let on = create("dma-engine").unwrap().describe();
+        let off = create("dma-engine,msix=off").unwrap().describe();
+
+        assert!(on.irqs.msix.is_some());
+        assert!(off.irqs.msix.is_none());
+        assert_eq!(off.irqs.msi_vectors, on.irqs.msi_vectors);
+    }
+
     fn refusal(spec: &str) -> String {
         create(spec)
             .err()
@@ -132,5 +153,6 @@ mod tests {
         assert!(refusal("dma-engine,colour=red").contains("no option"));
         assert!(refusal("dma-engine,slice").contains("key=value"));
         assert!(refusal("dma-engine,slice=lots").contains("not a number"));
+        assert!(refusal("dma-engine,msix=maybe").contains("on or off"));
     }
 }

@@ -195,6 +195,10 @@ pub struct Registers {
 pub struct DmaEngine {
     regs: Registers,
     slice: u32,
+    /// Whether the MSI-X capability is offered (`msix=off` leaves it out: QEMU 11.1's
+    /// vfio-user client aborts when it unplugs a device with MSI-X, so a device that
+    /// `vfud qemu-migrate --replug` must move goes without).
+    msix: bool,
 }
 
 impl Default for DmaEngine {
@@ -214,7 +218,14 @@ impl DmaEngine {
         Self {
             regs: Registers::default(),
             slice: slice.max(CHUNK as u32),
+            msix: true,
         }
+    }
+
+    /// The same device without the MSI-X capability (MSI and INTx stay).
+    pub fn without_msix(mut self) -> Self {
+        self.msix = false;
+        self
     }
 
     /// Finish the job in flight: DONE or ERROR, the completion count, and the interrupt.
@@ -266,11 +277,13 @@ impl Device for DmaEngine {
                 BarSpec::mem64(DEVICE_MEMORY_SIZE).prefetchable().shared(),
             )
             .bar(4, BarSpec::mem32(4096))
-            .irqs(
+            .irqs(if self.msix {
                 IrqLayout::intx()
                     .with_msi(1)
-                    .with_msix(MSIX_VECTORS, 4, 0, 0x800),
-            )
+                    .with_msix(MSIX_VECTORS, 4, 0, 0x800)
+            } else {
+                IrqLayout::intx().with_msi(1)
+            })
             .pcie(Some(0x5646_0001_0000_0001))
     }
 
