@@ -25,7 +25,7 @@ need_pkgs() {
   ((${#missing[@]})) || return 0
   log "installing host packages: ${missing[*]}"
   apt-get update -qq || log "warning: apt-get update reported errors (continuing)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # rm -rf a directory we built, refusing if anything is still mounted below it

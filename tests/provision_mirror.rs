@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 
 /// Run the script on an apt root `root` (with `VFUD_DEBIAN_MIRROR` set to `env`, if given).
 fn run(root: &Path, env: Option<&str>) -> Output {
-    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/apt-mirror.sh"));
+    let mut cmd = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/apt-mirror.sh"
+    ));
     cmd.arg(root).env_remove("VFUD_DEBIAN_MIRROR");
     if let Some(v) = env {
         cmd.env("VFUD_DEBIAN_MIRROR", v);
@@ -25,7 +28,10 @@ fn mirror(root: &Path) -> String {
         "apt-mirror.sh failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).expect("utf-8").trim_end().to_string()
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim_end()
+        .to_string()
 }
 
 /// A temporary apt root with `files` (path below `etc/apt`, content).
@@ -98,7 +104,10 @@ deb [arch=amd64] http://list.example/debian trixie main contrib   # trailing com
 #[test]
 fn sources_list_comes_before_sources_list_d() {
     let root = apt_root(&[
-        ("sources.list", "deb http://first.example/debian stable main\n"),
+        (
+            "sources.list",
+            "deb http://first.example/debian stable main\n",
+        ),
         ("sources.list.d/debian.sources", DEBIAN_SOURCES),
     ]);
     assert_eq!(mirror(root.path()), "http://first.example/debian");
