@@ -10,11 +10,12 @@
  *   echo "fill LEN BYTE" > job   device fills DST with BYTE
  *   echo "crc LEN SEED"  > job   fill SRC with the pattern, device computes its CRC32
  *
- * The device signals completion with an interrupt (MSI-X vector 0, else MSI, else INTx); the
- * driver then checks the result itself (DST contents, or the device's CRC against the
- * kernel's crc32) and the write fails with EIO on a device error or EILSEQ on a wrong result.
- * "stats" counts jobs, failures and interrupts, "irq_info" tells the interrupt type and Linux IRQ
- * number, "last_crc" the CRC of the last crc job as the device and the driver computed it.
+ * The device signals completion with an interrupt (MSI-X vector 0, else MSI, else INTx);
+ * the driver then checks the result itself (DST contents, or the device's CRC against the
+ * kernel's crc32), and the write fails with EIO on a device error or EILSEQ on a wrong
+ * result. Read-only attributes: "stats" (jobs, failures, interrupts, and the device's
+ * COMPLETIONS register: operations completed since its reset), "irq_info" (interrupt type
+ * and Linux IRQ number) and "last_crc" (the last crc job's CRC from device and driver).
  */
 
 #include <linux/completion.h>
@@ -45,6 +46,7 @@
 #define REG_PATTERN		0x28
 #define REG_DOORBELL		0x2c
 #define REG_RESULT		0x30
+#define REG_COMPLETIONS		0x34
 #define REG_ERROR_CODE		0x38
 #define REG_IRQ_VECTOR		0x3c
 
@@ -239,10 +241,12 @@ static ssize_t stats_show(struct device *dev, struct device_attribute *attr,
 	ssize_t n;
 
 	mutex_lock(&vd->lock);
-	n = sysfs_emit(buf, "copy=%llu fill=%llu crc=%llu failures=%llu irqs=%lld spurious=%lld\n",
+	n = sysfs_emit(buf,
+		       "copy=%llu fill=%llu crc=%llu failures=%llu irqs=%lld spurious=%lld completions=%u\n",
 		       vd->jobs[VDMA_COPY], vd->jobs[VDMA_FILL],
 		       vd->jobs[VDMA_CRC], vd->failures,
-		       atomic64_read(&vd->irqs), atomic64_read(&vd->spurious));
+		       atomic64_read(&vd->irqs), atomic64_read(&vd->spurious),
+		       vdma_read(vd, REG_COMPLETIONS));
 	mutex_unlock(&vd->lock);
 	return n;
 }
