@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -36,9 +37,10 @@ fn guide_args() -> Vec<String> {
 }
 
 /// Run the vfud binary with `args` (and a timeout) in the repository; prints its output.
-fn vfud_guest(args: &[String]) -> Output {
+fn vfud_guest<S: AsRef<str>>(args: &[S]) -> Output {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = Command::new(common::vfud_bin())
-        .args(args)
+        .args(&args)
         .args(["--timeout", RUN_TIMEOUT_S])
         .current_dir(repo_root())
         .stdin(Stdio::null())
@@ -108,8 +110,8 @@ fn assert_example_results(out: &Output) {
             total.to_string(),
             "{round}: device completions"
         );
-        assert_eq!(get(&key("crc_device")), last_crc(n), "{round}: device CRC");
-        assert_eq!(get(&key("crc_driver")), last_crc(n), "{round}: driver CRC");
+        assert_eq!(get(&key("device_crc")), last_crc(n), "{round}: device CRC");
+        assert_eq!(get(&key("driver_crc")), last_crc(n), "{round}: driver CRC");
     }
     assert_eq!(get("kernel_warnings"), "0");
     assert!(
@@ -157,19 +159,19 @@ fn prebuilt_module(out: &Path) -> PathBuf {
 fn plain_ram_runs_the_example_driver_from_a_prebuilt_module() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ko = prebuilt_module(dir.path());
-    let args: Vec<String> = [
+    let ko = ko.to_str().expect("utf-8 path");
+    let script = "examples/dma-engine-driver/test.sh";
+    let args = [
         "guest",
         "--device",
         "dma-engine",
         "--ram",
         "plain",
         "--module",
-        ko.to_str().expect("utf-8 path"),
+        ko,
         "--script",
-        "examples/dma-engine-driver/test.sh",
-    ]
-    .map(String::from)
-    .to_vec();
+        script,
+    ];
     let out = vfud_guest(&args);
     assert_example_results(&out);
 }
@@ -179,37 +181,80 @@ fn exit_status_is_the_scripts_and_bad_input_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("status.sh");
     std::fs::write(&script, "echo \"modules: [$VFUD_MODULES]\"\nexit 7\n").expect("script");
-    let s = |x: &str| x.to_string();
-    let out = vfud_guest(&[
-        s("guest"),
-        s("--device"),
-        s("dma-engine"),
-        s("--script"),
-        script.display().to_string(),
-    ]);
+    let script = script.to_str().expect("utf-8 path");
+    let out = vfud_guest(&["guest", "--device", "dma-engine", "--script", script]);
     assert_eq!(out.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&out.stdout).contains("modules: []"));
 
     // Bad input: a clear message, no guest.
-    let out = vfud_guest(&[s("guest"), s("--device"), s("no-such-device")]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device \"no-such-device\""));
-    let out = vfud_guest(&[
-        s("guest"),
-        s("--device"),
-        s("dma-engine"),
-        s("--module"),
-        s("/nonexistent/x.ko"),
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.ko: no such file"));
-    let out = vfud_guest(&[
-        s("guest"),
-        s("--device"),
-        s("dma-engine"),
-        s("--module-src"),
-        dir.path().display().to_string(),
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("neither a Kbuild file nor a Makefile"));
+    let empty = dir.path().to_str().expect("utf-8 path");
+    for (bad, message) in [
+        (
+            ["--device", "no-such-device"],
+            "unknown device \"no-such-device\"",
+        ),
+        (
+            ["--module", "/nonexistent/x.ko"],
+            "/nonexistent/x.ko: no such file",
+        ),
+        (
+            ["--module-src", empty],
+            "neither a Kbuild file nor a Makefile",
+        ),
+    ] {
+        let mut args = vec!["guest", "--device", "dma-engine"];
+        args.extend(bad);
+        let out = vfud_guest(&args);
+        assert!(!out.status.success(), "{args:?} refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: expected {message:?}");
+    }
+}
+
+#[test]
+fn keep_leaves_a_shell_on_the_console() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("three.sh");
+    std::fs::write(&script, "exit 3\n").expect("script");
+    let mut child = Command::new(common::vfud_bin())
+        .args([
+            "guest",
+            "--device",
+            "dma-engine",
+            "--keep",
+            "--timeout",
+            RUN_TIMEOUT_S,
+        ])
+        .arg("--script")
+        .arg(&script)
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn vfud guest --keep");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    // Type into the console once the shell is announced; `exit` ends the guest.
+    let mut console = String::new();
+    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+        let line = String::from_utf8_lossy(&line).into_owned();
+        eprintln!("[guest] {}", line.trim_end());
+        if line.contains("shell on the console") {
+            stdin
+                .write_all(b"echo kept-$((6 * 7))\nexit\n")
+                .expect("type into the console");
+        }
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let status = child.wait().expect("wait vfud guest");
+    assert!(
+        console.contains("script status 3"),
+        "the wrapper reports the status"
+    );
+    assert!(
+        console.contains("kept-42"),
+        "the shell ran the typed command"
+    );
+    assert_eq!(status.code(), Some(3), "exit status is still the script's");
 }

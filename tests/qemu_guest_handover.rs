@@ -95,9 +95,9 @@ fn wait_console(console: &Mutex<String>, needle: &str, deadline: Instant) -> Str
 fn last_progress(console: &str) -> u64 {
     console
         .lines()
+        .rev()
         .filter_map(|l| l.split("VFUD-TEST: progress=").nth(1))
-        .filter_map(|n| n.trim().parse().ok())
-        .last()
+        .find_map(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
 

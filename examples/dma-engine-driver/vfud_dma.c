@@ -13,9 +13,9 @@
  * The device signals completion with an interrupt (MSI-X vector 0, else MSI, else INTx);
  * the driver then checks the result itself (DST contents, or the device's CRC against the
  * kernel's crc32), and the write fails with EIO on a device error or EILSEQ on a wrong
- * result. Read-only attributes: "stats" (jobs, failures, interrupts, and the device's
- * COMPLETIONS register: operations completed since its reset), "irq_info" (interrupt type
- * and Linux IRQ number) and "last_crc" (the last crc job's CRC from device and driver).
+ * result. The read-only attribute "stats" shows the jobs, failures and interrupts, the
+ * device's COMPLETIONS register (operations completed since its reset) and the last crc
+ * job's CRC as device and driver computed it; "irq_info" the interrupt type and Linux IRQ.
  */
 
 #include <linux/completion.h>
@@ -242,11 +242,12 @@ static ssize_t stats_show(struct device *dev, struct device_attribute *attr,
 
 	mutex_lock(&vd->lock);
 	n = sysfs_emit(buf,
-		       "copy=%llu fill=%llu crc=%llu failures=%llu irqs=%lld spurious=%lld completions=%u\n",
+		       "copy=%llu fill=%llu crc=%llu failures=%llu irqs=%lld spurious=%lld completions=%u device_crc=%#010x driver_crc=%#010x\n",
 		       vd->jobs[VDMA_COPY], vd->jobs[VDMA_FILL],
 		       vd->jobs[VDMA_CRC], vd->failures,
 		       atomic64_read(&vd->irqs), atomic64_read(&vd->spurious),
-		       vdma_read(vd, REG_COMPLETIONS));
+		       vdma_read(vd, REG_COMPLETIONS),
+		       vd->device_crc, vd->driver_crc);
 	mutex_unlock(&vd->lock);
 	return n;
 }
@@ -261,25 +262,10 @@ static ssize_t irq_info_show(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(irq_info);
 
-static ssize_t last_crc_show(struct device *dev, struct device_attribute *attr,
-			     char *buf)
-{
-	struct vdma *vd = dev_get_drvdata(dev);
-	ssize_t n;
-
-	mutex_lock(&vd->lock);
-	n = sysfs_emit(buf, "device=%#010x driver=%#010x\n",
-		       vd->device_crc, vd->driver_crc);
-	mutex_unlock(&vd->lock);
-	return n;
-}
-static DEVICE_ATTR_RO(last_crc);
-
 static struct attribute *vdma_attrs[] = {
 	&dev_attr_job.attr,
 	&dev_attr_stats.attr,
 	&dev_attr_irq_info.attr,
-	&dev_attr_last_crc.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(vdma);

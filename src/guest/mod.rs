@@ -22,6 +22,9 @@ use anyhow::{bail, Result};
 
 pub use vm::Ram;
 
+/// How long a guest may run without `--timeout` (and without `--keep`).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Arguments of `vfud guest`.
 #[derive(clap::Args, Debug)]
 pub struct GuestArgs {
@@ -53,9 +56,10 @@ pub struct GuestArgs {
     /// After the script, keep the guest running with a shell on the console (Ctrl-A X quits).
     #[arg(long)]
     pub keep: bool,
-    /// Kill the guest if it has not finished after this many seconds (not with --keep).
-    #[arg(long, default_value_t = 600)]
-    pub timeout: u64,
+    /// Kill the guest if it has not finished after this many seconds (default 600; none
+    /// with --keep unless given).
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// Directory for the device sockets (default: a scratch directory removed at exit).
     #[arg(long)]
     pub socket_dir: Option<PathBuf>,
@@ -111,7 +115,11 @@ fn run_guest(args: &GuestArgs) -> Result<i32> {
             keep: args.keep,
         },
     )?;
-    let timeout = (!args.keep).then(|| Duration::from_secs(args.timeout));
+    let timeout = match (args.timeout, args.keep) {
+        (Some(s), _) => Some(Duration::from_secs(s)),
+        (None, false) => Some(DEFAULT_TIMEOUT),
+        (None, true) => None,
+    };
     let status = vm::boot(&vm::BootSpec {
         kit: &kit,
         work_dir: &work_dir,
