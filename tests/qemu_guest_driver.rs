@@ -160,6 +160,10 @@ fn plain_ram_runs_the_example_driver_from_a_prebuilt_module() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ko = prebuilt_module(dir.path());
     let ko = ko.to_str().expect("utf-8 path");
+    let trace = std::fs::canonicalize(dir.path())
+        .expect("canonical")
+        .join("trace.log");
+    let trace_arg = format!("--qemu-arg={}", trace.display());
     let script = "examples/dma-engine-driver/test.sh";
     let args = [
         "guest",
@@ -171,9 +175,25 @@ fn plain_ram_runs_the_example_driver_from_a_prebuilt_module() {
         ko,
         "--script",
         script,
+        "--qemu-arg=-trace",
+        "--qemu-arg=vfio_user_recv_hdr",
+        "--qemu-arg=-D",
+        &trace_arg,
     ];
     let out = vfud_guest(&args);
     assert_example_results(&out);
+    // The data went through vfio-user DMA_READ (0xb) / DMA_WRITE (0xc) requests from vfud
+    // (flags 0), as plain RAM has no fd to map: at least one per copy, fill and crc job.
+    let log = std::fs::read_to_string(&trace).expect("QEMU trace log");
+    let requests = |cmd: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!(" cmd {cmd} ")) && l.ends_with("flags 0x0"))
+            .count()
+    };
+    let (reads, writes) = (requests("0xb"), requests("0xc"));
+    eprintln!("[test] DMA_READ requests {reads}, DMA_WRITE requests {writes}");
+    assert!(reads >= 200, "DMA_READ requests: {reads}");
+    assert!(writes >= 200, "DMA_WRITE requests: {writes}");
 }
 
 #[test]

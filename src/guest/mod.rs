@@ -53,6 +53,9 @@ pub struct GuestArgs {
     /// Extra kernel command-line arguments.
     #[arg(long)]
     pub append: Option<String>,
+    /// Extra QEMU argument (e.g. `--qemu-arg=-smp --qemu-arg=2`); repeatable.
+    #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
     /// After the script, keep the guest running with a shell on the console (Ctrl-A X quits).
     #[arg(long)]
     pub keep: bool,
@@ -128,6 +131,7 @@ fn run_guest(args: &GuestArgs) -> Result<i32> {
         ram: args.ram,
         mem_mib: args.mem_mib,
         append: args.append.as_deref(),
+        extra: &args.qemu_args,
         keep: args.keep,
         timeout,
     });

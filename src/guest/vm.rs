@@ -98,6 +98,8 @@ pub struct BootSpec<'a> {
     pub mem_mib: u32,
     /// Extra kernel arguments.
     pub append: Option<&'a str>,
+    /// Extra QEMU arguments.
+    pub extra: &'a [String],
     /// Interactive console (stdin goes to the guest).
     pub keep: bool,
     /// Kill QEMU after this long.
@@ -155,6 +157,7 @@ fn qemu_args(spec: &BootSpec<'_>, guest: &Path) -> Vec<String> {
         cmdline.push_str(extra);
     }
     pair("-append", cmdline);
+    a.extend(spec.extra.iter().cloned());
     a
 }
 
