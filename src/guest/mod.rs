@@ -135,6 +135,6 @@ fn run_guest(args: &GuestArgs) -> Result<i32> {
         keep: args.keep,
         timeout,
     });
-    servers.stop();
+    drop(servers);
     status
 }

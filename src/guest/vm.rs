@@ -27,7 +27,7 @@ pub enum Ram {
     Plain,
 }
 
-/// The `vfud serve` child serving every device, stopped with SIGTERM.
+/// The `vfud serve` child serving every device, stopped with SIGTERM when dropped.
 pub struct Servers {
     child: Child,
     /// Device sockets, in `--device` order.
@@ -72,9 +72,11 @@ impl Servers {
         }
         Ok(s)
     }
+}
 
+impl Drop for Servers {
     /// SIGTERM and wait (the process may already be gone after a handover).
-    pub fn stop(mut self) {
+    fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         }
@@ -193,8 +195,13 @@ pub fn boot(spec: &BootSpec<'_>) -> Result<i32> {
 
     let deadline = spec.timeout.map(|t| Instant::now() + t);
     let exit = loop {
-        if let Some(st) = qemu.try_wait()? {
-            break st;
+        match qemu.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = qemu.kill();
+                return Err(e).context("waiting for QEMU");
+            }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let _ = qemu.kill();
