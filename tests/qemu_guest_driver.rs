@@ -96,13 +96,22 @@ fn assert_example_results(out: &Output) {
         }
         assert_eq!(get(&key("failures")), "0", "{round}: failed jobs");
         assert_eq!(get(&key("bad")), "0", "{round}: failed job writes");
-        // One interrupt per job, in /proc/interrupts and in the driver's handler.
+        // One interrupt per job handled by the driver, and in /proc/interrupts. INTx may
+        // fire again when QEMU unmasks it at the handler's first BAR read, before the
+        // handler's STATUS write lowers the line; the driver counts those as spurious.
+        let jobs = 3 * n;
+        assert_eq!(get(&key("irqs")), jobs.to_string(), "{round}: interrupts");
+        let spurious: u32 = get(&key("spurious")).parse().expect("spurious count");
+        if mode == "intx" {
+            assert!(spurious <= jobs, "{round}: {spurious} spurious interrupts");
+        } else {
+            assert_eq!(spurious, 0, "{round}: spurious interrupts");
+        }
         assert_eq!(
-            get(&key("irqs")),
-            (3 * n).to_string(),
-            "{round}: interrupts"
+            get(&key("proc_irqs")),
+            (jobs + spurious).to_string(),
+            "{round}: /proc/interrupts"
         );
-        assert_eq!(get(&key("spurious")), "0", "{round}: spurious interrupts");
         // The device's counter runs since its reset, across driver reloads.
         total += 3 * n;
         assert_eq!(

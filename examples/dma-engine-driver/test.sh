@@ -4,7 +4,10 @@
 # ($VFUD_MODULES names the module file). For each round it checks that vfud_dma is bound to
 # the dma-engine, runs JOBS jobs of each kind (copy, fill, crc; the driver verifies every
 # result, the CRC against the kernel's crc32) and compares the interrupt count in
-# /proc/interrupts with the number of jobs. Rounds: MSI-X as loaded, then rmmod + insmod with
+# /proc/interrupts with the number of jobs. With INTx under TCG, QEMU unmasks the line at the
+# handler's first BAR read, while the device still asserts it (the handler clears STATUS just
+# after), so the line may fire once more: the driver finds STATUS clear and returns IRQ_NONE;
+# those count as "spurious". Rounds: MSI-X as loaded, then rmmod + insmod with
 # irq_mode=msi, irq_mode=intx, and plain insmod again. Finally the kernel log must be free of
 # warnings. Prints `VFUD-TEST: key=value` lines; exits with the number of failures.
 JOBS=${JOBS:-100}
@@ -53,12 +56,15 @@ round() {
     bad=$((bad + $(run_jobs "$dev" $kind "$n")))
   done
   delta=$(( $(irq_count "$irq") - before ))
-  ok "${name}_device=${dev##*/} ${name}_mode=$mode ${name}_jobs=$((3 * n)) ${name}_irqs=$delta" \
-     "${name}_bad=$bad"
-  set -- $(cat "$dev/stats")
-  ok "$(echo "$@" | sed "s/\([a-z_]*\)=/${name}_\1=/g")"
+  ok "${name}_device=${dev##*/} ${name}_mode=$mode ${name}_jobs=$((3 * n))" \
+     "${name}_proc_irqs=$delta ${name}_bad=$bad"
+  stats=$(cat "$dev/stats")
+  ok "$(echo "$stats" | sed "s/\([a-z_]*\)=/${name}_\1=/g")"
+  spurious=$(echo "$stats" | sed 's/.*spurious=\([0-9]*\).*/\1/')
   [ "$bad" = 0 ] || fail "$name: $bad jobs failed"
-  [ "$delta" = $((3 * n)) ] || fail "$name: $delta interrupts for $((3 * n)) jobs"
+  # One interrupt per job, plus (INTx only) the spurious ones the driver declined.
+  [ "$delta" = $((3 * n + spurious)) ] ||
+    fail "$name: $delta interrupts for $((3 * n)) jobs and $spurious spurious"
 }
 
 # reload ARGS...: rmmod, check the device is unbound, insmod with ARGS.
