@@ -1,6 +1,7 @@
 //! `vfud`: a vfio-user device server. CLI parsing and wiring only.
 
 mod bench;
+mod guest;
 mod migrate_cmd;
 mod probe;
 mod qemu;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
     /// cannot migrate device state (QEMU 11.1 would silently drop it).
     QemuMigrate(qemu::QemuMigrateArgs),
+    /// Boot a Linux guest in QEMU with these devices, load a kernel module (built from source
+    /// or prebuilt), run a test script in the guest and exit with its status.
+    Guest(guest::GuestArgs),
 }
 
 #[derive(clap::Args)]
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
         Cmd::QemuMigrate(a) => qemu::run(&a),
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Guest(a) => guest::run(&a),
         Cmd::Devices => {
             for m in vfud_devices::MODELS {
                 println!("{:<12} {}", m.name, m.help);

@@ -27,6 +27,7 @@ pub struct QemuOpts {
     append: Vec<String>,
     extra: Vec<String>,
     trace: Vec<String>,
+    plain_ram: bool,
 }
 
 impl QemuOpts {
@@ -76,6 +77,12 @@ impl QemuOpts {
         self
     }
 
+    /// Plain guest RAM (QEMU's default, no fd): vfud reaches it with DMA_READ/DMA_WRITE.
+    pub fn plain_ram(mut self) -> Self {
+        self.plain_ram = true;
+        self
+    }
+
     /// Pass extra arguments to QEMU.
     pub fn args(mut self, args: &[&str]) -> Self {
         self.extra.extend(args.iter().map(|s| s.to_string()));
@@ -107,12 +114,16 @@ impl QemuOpts {
         let trace = d.join("trace.log");
 
         let mut bind_dirs = vec![d.clone()];
+        let memory = match self.plain_ram {
+            false => "memory-backend-memfd,id=mem,size=256M,share=on",
+            true => "memory-backend-ram,id=mem,size=256M",
+        };
         let mut args: Vec<String> = vec![
             "-accel".into(),
             "tcg".into(),
             "-nodefaults".into(),
             "-object".into(),
-            "memory-backend-memfd,id=mem,size=256M,share=on".into(),
+            memory.into(),
             "-machine".into(),
             "q35,memory-backend=mem".into(),
             "-m".into(),
