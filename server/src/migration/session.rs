@@ -14,7 +14,7 @@ use vfud_protocol::messages::feature::vfud;
 use vfud_protocol::messages::{MigState, SetIrqs};
 
 use super::fsm::{self, permits};
-use super::stream::{FinalState, Loader, Saver, StreamHeader};
+use super::stream::{FinalState, Loader, Saver, Shape, StreamHeader};
 use super::v1::V1Region;
 use crate::device::{Device, Migratable};
 use crate::dma::DmaTable;
@@ -209,7 +209,20 @@ impl MigrationSession {
             (PreCopy, Running) | (StopCopy, Stop) => self.saver = None,
             (PreCopy, StopCopy) | (Running, Stop) => parts.migratable()?.quiesce(),
             (Stop, Resuming) => {
-                self.loader = Some(Loader::new(self.model));
+                let f = &*parts.function;
+                let mut bars = [0u64; 6];
+                for (b, mem) in bars.iter_mut().zip(f.bars()) {
+                    *b = mem.as_ref().map_or(0, |m| m.len() as u64);
+                }
+                let shape = Shape {
+                    model: self.model.to_string(),
+                    bars,
+                    config_len: f.config().len(),
+                    irq_len: f.irqs().save_pending().len(),
+                    msix_len: f.msix().len_bytes() as usize,
+                    max_device_state: parts.migratable()?.max_state_size(),
+                };
+                self.loader = Some(Loader::new(shape));
                 // The incoming VM brings its own interrupt setup (replayed as deferred
                 // SET_IRQS); whatever this side had before must not linger.
                 parts.function.irqs_mut().disable_all();
@@ -315,28 +328,11 @@ impl MigrationSession {
                     .into(),
             ));
         }
-        // Validate everything before touching anything.
+        // The loader checked every section against this device as it arrived.
         let function = &mut *parts.function;
-        for (bar, off, data) in &staged.memory {
-            let mem = function.bars()[*bar]
-                .as_ref()
-                .ok_or_else(|| mismatch(format!("memory for BAR {bar}, the device has none")))?;
-            let end = off.checked_add(data.len() as u64).unwrap_or(u64::MAX);
-            if end > mem.len() as u64 {
-                return Err(mismatch(format!(
-                    "memory {off:#x}+{:#x} outside BAR {bar}",
-                    data.len()
-                )));
-            }
-        }
         let config = staged.config.unwrap_or_default();
         if config.len() != function.config().len() {
-            return Err(mismatch(format!("config image of {} bytes", config.len())));
-        }
-        if let Some(m) = &staged.msix {
-            if m.len() as u64 != function.msix().len_bytes() {
-                return Err(mismatch(format!("MSI-X table of {} bytes", m.len())));
-            }
+            return Err(mismatch("the stream has no config space".into()));
         }
         let irq = staged.irq.unwrap_or_default();
         Interrupts::new(&function.desc().irqs)
@@ -367,9 +363,14 @@ impl MigrationSession {
             let _ = function.restore(&saved_config, Some(&saved_msix));
             return Err(MigrationError::Device(e).into());
         }
-        for (bar, off, data) in &staged.memory {
-            if let Some(mem) = &function.bars()[*bar] {
-                mem.write(*off, data)?;
+        for (staged, mem) in staged.memory.iter().zip(function.bars()) {
+            let (Some(staged), Some(mem)) = (staged, mem) else {
+                continue;
+            };
+            for (page, _) in staged.touched.iter().enumerate().filter(|(_, t)| **t) {
+                let at = page * super::stream::PAGE;
+                let end = (at + super::stream::PAGE).min(staged.data.len());
+                mem.write(at as u64, &staged.data[at..end])?;
             }
         }
         function

@@ -3,13 +3,41 @@
 use super::*;
 use crate::migration::DeviceState;
 
+/// What the destination device can take. Sections that do not fit are refused as they
+/// arrive, so what a peer sends can never make the loader hold more than the device has.
+#[derive(Clone, Debug, Default)]
+pub struct Shape {
+    /// Device model.
+    pub model: String,
+    /// Size of each shared BAR (0: none).
+    pub bars: [u64; 6],
+    /// Config space size.
+    pub config_len: usize,
+    /// Interrupt state size.
+    pub irq_len: usize,
+    /// MSI-X table size.
+    pub msix_len: usize,
+    /// Largest device state accepted.
+    pub max_device_state: usize,
+}
+
+/// BAR memory restored from the stream: the BAR's bytes as the stream left them, and which
+/// pages the stream wrote.
+#[derive(Debug)]
+pub struct StagedBar {
+    /// The bytes (the BAR's size).
+    pub data: Vec<u8>,
+    /// Pages the stream wrote.
+    pub touched: Vec<bool>,
+}
+
 /// What a complete, valid stream restores.
 #[derive(Debug, Default)]
 pub struct Staged {
     /// Header.
     pub header: Option<StreamHeader>,
-    /// BAR memory writes, in stream order.
-    pub memory: Vec<(usize, u64, Vec<u8>)>,
+    /// BAR memory, per BAR.
+    pub memory: [Option<StagedBar>; 6],
     /// Config image.
     pub config: Option<Vec<u8>>,
     /// Interrupt state.
@@ -23,7 +51,7 @@ pub struct Staged {
 /// Consumes the stream on the destination, validating as bytes arrive.
 #[derive(Debug)]
 pub struct Loader {
-    model: String,
+    shape: Shape,
     buf: Vec<u8>,
     consumed: u64,
     staged: Staged,
@@ -32,10 +60,10 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// A loader for device model `model`.
-    pub fn new(model: &str) -> Self {
+    /// A loader for a device of this shape.
+    pub fn new(shape: Shape) -> Self {
         Self {
-            model: model.to_string(),
+            shape,
             buf: Vec::new(),
             consumed: 0,
             staged: Staged::default(),
@@ -108,29 +136,34 @@ impl Loader {
                     return Err(StreamError::Malformed("second header"));
                 }
                 let h = StreamHeader::decode(&p)?;
-                if h.model != self.model {
+                if h.model != self.shape.model {
                     return Err(StreamError::ModelMismatch {
                         got: h.model,
-                        want: self.model.clone(),
+                        want: self.shape.model.clone(),
                     });
                 }
                 self.staged.header = Some(h);
             }
-            kind::BAR_MEMORY => {
-                if p.len() < 16 || usize::from(p[0]) >= 6 {
-                    return Err(StreamError::Malformed("BAR memory"));
-                }
-                let off = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
-                self.staged
-                    .memory
-                    .push((usize::from(p[0]), off, p[16..].to_vec()));
+            kind::BAR_MEMORY => self.stage_memory(&p)?,
+            kind::CONFIG => {
+                self.staged.config = Some(self.sized(p, "config", self.shape.config_len)?)
             }
-            kind::CONFIG => self.staged.config = Some(p),
-            kind::IRQ_STATE => self.staged.irq = Some(p),
-            kind::MSIX_TABLE => self.staged.msix = Some(p),
+            kind::IRQ_STATE => {
+                self.staged.irq = Some(self.sized(p, "interrupt state", self.shape.irq_len)?)
+            }
+            kind::MSIX_TABLE => {
+                self.staged.msix = Some(self.sized(p, "MSI-X table", self.shape.msix_len)?)
+            }
             kind::DEVICE_STATE => {
                 if p.len() < 2 {
                     return Err(StreamError::Malformed("device state"));
+                }
+                if p.len() - 2 > self.shape.max_device_state {
+                    return Err(StreamError::TooLarge {
+                        what: "device state",
+                        len: p.len() - 2,
+                        max: self.shape.max_device_state,
+                    });
                 }
                 self.staged.device = Some(DeviceState {
                     version: u16::from_le_bytes([p[0], p[1]]),
@@ -140,6 +173,54 @@ impl Loader {
             kind::END => self.ended = true,
             other => return Err(StreamError::UnknownSection(other)),
         }
+        Ok(())
+    }
+
+    fn sized(&self, p: Vec<u8>, what: &'static str, want: usize) -> Result<Vec<u8>, StreamError> {
+        if p.len() != want {
+            return Err(StreamError::SizeMismatch {
+                what,
+                got: p.len(),
+                want,
+            });
+        }
+        Ok(p)
+    }
+
+    /// `{bar u8, pad[7], offset u64, bytes}` into the BAR's staging copy.
+    fn stage_memory(&mut self, p: &[u8]) -> Result<(), StreamError> {
+        if p.len() < 16 {
+            return Err(StreamError::Malformed("BAR memory"));
+        }
+        let bar = usize::from(p[0]);
+        let size = *self
+            .shape
+            .bars
+            .get(bar)
+            .ok_or(StreamError::NoSuchBar(p[0]))?;
+        if size == 0 {
+            return Err(StreamError::NoSuchBar(p[0]));
+        }
+        let offset = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+        let data = &p[16..];
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= size);
+        let Some(end) = end else {
+            return Err(StreamError::OutOfRange {
+                bar: p[0],
+                offset,
+                len: data.len() as u64,
+            });
+        };
+        let staged = self.staged.memory[bar].get_or_insert_with(|| StagedBar {
+            data: vec![0; size as usize],
+            touched: vec![false; (size as usize).div_ceil(PAGE)],
+        });
+        staged.data[offset as usize..end as usize].copy_from_slice(data);
+        let first = offset as usize / PAGE;
+        let last = (end as usize).div_ceil(PAGE);
+        staged.touched[first..last]
+            .iter_mut()
+            .for_each(|t| *t = true);
         Ok(())
     }
 

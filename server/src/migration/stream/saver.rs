@@ -93,6 +93,17 @@ impl Saver {
         n
     }
 
+    /// Bytes still to come (the kernel v1 `pending_bytes`): exact once the stream is
+    /// finished, an estimate before (the final sections are counted as 8 KiB in stop-copy).
+    /// Zero in pre-copy means nothing more for now.
+    pub fn remaining(&self, bars: &[Option<SharedMemory>; 6], stop_copy: bool) -> u64 {
+        if self.finished {
+            return self.pending() as u64;
+        }
+        let final_sections = if stop_copy { 8192 } else { 0 };
+        self.initial_bytes() + self.dirty_bytes(bars) + final_sections
+    }
+
     /// Whether END has been produced and read.
     pub fn is_finished(&self) -> bool {
         self.finished && self.pending() == 0
