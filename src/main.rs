@@ -4,6 +4,7 @@ mod bench;
 mod migrate_cmd;
 mod probe;
 mod qemu_guard;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
     /// cannot migrate device state (QEMU 11.1 would silently drop it).
     QemuMigrate(qemu_guard::QemuMigrateArgs),
+    /// Sit between a vfio-user client and server, forward everything unchanged and print
+    /// every message decoded.
+    Trace(trace::TraceArgs),
 }
 
 #[derive(clap::Args)]
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
         Cmd::QemuMigrate(a) => qemu_guard::run(&a),
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Trace(a) => trace::run(&a),
         Cmd::Devices => {
             for d in vfud_devices::DEVICE_NAMES {
                 println!("{d}");

@@ -1,7 +1,9 @@
 //! Shared test support: start `vfud serve` processes on temporary sockets and connect to them.
 #![allow(dead_code)]
 
+pub mod dma_engine;
 pub mod qemu;
+pub mod tracer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
