@@ -182,3 +182,70 @@ fn filter_limits_the_output_not_the_forwarding() {
         t.text()
     );
 }
+
+/// The DEVICE_FEATURE MIG_DEVICE_STATE SETs a trace shows, in order.
+fn states_set(recs: &[Value]) -> Vec<String> {
+    recs.iter()
+        .filter(|r| {
+            r["dir"] == "c2s"
+                && r["cmd"] == "DEVICE_FEATURE"
+                && r["fields"]["feature"] == "MIG_DEVICE_STATE"
+                && r["fields"]["op"] == "SET"
+        })
+        .filter_map(|r| r["fields"]["state"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_migration_through_two_tracers_shows_features_and_migration_data() {
+    let a = Vfud::start("dma-engine", &[]);
+    let b = Vfud::start("dma-engine", &[]);
+    let ta = Tracer::start(&a.socket, &[]);
+    let tb = Tracer::start(&b.socket, &[]);
+    let out = std::process::Command::new(common::vfud_bin())
+        .args(["migrate", "--json", "--ram-mib", "1", "--from"])
+        .arg(&ta.socket)
+        .arg("--to")
+        .arg(&tb.socket)
+        .output()
+        .expect("run vfud migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let src = ta.wait_for("the source closing", |r| r["event"] == "closed");
+    let dst = tb.wait_for("the destination closing", |r| r["event"] == "closed");
+    let (st, dt) = (ta.text(), tb.text());
+
+    let flags = src
+        .iter()
+        .find(|r| r["type"] == "reply" && r["fields"]["feature"] == "MIGRATION")
+        .unwrap_or_else(|| panic!("no MIGRATION feature reply: {st}"));
+    assert!(
+        flags["fields"]["migration_flags"]
+            .as_str()
+            .is_some_and(|f| f.contains("STOP_COPY")),
+        "{st}"
+    );
+    let s = states_set(&src);
+    assert!(s.contains(&"STOP_COPY".to_string()), "source states {s:?}");
+    let d = states_set(&dst);
+    assert_eq!(d.first().map(String::as_str), Some("RESUMING"), "{dt}");
+    assert_eq!(d.last().map(String::as_str), Some("RUNNING"), "{dt}");
+    let read_bytes: u64 = src
+        .iter()
+        .filter(|r| r["cmd"] == "MIG_DATA_READ" && r["type"] == "reply")
+        .filter_map(|r| r["fields"]["size"].as_u64())
+        .sum();
+    let written: u64 = dst
+        .iter()
+        .filter(|r| r["cmd"] == "MIG_DATA_WRITE" && r["type"] == "command")
+        .filter_map(|r| r["fields"]["size"].as_u64())
+        .sum();
+    assert!(read_bytes > 0, "{st}");
+    assert_eq!(
+        read_bytes, written,
+        "what the source gave is what the destination got"
+    );
+}

@@ -18,8 +18,13 @@ pub fn vfud_bin() -> &'static str {
 
 /// `vfud serve`, with the test's `RUST_LOG` (default `warn`) and no stdin; add arguments.
 pub fn serve_command() -> Command {
+    vfud_command("serve")
+}
+
+/// `vfud SUBCOMMAND`, with the test's `RUST_LOG` (default `warn`) and no stdin.
+pub fn vfud_command(sub: &str) -> Command {
     let mut c = Command::new(vfud_bin());
-    c.arg("serve")
+    c.arg(sub)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
