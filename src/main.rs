@@ -4,6 +4,7 @@ mod bench;
 mod migrate_cmd;
 mod probe;
 mod qemu_guard;
+mod status;
 mod trace;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ enum Cmd {
     /// Sit between a vfio-user client and server, forward everything unchanged and print
     /// every message decoded.
     Trace(trace::TraceArgs),
+    /// Report a serving device's state and counters over its control socket.
+    Status(status::StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -189,6 +192,7 @@ fn main() -> ExitCode {
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Trace(a) => trace::run(&a),
+        Cmd::Status(a) => status::run(&a),
         Cmd::Devices => {
             for d in vfud_devices::DEVICE_NAMES {
                 println!("{d}");

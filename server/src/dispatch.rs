@@ -239,6 +239,21 @@ impl DeviceServer {
         &self.desc
     }
 
+    /// The session's negotiated parameters (none before VERSION).
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// The client's DMA mappings.
+    pub fn dma_table(&self) -> &DmaTable {
+        &self.dma
+    }
+
+    /// Interrupt state, read-only.
+    pub fn interrupts(&self) -> &Interrupts {
+        &self.irqs
+    }
+
     /// Limits for incoming frames (negotiated, or defaults before VERSION).
     pub fn limits(&self) -> Limits {
         self.negotiated

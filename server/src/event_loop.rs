@@ -174,6 +174,8 @@ struct Loop {
     outgoing: Option<Outgoing>,
     paused: bool,
     stats: Option<HandoverStats>,
+    /// Counters for `vfud status`.
+    counters: crate::stats::Stats,
 }
 
 /// Serve on already bound sockets. `listener` may be absent for a process started with
@@ -202,6 +204,7 @@ pub fn serve_listener(
         outgoing: None,
         paused: false,
         stats: None,
+        counters: crate::stats::Stats::default(),
     };
     if let Some(l) = listener {
         lp.set_listener(l)?;
@@ -321,6 +324,7 @@ impl Loop {
                         Interest::READABLE,
                     )?;
                     tracing::info!(device = self.server.description().name, "client connected");
+                    self.counters.client_connected();
                     self.server.client = Some(crate::dispatch::ClientConn::new(stream, 0));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -406,6 +410,7 @@ impl Loop {
             }
             Err(e) => {
                 tracing::debug!(msg_id = h.msg_id, "bad message type: {e}");
+                self.counters.record(h.cmd, false);
                 return reply_error(server, &h, e.errno(), false);
             }
         };
@@ -413,6 +418,7 @@ impl Loop {
         let result = Request::decode(h.cmd, &frame.payload, frame.fds, &server.limits())
             .map_err(crate::error::RequestError::from)
             .and_then(|req| server.handle(req, len));
+        self.counters.record(h.cmd, result.is_ok());
         let r = match result {
             Ok(reply) if !no_reply => {
                 let Some(c) = server.client.as_ref() else {
@@ -511,7 +517,7 @@ impl Loop {
                 match cmd {
                     ControlCommand::Status => {
                         let st = self.stats.unwrap_or_default();
-                        let ev = json!({
+                        let mut ev = json!({
                             "event": "status",
                             "device": name,
                             "state": format!("{:?}", self.server.mig_state()),
@@ -521,6 +527,11 @@ impl Loop {
                             "handover_first_reply_at_ns": st.first_reply_at_ns,
                             "handover_client_idle": st.client_idle,
                         });
+                        if let (Some(o), serde_json::Value::Object(more)) =
+                            (ev.as_object_mut(), self.counters.report(&self.server))
+                        {
+                            o.extend(more);
+                        }
                         let (s, _) = self.controls.get(&t).ok_or("control gone")?;
                         handover::send_json(s.as_fd(), kind::EVENT, &ev).map_err(|e| e.to_string())
                     }

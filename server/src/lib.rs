@@ -19,6 +19,7 @@ pub mod irq;
 pub mod migration;
 pub mod mmap;
 pub mod pci;
+pub mod stats;
 
 pub use device::{
     BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, IrqLayout,

@@ -83,7 +83,7 @@ pub struct Decoded {
     pub problem: Option<String>,
 }
 
-/// `CamelCase` → `CAMEL_CASE`: the protocol crate's enum names as the spec spells them.
+/// `StopCopy` → `STOP_COPY`: the protocol crate's state names as the kernel spells them.
 fn screaming(camel: &str) -> String {
     let mut out = String::new();
     for (i, ch) in camel.chars().enumerate() {
@@ -95,10 +95,10 @@ fn screaming(camel: &str) -> String {
     out
 }
 
-/// The spec name of `cmd` (`DmaMap` → `DMA_MAP`), derived from the protocol crate's enum.
+/// The spec name of `cmd` (`DMA_MAP`), or `CMD_<n>` for numbers the protocol does not define.
 pub fn command_name(cmd: u16) -> String {
     match Command::try_from(cmd) {
-        Ok(c) => screaming(&format!("{c:?}")),
+        Ok(c) => c.name().to_string(),
         Err(_) => format!("CMD_{cmd}"),
     }
 }
