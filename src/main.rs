@@ -1,5 +1,6 @@
 //! `vfud`: a vfio-user device server. CLI parsing and wiring only.
 
+mod activation;
 mod bench;
 mod migrate_cmd;
 mod probe;
@@ -115,18 +116,20 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.sockets.len()
         );
     }
+    // Before any thread starts: this reads and clears the LISTEN_* variables.
+    let mut passed = activation::Passed::from_env()?;
     let shutdown = ShutdownHandle::new();
     install_signal_thread(shutdown.clone())?;
     let mut threads = Vec::new();
     for (i, spec) in args.devices.iter().enumerate() {
         let device = vfud_devices::create(spec).map_err(anyhow::Error::msg)?;
         let path = args.sockets.get(i).cloned();
-        let listener = match &path {
-            Some(p) => Some(
-                vfud_server::event_loop::bind_socket(p, args.socket_mode)
-                    .with_context(|| format!("binding {}", p.display()))?,
-            ),
-            None => None,
+        let (listener, owns_path) = match &path {
+            Some(p) => {
+                let a = passed.acquire(p, args.socket_mode)?;
+                (Some(a.listener), a.owns_path)
+            }
+            None => (None, false),
         };
         let control = match control_path {
             Some(p) => Some(
@@ -151,7 +154,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                         device, listener, control, &settings, &shutdown,
                     );
                     // After a handover the new process serves these paths: leave them.
-                    if !matches!(r, Ok(Outcome::HandedOver)) {
+                    if owns_path && !matches!(r, Ok(Outcome::HandedOver)) {
                         if let Some(p) = &path {
                             let _ = std::fs::remove_file(p);
                         }
@@ -163,6 +166,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 })?,
         );
     }
+    passed.warn_unclaimed();
     let mut first_err = None;
     for t in threads {
         match t.join() {

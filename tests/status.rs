@@ -31,7 +31,11 @@ fn status_reports_the_session_and_counts_messages_by_command() {
     let v = Vfud::start("dma-engine", &["--control", ctl.to_str().unwrap()]);
 
     let idle = status(&ctl, true);
-    assert!(idle.status.success(), "{}", String::from_utf8_lossy(&idle.stderr));
+    assert!(
+        idle.status.success(),
+        "{}",
+        String::from_utf8_lossy(&idle.stderr)
+    );
     let s: serde_json::Value = serde_json::from_slice(&idle.stdout).expect("JSON");
     assert_eq!(s["client_connected"], false, "{s}");
     assert!(s["negotiated"].is_null(), "{s}");
@@ -58,7 +62,11 @@ fn status_reports_the_session_and_counts_messages_by_command() {
     }
 
     let out = status(&ctl, true);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(s["model"], "dma-engine", "{s}");
     assert_eq!(s["client_connected"], true, "{s}");
