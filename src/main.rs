@@ -2,6 +2,7 @@
 
 mod activation;
 mod bench;
+mod config;
 mod migrate_cmd;
 mod probe;
 mod qemu_guard;
@@ -55,10 +56,10 @@ enum Cmd {
 struct ServeArgs {
     /// Device model to serve, `NAME[,key=value...]` (e.g. `uart16550,backend=socket:/tmp/u.sock`);
     /// repeat with --socket for several devices.
-    #[arg(long = "device", required = true)]
+    #[arg(long = "device", required_unless_present = "config")]
     devices: Vec<String>,
     /// Socket path for the device at the same position.
-    #[arg(long = "socket", required_unless_present = "incoming")]
+    #[arg(long = "socket", required_unless_present_any = ["incoming", "config"])]
     sockets: Vec<PathBuf>,
     /// Control socket for live handover (`vfud migrate --handover --from THIS`); one device.
     #[arg(long)]
@@ -70,6 +71,9 @@ struct ServeArgs {
     /// Octal permissions for the socket files (e.g. 660).
     #[arg(long, value_parser = parse_octal)]
     socket_mode: Option<u32>,
+    /// Read devices and settings from a TOML file (the same as these flags; see README).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -104,7 +108,10 @@ fn install_signal_thread(shutdown: ShutdownHandle) -> Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+fn serve(mut args: ServeArgs) -> Result<()> {
+    if let Some(path) = args.config.clone() {
+        config::apply(&path, &mut args)?;
+    }
     let control_path = args.control.as_ref().or(args.incoming.as_ref());
     if control_path.is_some() && args.devices.len() != 1 {
         bail!("--control and --incoming take exactly one --device");
