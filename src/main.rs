@@ -3,6 +3,7 @@
 mod activation;
 mod bench;
 mod config;
+mod docs;
 mod migrate_cmd;
 mod probe;
 mod qemu_guard;
@@ -13,14 +14,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use vfud_server::event_loop::Outcome;
 use vfud_server::{ServeOptions, ShutdownHandle};
 
 /// vfio-user device server with live migration.
 #[derive(Parser)]
-#[command(name = "vfud", version, about, long_about = None)]
+#[command(
+    name = "vfud",
+    version,
+    about,
+    long_about = None,
+    after_help = "Example:\n  vfud serve --device dma-engine --socket /tmp/dma.sock &\n  vfud probe /tmp/dma.sock"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -29,27 +36,43 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve emulated devices on vfio-user sockets (one thread per device).
+    #[command(
+        after_help = "Example:\n  vfud serve --device uart16550,backend=socket:/tmp/u.host --socket /tmp/u.sock --control /tmp/u.ctl\n  vfud serve --config /etc/vfud/vfud.toml"
+    )]
     Serve(ServeArgs),
     /// Connect to a vfio-user server as a client and print its device layout, lspci-style.
+    #[command(after_help = "Example:\n  vfud probe /tmp/dma.sock")]
     Probe {
         /// Path of the server's UNIX socket.
         socket: PathBuf,
     },
     /// Live-migrate a device between two vfud servers as a QEMU-faithful VFIO VMM would,
     /// or snapshot/restore it to/from a file.
+    #[command(
+        after_help = "Example:\n  vfud migrate --from /tmp/a.sock --to /tmp/b.sock --ram-mib 64\n  vfud migrate --handover --from /tmp/a.ctl --to /tmp/b.ctl"
+    )]
     Migrate(migrate_cmd::MigrateArgs),
     /// Run the performance scenarios and print each against its same-run baseline.
+    #[command(after_help = "Example:\n  vfud bench --list\n  vfud bench --json > bench.json")]
     Bench(bench::BenchArgs),
     /// List the device models this build provides.
+    #[command(after_help = "Example:\n  vfud devices")]
     Devices,
     /// Live-migrate a QEMU VM to another QEMU over QMP, refusing when QEMU's vfio-user client
     /// cannot migrate device state (QEMU 11.1 would silently drop it).
+    #[command(
+        after_help = "Example:\n  vfud qemu-migrate --qmp /tmp/src.qmp --to tcp:dst-host:4444 --check"
+    )]
     QemuMigrate(qemu_guard::QemuMigrateArgs),
     /// Sit between a vfio-user client and server, forward everything unchanged and print
     /// every message decoded.
     Trace(trace::TraceArgs),
     /// Report a serving device's state and counters over its control socket.
     Status(status::StatusArgs),
+    /// Print shell completions for vfud.
+    Completions(docs::CompletionsArgs),
+    /// Print vfud's manual page (or write one per subcommand with --out-dir).
+    Man(docs::ManArgs),
 }
 
 #[derive(clap::Args)]
@@ -204,6 +227,8 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Trace(a) => trace::run(&a),
         Cmd::Status(a) => status::run(&a),
+        Cmd::Completions(a) => docs::completions(&a, Cli::command()),
+        Cmd::Man(a) => docs::man(&a, Cli::command()),
         Cmd::Devices => {
             for d in vfud_devices::DEVICE_NAMES {
                 println!("{d}");

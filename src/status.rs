@@ -12,7 +12,7 @@ use vfud_server::handover::{self as ho, kind, ControlCommand};
 /// Arguments of `vfud status`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  vfud serve --device uart16550 --socket /run/vfud/uart.sock --control /run/vfud/uart.ctl &\n  vfud status --control /run/vfud/uart.ctl"
+    after_help = "Example:\n  vfud status --control /run/vfud/uart.ctl\n  (for a device served with `vfud serve ... --control /run/vfud/uart.ctl`)"
 )]
 pub struct StatusArgs {
     /// The device's control socket (`vfud serve --control`).

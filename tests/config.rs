@@ -102,3 +102,38 @@ fn a_bad_config_file_is_refused_with_the_key_named() {
     assert!(!out.status.success());
     assert!(err.contains("bad.toml") && err.contains("sokcet"), "{err}");
 }
+
+#[test]
+fn the_readme_example_config_serves_its_devices() {
+    let readme = std::fs::read_to_string(common::qemu::repo_root().join("README.md")).unwrap();
+    let section = &readme[readme
+        .find("### Many devices from a configuration file")
+        .expect("README config section")..];
+    let start = section.find("```toml\n").expect("toml block") + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vfud.toml");
+    std::fs::write(
+        &cfg,
+        example.replace("/run/vfud", &dir.path().to_string_lossy()),
+    )
+    .unwrap();
+    let _server = Killed(
+        common::serve_command()
+            .arg("--config")
+            .arg(&cfg)
+            .spawn()
+            .unwrap(),
+    );
+    for name in ["uart.sock", "dma.sock", "uart.host"] {
+        let p = dir.path().join(name);
+        assert!(common::wait_for_path(&p, Duration::from_secs(10)), "{name}");
+    }
+    assert!(probe(&dir.path().join("dma.sock")).contains("BAR2      size 0x100000"));
+    assert!(probe(&dir.path().join("uart.sock")).contains("BAR0      size 0x8"));
+    let mode = std::fs::metadata(dir.path().join("dma.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
