@@ -18,11 +18,7 @@ const LINE: &str = "through-the-tracer-12345";
 fn guest_script() -> String {
     format!(
         r#"{PCI_GUEST_LIB}
-uart=$(find_pci 0x5646 0x0002) || {{ fail "no 5646:0002 (uart16550)"; exit 1; }}
-report_pci uart "$uart"
-tty=/dev/$(ls "$uart/tty" | head -n 1)
-exec 3<>"$tty"
-stty -F "$tty" 115200 raw -echo -onlcr clocal || fail "stty"
+open_uart || exit 1
 echo "{LINE}" >&3 || fail "write to $tty"
 exec 3>&-   # the last close waits until the output has drained
 ok "written=1"
