@@ -7,11 +7,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VFUD_ENV=$REPO/target/vfud-env
 QEMU_ROOT=$VFUD_ENV/qemu-root          # Debian trixie chroot holding QEMU 11.1
 GUEST_DIR=$VFUD_ENV/guest              # guest kernel, modules and initramfs kit
-MIRROR=${VFUD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 _T0=$(date +%s.%N)
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+# Print the Debian mirror to provision from ($VFUD_DEBIAN_MIRROR, else the host's apt
+# configuration: scripts/apt-mirror.sh); dies with that script's message if there is none.
+debian_mirror() { "$REPO/scripts/apt-mirror.sh" || die "no Debian mirror (see above)"; }
 
 # Install missing host packages; runs `apt-get update` only if something is missing.
 need_pkgs() {
@@ -22,7 +25,7 @@ need_pkgs() {
   ((${#missing[@]})) || return 0
   log "installing host packages: ${missing[*]}"
   apt-get update -qq || log "warning: apt-get update reported errors (continuing)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # rm -rf a directory we built, refusing if anything is still mounted below it

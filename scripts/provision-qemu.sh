@@ -4,7 +4,9 @@
 # Bookworm's QEMU 7.2 has no vfio-user-pci and trixie-backports' QEMU needs glibc >= 2.38,
 # hence the chroot. The root is built in qemu-root.tmp and renamed when complete, with a
 # stamp inside, so an interrupted run is redone from scratch and a rerun is instant.
-# Usage: scripts/provision-qemu.sh        (env VFUD_DEBIAN_MIRROR overrides the mirror)
+# Usage: scripts/provision-qemu.sh
+# The mirror is the one the host's apt uses for Debian; env VFUD_DEBIAN_MIRROR overrides it
+# (scripts/apt-mirror.sh).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -17,6 +19,7 @@ fi
 
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap/chroot)"
 need_pkgs debootstrap
+MIRROR=$(debian_mirror)
 TMP=$QEMU_ROOT.tmp
 safe_rm "$TMP" "$QEMU_ROOT"          # partial leftovers of an interrupted run
 mkdir -p "$VFUD_ENV"

@@ -1,5 +1,6 @@
 //! The `vfud` program's library half: the client-side migration driver used by
-//! `vfud migrate` and by the tests. (The command-line wiring is in `main.rs`.)
+//! `vfud migrate` and by the tests, and the QMP client used by `vfud qemu-migrate` and the
+//! QEMU test harness. (The command-line wiring is in `main.rs`.)
 //!
 //! The driver lives here rather than in `vfud-protocol` because it is policy — the order of
 //! a migration — built on the protocol crate's client, and rather than in `vfud-server`
@@ -9,3 +10,4 @@
 #![warn(missing_docs)]
 
 pub mod driver;
+pub mod qmp;

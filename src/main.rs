@@ -4,9 +4,10 @@ mod activation;
 mod bench;
 mod config;
 mod docs;
+mod guest;
 mod migrate_cmd;
 mod probe;
-mod qemu_guard;
+mod qemu;
 mod status;
 mod trace;
 
@@ -63,7 +64,7 @@ enum Cmd {
     #[command(
         after_help = "Example:\n  vfud qemu-migrate --qmp /tmp/src.qmp --to tcp:dst-host:4444 --check"
     )]
-    QemuMigrate(qemu_guard::QemuMigrateArgs),
+    QemuMigrate(qemu::QemuMigrateArgs),
     /// Sit between a vfio-user client and server, forward everything unchanged and print
     /// every message decoded.
     Trace(trace::TraceArgs),
@@ -73,6 +74,12 @@ enum Cmd {
     Completions(docs::CompletionsArgs),
     /// Print vfud's manual page (or write one per subcommand with --out-dir).
     Man(docs::ManArgs),
+    /// Boot a Linux guest in QEMU with these devices, load a kernel module (built from source
+    /// or prebuilt), run a test script in the guest and exit with its status.
+    #[command(
+        after_help = "Example:\n  vfud guest --device dma-engine --module-src examples/dma-engine-driver --script examples/dma-engine-driver/test.sh"
+    )]
+    Guest(guest::GuestArgs),
 }
 
 #[derive(clap::Args)]
@@ -222,16 +229,20 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve(a) => serve(a),
         Cmd::Probe { socket } => probe::run(&socket),
-        Cmd::QemuMigrate(a) => qemu_guard::run(&a),
+        Cmd::QemuMigrate(a) => qemu::run(&a),
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Guest(a) => guest::run(&a),
         Cmd::Trace(a) => trace::run(&a),
         Cmd::Status(a) => status::run(&a),
         Cmd::Completions(a) => docs::completions(&a, Cli::command()),
         Cmd::Man(a) => docs::man(&a, Cli::command()),
         Cmd::Devices => {
-            for d in vfud_devices::DEVICE_NAMES {
-                println!("{d}");
+            for m in vfud_devices::MODELS {
+                println!("{:<12} {}", m.name, m.help);
+                for (k, help) in m.options {
+                    println!("{:<12}   {k}=…  {help}", "");
+                }
             }
             Ok(())
         }

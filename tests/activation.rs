@@ -91,7 +91,7 @@ fn the_example_units_activate_vfud_on_the_first_client() {
     // The control socket named in ExecStart answers `vfud status`.
     let ctl = run.path().join("dma-engine.ctl");
     assert!(common::wait_for_path(&ctl, Duration::from_secs(5)));
-    let out = common::vfud_command("status")
+    let out = common::vfud_command(&["status"])
         .arg("--control")
         .arg(&ctl)
         .arg("--json")

@@ -134,6 +134,7 @@ fn bad_arguments_get_readable_errors_and_every_subcommand_has_help() {
         "status",
         "completions",
         "man",
+        "guest",
     ] {
         let out = vfud(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");
@@ -147,8 +148,11 @@ fn bad_arguments_get_readable_errors_and_every_subcommand_has_help() {
     let top = vfud(&["--help"]);
     assert!(String::from_utf8_lossy(&top.stdout).contains("Example:\n  vfud serve"));
     let out = vfud(&["devices"]);
+    let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "dma-engine\nuart16550\n"
+        common::model_names(&text),
+        ["dma-engine", "uart16550"],
+        "{text}"
     );
+    assert!(text.contains("backend=…"), "options are listed: {text}");
 }

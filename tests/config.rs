@@ -17,7 +17,7 @@ impl Drop for Killed {
 }
 
 fn probe(sock: &std::path::Path) -> String {
-    let out = common::vfud_command("probe").arg(sock).output().unwrap();
+    let out = common::vfud_command(&["probe"]).arg(sock).output().unwrap();
     assert!(
         out.status.success(),
         "{}",

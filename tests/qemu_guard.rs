@@ -15,11 +15,11 @@ mod common;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::qemu::{Qemu, QemuOpts, DMA_ENGINE_GUEST_LIB, GUEST_RESULT_PREFIX, GUEST_TIMEOUT};
-use common::{vfud_bin, wait_for_path};
+use common::qemu::{last_tick, Qemu, QemuOpts, DMA_ENGINE_GUEST_LIB, GUEST_TIMEOUT};
+use common::{run_vfud, wait_for_path};
 use serde_json::json;
 
 /// dma-engine ID register (BAR0 offset 0).
@@ -30,8 +30,6 @@ const MARKER: &str = "0x600dcafe";
 const COMMAND_MEM: u64 = 0x2;
 /// Deadline for `vfud qemu-migrate` to finish.
 const GUARD_TIMEOUT: Duration = Duration::from_secs(45);
-/// Deadline for the guest to print another tick.
-const TICK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The guest writes the marker into device memory, then every 0.2 s prints a tick with what
 /// it reads from the device: ID (BAR0), marker (BAR2) and the COMMAND register.
@@ -76,46 +74,6 @@ impl Drop for Server {
     }
 }
 
-/// The values of the last complete `tick=` line of a serial log.
-fn last_tick(log: &str) -> Option<(u64, HashMap<String, String>)> {
-    let complete = &log[..log.rfind('\n')?];
-    complete.lines().rev().find_map(|line| {
-        let rest = &line[line.find(GUEST_RESULT_PREFIX)? + GUEST_RESULT_PREFIX.len()..];
-        let m: HashMap<String, String> = rest
-            .split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let n = m.get("tick")?.parse().ok()?;
-        Some((n, m))
-    })
-}
-
-/// Wait for a tick numbered above `after` on `q`'s serial console.
-fn wait_tick(q: &mut Qemu, after: u64) -> (u64, HashMap<String, String>) {
-    let deadline = Instant::now() + TICK_TIMEOUT;
-    loop {
-        if let Some((n, m)) = last_tick(&q.serial_log()) {
-            if n > after {
-                return (n, m);
-            }
-        }
-        if let Some(st) = q.try_exit() {
-            panic!(
-                "QEMU exited ({st}) waiting for a tick after {after}\n{}",
-                q.diagnostics()
-            );
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "no guest tick after {after} within {TICK_TIMEOUT:?}\n{}",
-                q.diagnostics()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Assert that a tick shows a device with its state: ID, marker, memory decoding.
 fn assert_device_alive(q: &Qemu, when: &str, tick: &HashMap<String, String>) {
     let get = |k: &str| tick.get(k).map(String::as_str).unwrap_or("<missing>");
@@ -139,32 +97,6 @@ fn assert_device_alive(q: &Qemu, when: &str, tick: &HashMap<String, String>) {
         "{when}: COMMAND {cmd:#06x} lost memory decoding (device reset?)\n{}",
         q.diagnostics()
     );
-}
-
-/// Run `vfud ARGS…` with a deadline; returns its output.
-fn run_vfud(args: &[&str]) -> Output {
-    let mut child = Command::new(vfud_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vfud");
-    let deadline = Instant::now() + GUARD_TIMEOUT;
-    while child.try_wait().expect("wait vfud").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("vfud output");
-            panic!(
-                "vfud {args:?} did not finish within {GUARD_TIMEOUT:?}\n--- stdout\n{}\n--- stderr\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("vfud output")
 }
 
 fn status(q: &mut Qemu) -> String {
@@ -203,7 +135,7 @@ fn qemu_migrate_refuses_or_keeps_vfio_user_device_state() {
         .args(&["-qmp", &qmp_arg(&dst_qmp), "-incoming", &uri])
         .start();
     src.wait_for_serial("ready_id=", GUEST_TIMEOUT);
-    let (first, tick) = wait_tick(&mut src, 0);
+    let (first, tick) = src.wait_tick(0);
     assert_device_alive(&src, "before migrating", &tick);
     assert_eq!(status(&mut dst), "inmigrate", "{}", dst.diagnostics());
     let v = src.execute("query-version", None);
@@ -227,17 +159,20 @@ fn qemu_migrate_refuses_or_keeps_vfio_user_device_state() {
 
     // Act
     let t = Instant::now();
-    let out = run_vfud(&[
-        "qemu-migrate",
-        "--qmp",
-        src_qmp.to_str().expect("utf-8 path"),
-        "--to",
-        &uri,
-        "--dest-qmp",
-        dst_qmp.to_str().expect("utf-8 path"),
-        "--timeout",
-        "30",
-    ]);
+    let out = run_vfud(
+        &[
+            "qemu-migrate",
+            "--qmp",
+            src_qmp.to_str().expect("utf-8 path"),
+            "--to",
+            &uri,
+            "--dest-qmp",
+            dst_qmp.to_str().expect("utf-8 path"),
+            "--timeout",
+            "30",
+        ],
+        GUARD_TIMEOUT,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     eprintln!(
@@ -271,7 +206,7 @@ fn qemu_migrate_refuses_or_keeps_vfio_user_device_state() {
         );
         assert_eq!(status(&mut dst), "inmigrate", "the destination got a VM");
         let refused_at = last_tick(&src.serial_log()).map_or(first, |t| t.0);
-        let (n, tick) = wait_tick(&mut src, refused_at);
+        let (n, tick) = src.wait_tick(refused_at);
         assert_device_alive(&src, "after the refusal", &tick);
         eprintln!("[guard] refused; source guest at tick {n} still drives the device");
     } else {
@@ -287,7 +222,7 @@ fn qemu_migrate_refuses_or_keeps_vfio_user_device_state() {
         );
         assert_eq!(status(&mut dst), "running", "{}", dst.diagnostics());
         let src_last = last_tick(&src.serial_log()).map_or(first, |t| t.0);
-        let (n, tick) = wait_tick(&mut dst, src_last);
+        let (n, tick) = dst.wait_tick(src_last);
         assert_device_alive(&dst, "on the destination after migrating", &tick);
         eprintln!("[guard] migrated; destination guest at tick {n} still drives the device");
     }

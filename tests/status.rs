@@ -16,7 +16,7 @@ use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
 use vfud_protocol::ProtocolError;
 
 fn status(ctl: &std::path::Path, json: bool) -> std::process::Output {
-    let mut c = common::vfud_command("status");
+    let mut c = common::vfud_command(&["status"]);
     c.arg("--control").arg(ctl);
     if json {
         c.arg("--json");

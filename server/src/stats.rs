@@ -55,12 +55,12 @@ impl Stats {
 
     /// The status report: the device, its client session, migration state, DMA, interrupts
     /// and these counters.
-    pub fn report(&self, server: &DeviceServer) -> Value {
-        let dma = server.dma_table();
+    pub fn report(&self, server: &DeviceServer, client_connected: bool) -> Value {
+        let dma = &server.dma;
         let maps = dma.iter().count();
         let bytes: u64 = dma.iter().map(|m| m.size).sum();
         let fd_backed = dma.iter().filter(|m| m.is_mmapped()).count();
-        let irq_mode = match server.interrupts().active_index() {
+        let irq_mode = match server.function.irqs().active_index() {
             Some(IRQ_INDEX_MSIX) => "MSI-X",
             Some(IRQ_INDEX_MSI) => "MSI",
             Some(IRQ_INDEX_INTX) => "INTx",
@@ -79,9 +79,9 @@ impl Stats {
         }
         json!({
             "model": server.description().name,
-            "client_connected": server.client.is_some(),
+            "client_connected": client_connected,
             "clients_accepted": self.clients,
-            "negotiated": server.negotiated(),
+            "negotiated": server.negotiated,
             "migration_state": format!("{:?}", server.mig_state()),
             "dma_maps": maps,
             "dma_bytes_mapped": bytes,

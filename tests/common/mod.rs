@@ -6,7 +6,7 @@ pub mod qemu;
 pub mod tracer;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use vfud_protocol::Client;
@@ -18,19 +18,52 @@ pub fn vfud_bin() -> &'static str {
 
 /// `vfud serve`, with the test's `RUST_LOG` (default `warn`) and no stdin; add arguments.
 pub fn serve_command() -> Command {
-    vfud_command("serve")
-}
-
-/// `vfud SUBCOMMAND`, with the test's `RUST_LOG` (default `warn`) and no stdin.
-pub fn vfud_command(sub: &str) -> Command {
     let mut c = Command::new(vfud_bin());
-    c.arg(sub)
+    c.arg("serve")
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdin(Stdio::null());
     c
+}
+
+/// `vfud ARGS…` with the test's `RUST_LOG` (default `warn`), no stdin, stdout and stderr piped.
+pub fn vfud_command(args: &[&str]) -> Command {
+    let mut c = Command::new(vfud_bin());
+    c.args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Wait for `child` (spawned with piped output) until `timeout`; returns its output. Panics
+/// with the output so far, after killing it, at the deadline.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().expect("wait for child").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("child output");
+            panic!(
+                "child did not finish within {timeout:?}\n--- stdout\n{}\n--- stderr\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("child output")
+}
+
+/// Run `vfud ARGS…` (see [`vfud_command`]) with a deadline; returns its output.
+pub fn run_vfud(args: &[&str], timeout: Duration) -> Output {
+    wait_output(vfud_command(args).spawn().expect("spawn vfud"), timeout)
 }
 
 /// A `vfud serve` child process, killed on drop.
@@ -84,6 +117,15 @@ impl Drop for Vfud {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The model names in `vfud devices` output (options are the indented lines).
+pub fn model_names(devices_output: &str) -> Vec<&str> {
+    devices_output
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
 }
 
 /// Zeroed memfd of `size` bytes, e.g. guest RAM to DMA-map.

@@ -1,7 +1,7 @@
 //! A `vfud trace --json` process between a test's client and a server, and its output.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -21,13 +21,14 @@ impl Tracer {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("trace.sock");
         let out = dir.path().join("trace.jsonl");
-        let child = super::vfud_command("trace")
+        let child = super::vfud_command(&["trace"])
             .args(["--json", "--listen"])
             .arg(&socket)
             .arg("--connect")
             .arg(server)
             .args(extra)
             .stdout(std::fs::File::create(&out).expect("trace output file"))
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn vfud trace");
         assert!(
