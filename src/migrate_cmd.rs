@@ -140,19 +140,13 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
     let mut client_idle = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while pause_ms.is_none() && std::time::Instant::now() < deadline {
-        if let Ok(s) = UnixStream::connect(to) {
-            let mut r = vfud_protocol::FrameReader::new();
-            if ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).is_ok() {
-                if let Ok(f) = ho::recv(&s, &mut r, Duration::from_secs(2)) {
-                    let st: serde_json::Value = serde_json::from_slice(&f.payload)?;
-                    client_idle = st["handover_client_idle"].as_bool().unwrap_or(false);
-                    if let (Some(first), Some(stopped)) = (
-                        st["handover_first_reply_at_ns"].as_u64(),
-                        st["handover_stopped_at_ns"].as_u64(),
-                    ) {
-                        pause_ms = Some(first.saturating_sub(stopped) as f64 / 1e6);
-                    }
-                }
+        if let Ok(st) = crate::status::query(to, Duration::from_secs(2)) {
+            client_idle = st["handover_client_idle"].as_bool().unwrap_or(false);
+            if let (Some(first), Some(stopped)) = (
+                st["handover_first_reply_at_ns"].as_u64(),
+                st["handover_stopped_at_ns"].as_u64(),
+            ) {
+                pause_ms = Some(first.saturating_sub(stopped) as f64 / 1e6);
             }
         }
         if pause_ms.is_none() {

@@ -146,9 +146,11 @@ fn recv_with_fds(
     Ok(n)
 }
 
-/// Receive at least one byte: `Ok(None)` when the socket would block; EOF is
-/// [`ProtocolError::Disconnected`].
-fn recv_some(
+/// Receive at least one byte into `buf`, appending any descriptors to `fds` (`cmsg` is the
+/// caller's reusable ancillary-data buffer): `Ok(None)` when the socket would block; EOF is
+/// [`ProtocolError::Disconnected`]. Frame-level callers use [`FrameReader`]; this is for a
+/// proxy passing on bytes it can no longer cut into frames.
+pub fn recv_some(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
@@ -175,6 +177,18 @@ impl FrameReader {
     /// Whether bytes or descriptors of a frame not yet returned are held here.
     pub fn in_progress(&self) -> bool {
         self.end > self.start || !self.fds.is_empty()
+    }
+
+    /// Hand back every byte and descriptor received but not yet returned as a frame, leaving
+    /// the reader empty. After a malformed header the stream cannot be cut into frames any
+    /// more; a proxy (`vfud trace`) uses this to pass what it holds on untouched.
+    pub fn take_unparsed(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
+        let bytes = self.buf[self.start..self.end].to_vec();
+        self.consumed += bytes.len() as u64;
+        self.start = 0;
+        self.end = 0;
+        let fds = self.fds.drain(..).flat_map(|(_, v)| v).collect();
+        (bytes, fds)
     }
 
     /// Return the next whole frame, reading from the socket only when the buffer holds none.

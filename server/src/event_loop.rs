@@ -168,6 +168,8 @@ pub(crate) struct Loop {
     registered: HashMap<RawFd, Token>,
     pub(crate) outgoing: Option<OutgoingHandover>,
     pub(crate) stats: Option<HandoverStats>,
+    /// Counters for `vfud status`.
+    pub(crate) counters: crate::stats::Stats,
 }
 
 /// Serve on already bound sockets. `listener` may be absent for a process started with
@@ -195,6 +197,7 @@ pub fn serve_listener(
         registered: HashMap::new(),
         outgoing: None,
         stats: None,
+        counters: crate::stats::Stats::default(),
     };
     if let Some(l) = listener {
         lp.set_listener(l)?;
@@ -315,6 +318,7 @@ impl Loop {
                     }
                     self.set_client(Connection::new(stream)?)?;
                     tracing::info!(device = name, "client connected");
+                    self.counters.client_connected();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -378,6 +382,7 @@ impl Loop {
             }
             Err(e) => {
                 tracing::debug!(msg_id = h.msg_id, "bad message type: {e}");
+                self.counters.record(h.cmd, false);
                 return self
                     .client
                     .as_ref()
@@ -388,6 +393,7 @@ impl Loop {
         let result = Request::decode(h.cmd, &frame.payload, frame.fds, &self.server.limits())
             .map_err(crate::error::RequestError::from)
             .and_then(|req| self.server.handle(req, len));
+        self.counters.record(h.cmd, result.is_ok());
         let Some(c) = self.client.as_ref() else {
             return Ok(());
         };
