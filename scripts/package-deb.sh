@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the Debian package of vfud: release binary, man pages and shell completions generated
 # from the CLI definition (`vfud man`, `vfud completions`), systemd units, then `cargo deb`
-# (metadata in Cargo.toml). Without cargo-deb on PATH, installs it from crates.io once into
-# target/tools/ (a few minutes; `cargo clean` removes it).
+# (metadata in Cargo.toml). Without cargo-deb on PATH, installs it from crates.io once with
+# `cargo install cargo-deb` (into cargo's own bin directory, so later runs and clean checkouts
+# on the same machine reuse it; the first install takes several minutes).
 # Usage: scripts/package-deb.sh [--profile dev]   (prints the .deb path last)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +11,8 @@ profile=release
 if [ "${1:-}" = "--profile" ]; then profile=$2; fi
 dir=release; [ "$profile" = dev ] && dir=debug
 if ! command -v cargo-deb >/dev/null; then
-  [ -x target/tools/bin/cargo-deb ] || cargo install cargo-deb --locked --root target/tools
-  export PATH=$PWD/target/tools/bin:$PATH
+  cargo install cargo-deb --locked
+  export PATH=${CARGO_HOME:-$HOME/.cargo}/bin:$PATH
 fi
 cargo build --profile "$profile" --bin vfud
 bin=target/$dir/vfud
