@@ -119,8 +119,12 @@ impl MigrationSession {
         self.saver.as_ref()
     }
 
-    /// DEVICE_RESET: back to RUNNING, dropping any migration in progress.
-    pub fn reset(&mut self) {
+    /// DEVICE_RESET: back to RUNNING, dropping any migration in progress (device memory an
+    /// unfinished restore overwrote is put back first).
+    pub fn reset(&mut self, function: &PciFunction) {
+        if let Some(l) = &mut self.loader {
+            l.rollback(function.bars());
+        }
         let v1 = self.v1.is_some();
         *self = Self::new(self.model, self.migratable, self.config_before_data, v1);
     }
@@ -248,6 +252,18 @@ impl MigrationSession {
         max: usize,
         parts: &mut Parts<'_>,
     ) -> Result<Vec<u8>, RequestError> {
+        let mut v = Vec::new();
+        self.read_stream_into(&mut v, max, parts)?;
+        Ok(v)
+    }
+
+    /// Append up to `max` bytes of the outgoing stream to `dst`; returns how many.
+    pub fn read_stream_into(
+        &mut self,
+        dst: &mut Vec<u8>,
+        max: usize,
+        parts: &mut Parts<'_>,
+    ) -> Result<usize, RequestError> {
         let stop_copy = self.state == MigState::StopCopy;
         let saver = self.saver.as_mut().ok_or(MigrationError::NoStream)?;
         let Parts {
@@ -271,13 +287,20 @@ impl MigrationSession {
         } else {
             None
         };
-        Ok(saver.read(max, function.bars(), f)?)
+        Ok(saver.read_into(dst, max, function.bars(), f)?)
     }
 
-    /// Incoming stream bytes (RESUMING).
-    pub fn write_stream(&mut self, data: &[u8]) -> Result<(), RequestError> {
+    /// Incoming stream bytes (RESUMING); device memory goes straight into `function`'s BARs
+    /// (rolled back if the restore fails).
+    pub fn write_stream(
+        &mut self,
+        data: &[u8],
+        function: &PciFunction,
+    ) -> Result<(), RequestError> {
         let loader = self.loader.as_mut().ok_or(MigrationError::NoStream)?;
-        loader.write(data).map_err(MigrationError::Stream)?;
+        loader
+            .write(data, function.bars())
+            .map_err(MigrationError::Stream)?;
         self.data_seen |= !data.is_empty();
         Ok(())
     }
@@ -307,10 +330,23 @@ impl MigrationSession {
         }
     }
 
-    /// Leaving RESUMING: apply the staged stream, or change nothing.
+    /// Leaving RESUMING: apply the staged stream, or change nothing (device memory written
+    /// while the stream arrived is rolled back).
     fn finish_restore(&mut self, parts: &mut Parts<'_>) -> Result<(), RequestError> {
+        let mut loader = self.loader.take().ok_or(MigrationError::NoStream)?;
+        let r = self.apply_restore(&mut loader, parts);
+        if r.is_err() {
+            loader.rollback(parts.function.bars());
+        }
+        r
+    }
+
+    fn apply_restore(
+        &mut self,
+        loader: &mut Loader,
+        parts: &mut Parts<'_>,
+    ) -> Result<(), RequestError> {
         let mismatch = |m: String| RequestError::from(MigrationError::Mismatch(m));
-        let loader = self.loader.take().ok_or(MigrationError::NoStream)?;
         let staged = loader.finish().map_err(MigrationError::Stream)?;
         let header = staged.header.as_ref().ok_or(MigrationError::NoStream)?;
         let theirs = header.ordering & vfud::ORDERING_CONFIG_BEFORE_DATA != 0;
@@ -362,16 +398,6 @@ impl MigrationSession {
             // The device changed nothing; put config space back as it was.
             let _ = function.restore(&saved_config, Some(&saved_msix));
             return Err(MigrationError::Device(e).into());
-        }
-        for (staged, mem) in staged.memory.iter().zip(function.bars()) {
-            let (Some(staged), Some(mem)) = (staged, mem) else {
-                continue;
-            };
-            for (page, _) in staged.touched.iter().enumerate().filter(|(_, t)| **t) {
-                let at = page * super::stream::PAGE;
-                let end = (at + super::stream::PAGE).min(staged.data.len());
-                mem.write(at as u64, &staged.data[at..end])?;
-            }
         }
         function
             .irqs_mut()

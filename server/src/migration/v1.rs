@@ -114,7 +114,7 @@ impl MigrationSession {
                         return Err(v1_err("data_size larger than the data window"));
                     }
                     let chunk = r.window[..n as usize].to_vec();
-                    self.write_stream(&chunk)?;
+                    self.write_stream(&chunk, parts.function)?;
                 }
                 _ => return Err(v1_err("register is read-only")),
             },

@@ -1,7 +1,15 @@
 //! [`Loader`]: consumes the stream on the destination, validating as bytes arrive.
+//!
+//! Device memory (BAR_MEMORY sections) is written into the device's BARs as it arrives,
+//! after the BAR's previous contents were copied aside once; a stream that fails (or a
+//! restore that is abandoned) puts them back with [`Loader::rollback`]. So the destination is
+//! unchanged after a failure, and restoring memory costs nothing inside the downtime beyond
+//! the pages the last rounds carry. Everything else is staged and applied when the device
+//! leaves RESUMING.
 
 use super::*;
 use crate::migration::DeviceState;
+use crate::mmap::SharedMemory;
 
 /// What the destination device can take. Sections that do not fit are refused as they
 /// arrive, so what a peer sends can never make the loader hold more than the device has.
@@ -21,23 +29,11 @@ pub struct Shape {
     pub max_device_state: usize,
 }
 
-/// BAR memory restored from the stream: the BAR's bytes as the stream left them, and which
-/// pages the stream wrote.
-#[derive(Debug)]
-pub struct StagedBar {
-    /// The bytes (the BAR's size).
-    pub data: Vec<u8>,
-    /// Pages the stream wrote.
-    pub touched: Vec<bool>,
-}
-
 /// What a complete, valid stream restores.
 #[derive(Debug, Default)]
 pub struct Staged {
     /// Header.
     pub header: Option<StreamHeader>,
-    /// BAR memory, per BAR.
-    pub memory: [Option<StagedBar>; 6],
     /// Config image.
     pub config: Option<Vec<u8>>,
     /// Interrupt state.
@@ -57,6 +53,8 @@ pub struct Loader {
     staged: Staged,
     ended: bool,
     poisoned: Option<String>,
+    /// Each BAR's contents from before the stream wrote it.
+    backup: [Option<Vec<u8>>; 6],
 }
 
 impl Loader {
@@ -69,23 +67,43 @@ impl Loader {
             staged: Staged::default(),
             ended: false,
             poisoned: None,
+            backup: Default::default(),
         }
     }
 
-    /// Feed bytes; complete sections are checked and staged. After an error every later
-    /// call fails too.
-    pub fn write(&mut self, data: &[u8]) -> Result<(), StreamError> {
+    /// Feed bytes; complete sections are checked, memory is written to `bars` (see the
+    /// module docs) and the rest staged. After an error every later call fails too, and the
+    /// memory is already rolled back.
+    pub fn write(
+        &mut self,
+        data: &[u8],
+        bars: &[Option<SharedMemory>; 6],
+    ) -> Result<(), StreamError> {
         if let Some(p) = &self.poisoned {
             return Err(StreamError::Poisoned(p.clone()));
         }
-        let r = self.write_inner(data);
+        let r = self.write_inner(data, bars);
         if let Err(e) = &r {
             self.poisoned = Some(e.to_string());
+            self.rollback(bars);
         }
         r
     }
 
-    fn write_inner(&mut self, data: &[u8]) -> Result<(), StreamError> {
+    /// Put back what the stream overwrote in the device's memory.
+    pub fn rollback(&mut self, bars: &[Option<SharedMemory>; 6]) {
+        for (backup, mem) in self.backup.iter_mut().zip(bars) {
+            if let (Some(b), Some(m)) = (backup.take(), mem) {
+                let _ = m.write(0, &b);
+            }
+        }
+    }
+
+    fn write_inner(
+        &mut self,
+        data: &[u8],
+        bars: &[Option<SharedMemory>; 6],
+    ) -> Result<(), StreamError> {
         if self.ended && !data.is_empty() {
             return Err(StreamError::DataAfterEnd);
         }
@@ -116,6 +134,15 @@ impl Loader {
             if flags != 0 {
                 return Err(StreamError::Malformed("section flags"));
             }
+            if k == kind::BAR_MEMORY && self.staged.header.is_some() {
+                let buf = std::mem::take(&mut self.buf);
+                let r = self.write_memory(&buf[SECTION_HEADER_LEN..total], bars);
+                self.buf = buf;
+                self.buf.drain(..total);
+                self.consumed += total as u64;
+                r?;
+                continue;
+            }
             let payload = payload.to_vec();
             self.buf.drain(..total);
             self.consumed += total as u64;
@@ -144,7 +171,6 @@ impl Loader {
                 }
                 self.staged.header = Some(h);
             }
-            kind::BAR_MEMORY => self.stage_memory(&p)?,
             kind::CONFIG => {
                 self.staged.config = Some(self.sized(p, "config", self.shape.config_len)?)
             }
@@ -187,8 +213,13 @@ impl Loader {
         Ok(p)
     }
 
-    /// `{bar u8, pad[7], offset u64, bytes}` into the BAR's staging copy.
-    fn stage_memory(&mut self, p: &[u8]) -> Result<(), StreamError> {
+    /// `{bar u8, pad[7], offset u64, bytes}`: checked against the device, then written into
+    /// the BAR (whose contents are copied aside the first time).
+    fn write_memory(
+        &mut self,
+        p: &[u8],
+        bars: &[Option<SharedMemory>; 6],
+    ) -> Result<(), StreamError> {
         if p.len() < 16 {
             return Err(StreamError::Malformed("BAR memory"));
         }
@@ -198,36 +229,35 @@ impl Loader {
             .bars
             .get(bar)
             .ok_or(StreamError::NoSuchBar(p[0]))?;
-        if size == 0 {
+        let mem = bars.get(bar).and_then(Option::as_ref);
+        let Some(mem) = mem.filter(|m| size != 0 && m.len() as u64 == size) else {
             return Err(StreamError::NoSuchBar(p[0]));
-        }
+        };
         let offset = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
         let data = &p[16..];
-        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= size);
-        let Some(end) = end else {
+        if !matches!(offset.checked_add(data.len() as u64), Some(end) if end <= size) {
             return Err(StreamError::OutOfRange {
                 bar: p[0],
                 offset,
                 len: data.len() as u64,
             });
-        };
-        let staged = self.staged.memory[bar].get_or_insert_with(|| StagedBar {
-            data: vec![0; size as usize],
-            touched: vec![false; (size as usize).div_ceil(PAGE)],
-        });
-        staged.data[offset as usize..end as usize].copy_from_slice(data);
-        let first = offset as usize / PAGE;
-        let last = (end as usize).div_ceil(PAGE);
-        staged.touched[first..last]
-            .iter_mut()
-            .for_each(|t| *t = true);
-        Ok(())
+        }
+        if self.backup[bar].is_none() {
+            let mut b = vec![0u8; mem.len()];
+            mem.read(0, &mut b)
+                .map_err(|_| StreamError::Malformed("BAR memory"))?;
+            self.backup[bar] = Some(b);
+        }
+        mem.write(offset, data)
+            .map_err(|_| StreamError::Malformed("BAR memory"))
     }
 
     /// The staged state, only if the stream was complete and valid.
-    pub fn finish(self) -> Result<Staged, StreamError> {
-        if let Some(p) = self.poisoned {
-            return Err(StreamError::Poisoned(p));
+    /// Memory was written in place: on failure, or if anything later fails, call
+    /// [`Loader::rollback`]; on success drop the loader (and its backups).
+    pub fn finish(&mut self) -> Result<Staged, StreamError> {
+        if let Some(p) = &self.poisoned {
+            return Err(StreamError::Poisoned(p.clone()));
         }
         if !self.ended || !self.buf.is_empty() {
             return Err(StreamError::Truncated("no END section"));
@@ -235,7 +265,7 @@ impl Loader {
         if self.staged.device.is_none() || self.staged.config.is_none() {
             return Err(StreamError::Truncated("device state or config missing"));
         }
-        Ok(self.staged)
+        Ok(std::mem::take(&mut self.staged))
     }
 
     /// Bytes consumed so far.

@@ -22,7 +22,7 @@ mod saver;
 #[cfg(test)]
 mod tests;
 
-pub use loader::{Loader, Shape, Staged, StagedBar};
+pub use loader::{Loader, Shape, Staged};
 pub use saver::{FinalState, Saver};
 
 /// First bytes of the header section's payload.

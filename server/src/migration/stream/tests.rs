@@ -61,19 +61,17 @@ fn stream_round_trips_and_stages_memory() {
     let b = bars();
     b[2].as_ref().unwrap().write(100, b"payload").unwrap();
     let s = whole_stream(&b);
+    let dst = bars();
     let mut l = loader("dma-engine");
     for c in s.chunks(777) {
-        l.write(c).unwrap();
+        l.write(c, &dst).unwrap();
     }
     let st = l.finish().unwrap();
     assert_eq!(st.header.unwrap(), header());
     assert_eq!(st.config.unwrap(), vec![7; 256]);
-    let m = st.memory[2].as_ref().expect("BAR 2 staged");
-    assert_eq!(&m.data[100..107], b"payload");
-    assert!(
-        m.touched.iter().all(|t| *t),
-        "the initial copy writes every page"
-    );
+    let mut got = [0u8; 7];
+    dst[2].as_ref().unwrap().read(100, &mut got).unwrap();
+    assert_eq!(&got, b"payload");
 }
 
 #[test]
@@ -105,7 +103,7 @@ fn every_sampled_bit_flip_is_refused() {
         let mut m = s.clone();
         m[bit / 8] ^= 1 << (bit % 8);
         let mut l = loader("dma-engine");
-        let ok = l.write(&m).is_ok() && l.finish().is_ok();
+        let ok = l.write(&m, &b).is_ok() && l.finish().is_ok();
         assert!(!ok, "flip of bit {bit} accepted");
         tried += 1;
     }
@@ -118,22 +116,22 @@ fn wrong_model_and_truncation_are_refused() {
     let s = whole_stream(&b);
     let mut l = loader("uart16550");
     assert!(matches!(
-        l.write(&s),
+        l.write(&s, &b),
         Err(StreamError::ModelMismatch { .. })
     ));
     let mut l = loader("dma-engine");
-    l.write(&s[..s.len() - 1]).unwrap();
+    l.write(&s[..s.len() - 1], &b).unwrap();
     assert!(matches!(l.finish(), Err(StreamError::Truncated(_))));
     let mut l = loader("dma-engine");
     assert_eq!(
-        l.write(&[0xff; 40]),
+        l.write(&[0xff; 40], &b),
         Err(StreamError::SectionTooLarge(u64::MAX))
     );
     let mut l = loader("dma-engine");
     let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
     bad.extend([1, 2, 3, 4]);
     assert!(matches!(
-        l.write(&bad),
+        l.write(&bad, &b),
         Err(StreamError::CrcMismatch { offset: 0, .. })
     ));
 }
@@ -157,8 +155,12 @@ fn memory(bar: u8, offset: u64, data: &[u8]) -> Vec<u8> {
 #[test]
 fn lies_with_valid_crcs_are_refused_each_with_its_own_error() {
     let h = (kind::HEADER, header().encode());
-    let refuse =
-        |sections: Vec<(u16, Vec<u8>)>| loader("dma-engine").write(&forged(&sections)).unwrap_err();
+    let b = bars();
+    let refuse = |sections: Vec<(u16, Vec<u8>)>| {
+        loader("dma-engine")
+            .write(&forged(&sections), &b)
+            .unwrap_err()
+    };
     let mut bad_magic = header().encode();
     bad_magic[0] ^= 1;
     assert_eq!(
@@ -225,29 +227,45 @@ fn lies_with_valid_crcs_are_refused_each_with_its_own_error() {
 }
 
 #[test]
-fn later_pages_overwrite_earlier_ones_and_only_written_pages_are_touched() {
+fn memory_is_written_in_place_and_rolled_back_on_failure() {
+    let dst = bars();
+    dst[2]
+        .as_ref()
+        .unwrap()
+        .write(8192, b"destination own")
+        .unwrap();
     let s = forged(&[
         (kind::HEADER, header().encode()),
         (kind::BAR_MEMORY, memory(2, 8192, &[1; 10])),
         (kind::BAR_MEMORY, memory(2, 8192, &[2; 5])),
     ]);
     let mut l = loader("dma-engine");
-    l.write(&s).unwrap();
-    l.write(&forged(&[
-        (kind::CONFIG, vec![0; 256]),
-        (kind::DEVICE_STATE, vec![1, 0, b'{', b'}']),
-        (kind::END, vec![]),
-    ]))
-    .unwrap();
-    let st = l.finish().unwrap();
-    let m = st.memory[2].as_ref().unwrap();
-    assert_eq!(&m.data[8192..8202], &[2, 2, 2, 2, 2, 1, 1, 1, 1, 1]);
-    let touched: Vec<usize> = m
-        .touched
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t)
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(touched, vec![2]);
+    l.write(&s, &dst).unwrap();
+    let mut got = [0u8; 15];
+    dst[2].as_ref().unwrap().read(8192, &mut got).unwrap();
+    assert_eq!(
+        &got[..10],
+        &[2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
+        "later sections win"
+    );
+    // The stream ends without device state: refused, and the memory is put back.
+    l.write(&forged(&[(kind::END, vec![])]), &dst).unwrap();
+    assert!(l.finish().is_err());
+    l.rollback(&dst);
+    dst[2].as_ref().unwrap().read(8192, &mut got).unwrap();
+    assert_eq!(&got, b"destination own");
+}
+
+#[test]
+fn a_refused_section_rolls_memory_back_at_once() {
+    let dst = bars();
+    let s = forged(&[
+        (kind::HEADER, header().encode()),
+        (kind::BAR_MEMORY, memory(2, 0, &[9; 4])),
+        (kind::BAR_MEMORY, memory(2, 1 << 20, &[9; 4])),
+    ]);
+    assert!(loader("dma-engine").write(&s, &dst).is_err());
+    let mut got = [1u8; 4];
+    dst[2].as_ref().unwrap().read(0, &mut got).unwrap();
+    assert_eq!(got, [0; 4]);
 }
