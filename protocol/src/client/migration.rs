@@ -128,6 +128,10 @@ impl Client {
     }
 
     /// MIG_DATA_READ of up to `size` bytes. A shorter answer means nothing more for now.
+    ///
+    /// Only the first `size` bytes the reply announces are data: a reply padded to the requested
+    /// size (libvfio-user servers do this) is accepted, the padding ignored and logged once per
+    /// connection at debug level; [`Client::saw_padded_mig_data`] tells whether it happened.
     pub fn mig_data_read(&mut self, size: u32) -> Result<Vec<u8>, ProtocolError> {
         let mut p = Vec::new();
         put(
@@ -138,13 +142,21 @@ impl Client {
             },
         );
         let r = self.request(Command::MigDataRead, &p, &[])?;
-        let data = MigData::decode_write(&r.payload)?;
-        if data.len() > size as usize {
-            return Err(ProtocolError::UnexpectedReply(
-                "migration data larger than asked".into(),
-            ));
+        let (data, padding) = MigData::decode_read_reply(&r.payload, size)?;
+        if padding > 0 && !self.padded_mig_data {
+            self.padded_mig_data = true;
+            tracing::debug!(
+                data = data.len(),
+                padding,
+                "MIG_DATA_READ reply padded to the requested size; using the announced bytes"
+            );
         }
         Ok(data.to_vec())
+    }
+
+    /// Whether a MIG_DATA_READ reply on this connection carried padding after its data.
+    pub fn saw_padded_mig_data(&self) -> bool {
+        self.padded_mig_data
     }
 
     /// MIG_DATA_WRITE.

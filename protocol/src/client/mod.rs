@@ -41,6 +41,8 @@ pub struct Client {
     negotiated: Negotiated,
     next_id: u16,
     dma: Option<Box<dyn DmaHandler>>,
+    /// A MIG_DATA_READ reply carried padding (logged once).
+    padded_mig_data: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -71,6 +73,7 @@ impl Client {
             negotiated: Negotiated::default(),
             next_id: 0,
             dma: None,
+            padded_mig_data: false,
         })
     }
 
