@@ -27,14 +27,23 @@ pub const SCM_MAX_FD: usize = 253;
 /// Room for headers around a maximal data transfer (largest fixed part is 24 bytes + header).
 pub const MSG_OVERHEAD: usize = 64;
 
-/// Limits enforced on incoming messages.
+/// Limits of one side of a connection: what it accepts in incoming messages and how large a
+/// data transfer it initiates.
+///
+/// Build them with [`Limits::from_negotiated`] (the server's side) or [`Limits::client`] after
+/// VERSION; the two sides differ because each side's `max_data_xfer_size` is what *it* can
+/// receive (see [`Negotiated`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Most fds accepted in one message.
+    /// Most fds accepted in one incoming message.
     pub max_msg_fds: usize,
-    /// Largest data transfer (REGION_READ/WRITE count, MIG_DATA size, DMA count).
+    /// Largest data transfer this side puts in one message it initiates (the server's
+    /// DMA_READ/DMA_WRITE `count`, the client's REGION_READ/WRITE `count`): the peer's limit.
     pub max_data_xfer_size: u64,
-    /// Largest whole message, header included.
+    /// Largest data transfer accepted in an incoming request (REGION_READ/WRITE `count`,
+    /// MIG_DATA sizes at a server; DMA_READ/WRITE `count` at a client): this side's own limit.
+    pub max_recv_xfer_size: u64,
+    /// Largest whole incoming message, header included.
     pub max_msg_size: usize,
 }
 
@@ -46,29 +55,55 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Limits for a given fd count and transfer size.
+    /// Limits for a given fd count and one transfer size used in both directions.
     pub fn with_xfer(max_msg_fds: usize, max_data_xfer_size: u64) -> Self {
+        Self::directional(max_msg_fds, max_data_xfer_size, max_data_xfer_size)
+    }
+
+    /// Limits accepting transfers of `recv_xfer` and sending transfers of `send_xfer`; incoming
+    /// messages may be as large as the larger of the two plus headers (a reply to our own
+    /// transfer carries up to `send_xfer` bytes).
+    pub fn directional(max_msg_fds: usize, recv_xfer: u64, send_xfer: u64) -> Self {
         Self {
             max_msg_fds,
-            max_data_xfer_size,
-            max_msg_size: usize::try_from(max_data_xfer_size)
+            max_data_xfer_size: send_xfer,
+            max_recv_xfer_size: recv_xfer,
+            max_msg_size: usize::try_from(recv_xfer.max(send_xfer))
                 .unwrap_or(usize::MAX / 2)
                 .saturating_add(MSG_OVERHEAD)
                 .max(8192),
         }
     }
 
-    /// Limits after VERSION negotiation.
+    /// The server's limits after VERSION negotiation: it accepts what its reply stated, and
+    /// sends DMA transfers no larger than either side's limit — the client's by the spec, and
+    /// the server's own too because QEMU checks incoming DMA requests against the value the
+    /// server replied with (`proxy.c`, `max_xfer_size`).
     pub fn from_negotiated(n: &Negotiated) -> Self {
-        Self::with_xfer(n.max_msg_fds as usize, n.max_data_xfer_size)
+        Self::directional(
+            n.max_msg_fds as usize,
+            n.max_data_xfer_size,
+            n.max_data_xfer_size.min(n.client_max_data_xfer_size),
+        )
     }
 
-    /// Fail when a transfer exceeds `max_data_xfer_size`.
+    /// The client's limits after VERSION negotiation: it accepts what it proposed and sends
+    /// transfers up to the server's stated limit.
+    pub fn client(n: &Negotiated) -> Self {
+        Self::directional(
+            n.client_max_msg_fds as usize,
+            n.client_max_data_xfer_size,
+            n.max_data_xfer_size,
+        )
+    }
+
+    /// Fail when an incoming transfer exceeds this side's `max_data_xfer_size`
+    /// ([`Limits::max_recv_xfer_size`]).
     pub fn check_xfer(&self, size: u64) -> Result<(), ProtocolError> {
-        if size > self.max_data_xfer_size {
+        if size > self.max_recv_xfer_size {
             Err(ProtocolError::TransferTooLarge {
                 size,
-                max: self.max_data_xfer_size,
+                max: self.max_recv_xfer_size,
             })
         } else {
             Ok(())

@@ -186,7 +186,7 @@ impl Client {
         let cmd = Command::try_from(f.header.cmd);
         let result: Result<Vec<u8>, Errno> = match (cmd, self.dma.as_mut()) {
             (Ok(Command::DmaRead), Some(h)) => match DmaAccess::decode_read(&f.payload) {
-                Ok(a) if a.count <= self.limits.max_data_xfer_size => {
+                Ok(a) if a.count <= self.limits.max_recv_xfer_size => {
                     let mut buf = vec![0u8; a.count as usize];
                     h.dma_read(a.addr, &mut buf)
                         .map(|()| a.encode_with_data(&buf))
@@ -230,7 +230,7 @@ impl Client {
         let reply = self.request(Command::Version, &proposal.encode(), &[])?;
         let v = VersionMessage::decode(&reply.payload)?;
         let n = accept_reply(proposal, &v)?;
-        self.limits = Limits::from_negotiated(&n);
+        self.limits = Limits::client(&n);
         self.negotiated = n.clone();
         Ok(n)
     }

@@ -1,9 +1,10 @@
 //! VFIO_USER_VERSION and capability negotiation (spec "VFIO_USER_VERSION").
 //!
 //! The payload is `u16 major, u16 minor` followed by a NUL-terminated JSON object
-//! `{"capabilities": {...}}`. The server answers with a subset of what the client proposed,
-//! never a larger value, and — because QEMU's reply buffer is exactly the size of its request —
-//! never a longer message than the request.
+//! `{"capabilities": {...}}`. The server answers with a subset of the capability *keys* the
+//! client proposed and — because QEMU's reply buffer is exactly the size of its request — never
+//! a longer message than the request. `max_msg_fds` and `max_data_xfer_size` are each side's own
+//! receive limit, not a shared minimum: see [`negotiate()`].
 
 use std::collections::BTreeMap;
 

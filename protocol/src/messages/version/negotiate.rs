@@ -7,11 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Capabilities, MigrationCaps, TwinSocketCaps, VersionMessage, DEFAULT_MAX_DATA_XFER_SIZE,
-    DEFAULT_MAX_DMA_MAPS, DEFAULT_MAX_MSG_FDS, DEFAULT_PGSIZES, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    DEFAULT_MAX_DMA_MAPS, DEFAULT_MAX_MSG_FDS, DEFAULT_PGSIZES, MAX_MAX_DATA_XFER_SIZE,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 use crate::error::ProtocolError;
 
-/// What a server is able to offer; negotiation takes the intersection with the proposal.
+/// What a server is able to offer. Its limits go into the reply as they are (they are the
+/// server's own receive limits); the other capabilities are intersected with the proposal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerOffer {
     /// Most fds the server accepts in one message.
@@ -45,14 +47,32 @@ impl Default for ServerOffer {
 }
 
 /// Effective session parameters after negotiation, defaults filled in.
+///
+/// The spec makes `max_msg_fds` and `max_data_xfer_size` one-directional: each side states what
+/// *it* can receive ("Maximum number of file descriptors that can be received by the sender in
+/// one message"; "the client and server may each specify a `max_data_xfer_size` value";
+/// "The `count` field must not exceed the value of `max_data_xfer_size` of the peer" —
+/// QEMU `docs/interop/vfio-user.rst`, "Message sizes", "VFIO_USER_VERSION", "Read and Write
+/// Operations"). QEMU reads the server's reply the same way (`proxy.c`: the reply's
+/// `max_msg_fds` becomes `max_send_fds`, its `max_data_xfer_size` the `max_xfer_size` QEMU sends
+/// with), and so does libvfio-user, which replies with its own constants whatever the client
+/// proposed. Hence two pairs of fields.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Negotiated {
     /// Minor version in force.
     pub minor: u16,
-    /// Most fds in one message, either direction.
+    /// Most fds the *server* accepts in one message (the reply's value): what a client may send.
     pub max_msg_fds: u32,
-    /// Largest data transfer.
+    /// Largest data transfer the *server* accepts (the reply's value): the bound on REGION_READ
+    /// and REGION_WRITE `count` and on MIG_DATA sizes a client sends.
     pub max_data_xfer_size: u64,
+    /// Most fds the *client* accepts in one message (its proposal): what a server may send.
+    #[serde(default = "default_max_msg_fds")]
+    pub client_max_msg_fds: u32,
+    /// Largest data transfer the *client* accepts (its proposal): the bound on the `count` of
+    /// the server's DMA_READ/DMA_WRITE.
+    #[serde(default = "default_max_data_xfer_size")]
+    pub client_max_data_xfer_size: u64,
     /// Page sizes.
     pub pgsizes: u64,
     /// Most DMA mappings.
@@ -65,12 +85,22 @@ pub struct Negotiated {
     pub twin_socket: bool,
 }
 
+fn default_max_msg_fds() -> u32 {
+    DEFAULT_MAX_MSG_FDS
+}
+
+fn default_max_data_xfer_size() -> u64 {
+    DEFAULT_MAX_DATA_XFER_SIZE
+}
+
 impl Default for Negotiated {
     fn default() -> Self {
         Self {
             minor: PROTOCOL_MINOR,
             max_msg_fds: DEFAULT_MAX_MSG_FDS,
             max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
+            client_max_msg_fds: DEFAULT_MAX_MSG_FDS,
+            client_max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
             pgsizes: DEFAULT_PGSIZES,
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             migration: None,
@@ -107,8 +137,13 @@ fn validate_proposal(c: &Capabilities) -> Result<(), ProtocolError> {
 
 /// Server side: answer a client's proposal. Returns the reply and the session parameters.
 ///
-/// Only capabilities the client proposed appear in the reply, each no larger than proposed;
-/// `twin_socket` only when the client set `supported`. The encoded reply is kept no longer
+/// Only capabilities the client proposed appear in the reply (the spec's "subset" rule is about
+/// keys). `max_msg_fds` and `max_data_xfer_size` carry the server's own limits, not the minimum
+/// with the client's: each value says what its sender can receive (see [`Negotiated`]), so a
+/// client proposing 1 KiB may still write 16 KiB to a server that accepts 1 MiB, and the server
+/// sends the client DMA requests of at most the client's 1 KiB. `max_data_xfer_size` is capped
+/// at QEMU's 64 MiB, above which QEMU rejects the reply. `twin_socket` only when the client set
+/// `supported`. The encoded reply is kept no longer
 /// than `request_len` (QEMU reads the reply into a buffer of its request's size) by dropping
 /// optional keys, which then take their defaults on both sides.
 pub fn negotiate(
@@ -130,10 +165,10 @@ pub fn negotiate(
         tracing::debug!(keys = ?client.unknown.keys().collect::<Vec<_>>(), "ignoring unknown capabilities");
     }
     let mut reply = Capabilities {
-        max_msg_fds: client.max_msg_fds.map(|v| v.min(offer.max_msg_fds)),
+        max_msg_fds: client.max_msg_fds.map(|_| offer.max_msg_fds),
         max_data_xfer_size: client
             .max_data_xfer_size
-            .map(|v| v.min(offer.max_data_xfer_size)),
+            .map(|_| offer.max_data_xfer_size.min(MAX_MAX_DATA_XFER_SIZE)),
         pgsizes: client.pgsizes.and_then(|v| {
             let common = v & offer.pgsizes;
             (common != 0).then_some(common)
@@ -197,19 +232,27 @@ pub fn negotiate(
     if msg.encode().len() > request_len {
         msg.caps = None;
     }
-    let negotiated = Negotiated::from_caps(minor, msg.caps.as_ref());
+    let negotiated = Negotiated::from_caps(minor, msg.caps.as_ref(), &client);
     Ok((msg, negotiated))
 }
 
 impl Negotiated {
-    /// Effective parameters from a reply's capabilities, spec defaults for absent keys.
-    pub fn from_caps(minor: u16, caps: Option<&Capabilities>) -> Self {
+    /// Effective parameters from a reply's capabilities and the proposal they answer, spec
+    /// defaults for absent keys.
+    pub fn from_caps(minor: u16, caps: Option<&Capabilities>, proposal: &Capabilities) -> Self {
         let d = Negotiated::default();
+        let client = Negotiated {
+            minor,
+            client_max_msg_fds: proposal.max_msg_fds.unwrap_or(d.client_max_msg_fds),
+            client_max_data_xfer_size: proposal
+                .max_data_xfer_size
+                .unwrap_or(d.client_max_data_xfer_size),
+            ..d.clone()
+        };
         let Some(c) = caps else {
-            return Negotiated { minor, ..d };
+            return client;
         };
         Negotiated {
-            minor,
             max_msg_fds: c.max_msg_fds.unwrap_or(d.max_msg_fds),
             max_data_xfer_size: c.max_data_xfer_size.unwrap_or(d.max_data_xfer_size),
             pgsizes: c.pgsizes.unwrap_or(d.pgsizes),
@@ -217,13 +260,17 @@ impl Negotiated {
             migration: c.migration.clone(),
             write_multiple: c.write_multiple.unwrap_or(false),
             twin_socket: c.twin_socket.as_ref().and_then(|t| t.fd_index).is_some(),
+            ..client
         }
     }
 }
 
 /// Client side: check the server's reply against the proposal (QEMU's rules in
-/// `proxy.c vfio_user_validate_version`): same major, minor not above the proposal,
-/// values no larger than proposed, no capability that was not proposed.
+/// `proxy.c vfio_user_validate_version`): same major, minor not above the proposal, no
+/// capability that was not proposed, `max_dma_maps` no larger than proposed. The server's
+/// `max_msg_fds` and `max_data_xfer_size` are its own receive limits and may be larger or
+/// smaller than ours (see [`Negotiated`]); like QEMU, `max_data_xfer_size` above 64 MiB is
+/// refused.
 pub fn accept_reply(
     proposal: &VersionMessage,
     reply: &VersionMessage,
@@ -259,12 +306,19 @@ pub fn accept_reply(
                 _ => Ok(()),
             }
         }
-        le("max_msg_fds", c.max_msg_fds, ours.max_msg_fds)?;
-        le(
-            "max_data_xfer_size",
-            c.max_data_xfer_size,
-            ours.max_data_xfer_size,
-        )?;
+        // The server's own receive limits: any value, as long as the key was proposed.
+        if c.max_msg_fds.is_some() && ours.max_msg_fds.is_none() {
+            return Err(ProtocolError::invalid("max_msg_fds", "not proposed"));
+        }
+        if c.max_data_xfer_size.is_some() && ours.max_data_xfer_size.is_none() {
+            return Err(ProtocolError::invalid("max_data_xfer_size", "not proposed"));
+        }
+        if let Some(x) = c.max_data_xfer_size.filter(|x| *x > MAX_MAX_DATA_XFER_SIZE) {
+            return Err(ProtocolError::invalid(
+                "max_data_xfer_size",
+                format!("{x} is above the 64 MiB a client accepts"),
+            ));
+        }
         le("max_dma_maps", c.max_dma_maps, ours.max_dma_maps)?;
         if let (Some(g), Some(p)) = (c.pgsizes, ours.pgsizes) {
             if g & !p != 0 {
@@ -284,5 +338,9 @@ pub fn accept_reply(
             return Err(ProtocolError::invalid("twin_socket", "not proposed"));
         }
     }
-    Ok(Negotiated::from_caps(reply.minor, reply.caps.as_ref()))
+    Ok(Negotiated::from_caps(
+        reply.minor,
+        reply.caps.as_ref(),
+        &ours,
+    ))
 }

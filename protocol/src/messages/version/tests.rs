@@ -59,16 +59,66 @@ fn higher_minor_is_answered_with_ours() {
 }
 
 #[test]
-fn values_never_exceed_the_proposal_nor_the_offer() {
+fn each_side_states_its_own_receive_limits() {
+    // libvfio-user's sample client proposes 1 KiB; a server accepting 4 KiB says 4 KiB.
     let mut v = VersionMessage::qemu_proposal();
-    v.caps.as_mut().unwrap().max_msg_fds = Some(4);
+    let c = v.caps.as_mut().unwrap();
+    c.max_msg_fds = Some(4);
+    c.max_data_xfer_size = Some(1024);
     let offer = ServerOffer {
         max_data_xfer_size: 4096,
         ..ServerOffer::default()
     };
-    let (_, n) = negotiate(&v, &offer, 4096).unwrap();
-    assert_eq!(n.max_msg_fds, 4);
-    assert_eq!(n.max_data_xfer_size, 4096);
+    let (reply, n) = negotiate(&v, &offer, 4096).unwrap();
+    let rc = reply.caps.as_ref().unwrap();
+    assert_eq!(
+        (rc.max_msg_fds, rc.max_data_xfer_size),
+        (Some(16), Some(4096))
+    );
+    assert_eq!((n.max_msg_fds, n.max_data_xfer_size), (16, 4096));
+    assert_eq!(
+        (n.client_max_msg_fds, n.client_max_data_xfer_size),
+        (4, 1024)
+    );
+    // The client derives the same parameters from the reply.
+    assert_eq!(accept_reply(&v, &reply).unwrap(), n);
+    // The server accepts 4 KiB transfers and sends at most 1 KiB; the client the reverse.
+    let server = crate::codec::Limits::from_negotiated(&n);
+    assert_eq!(
+        (server.max_recv_xfer_size, server.max_data_xfer_size),
+        (4096, 1024)
+    );
+    assert_eq!(server.max_msg_fds, 16);
+    let client = crate::codec::Limits::client(&n);
+    assert_eq!(
+        (client.max_recv_xfer_size, client.max_data_xfer_size),
+        (1024, 4096)
+    );
+    assert_eq!(client.max_msg_fds, 4);
+    assert!(server.check_xfer(4096).is_ok() && server.check_xfer(4097).is_err());
+}
+
+#[test]
+fn offered_transfer_size_is_capped_at_qemus_64_mib() {
+    let v = VersionMessage::qemu_proposal();
+    let offer = ServerOffer {
+        max_data_xfer_size: 1 << 30,
+        ..ServerOffer::default()
+    };
+    let (reply, n) = negotiate(&v, &offer, 4096).unwrap();
+    assert_eq!(n.max_data_xfer_size, MAX_MAX_DATA_XFER_SIZE);
+    assert!(accept_reply(&v, &reply).is_ok());
+}
+
+#[test]
+fn older_negotiated_json_without_client_limits_still_loads() {
+    // A handover from a build that predates the client_* fields.
+    let mut j = serde_json::to_value(Negotiated::default()).unwrap();
+    let o = j.as_object_mut().unwrap();
+    o.remove("client_max_msg_fds");
+    o.remove("client_max_data_xfer_size");
+    let n: Negotiated = serde_json::from_value(j).unwrap();
+    assert_eq!(n, Negotiated::default());
 }
 
 #[test]
@@ -123,24 +173,42 @@ fn bad_pgsizes_is_rejected() {
 }
 
 #[test]
-fn client_rejects_unproposed_or_larger_caps() {
+fn client_rejects_unproposed_caps_but_takes_the_servers_own_limits() {
     let v = VersionMessage {
         major: 0,
         minor: 0,
         caps: Some(Capabilities {
             max_msg_fds: Some(4),
+            max_data_xfer_size: Some(1024),
+            max_dma_maps: Some(8),
             ..Capabilities::default()
         }),
     };
     let mut r = v.clone();
-    r.caps.as_mut().unwrap().max_msg_fds = Some(8);
+    let c = r.caps.as_mut().unwrap();
+    c.max_msg_fds = Some(8);
+    c.max_data_xfer_size = Some(1 << 20);
+    let n = accept_reply(&v, &r).expect("larger limits are the server's own");
+    assert_eq!((n.max_msg_fds, n.max_data_xfer_size), (8, 1 << 20));
+    let mut r = v.clone();
+    r.caps.as_mut().unwrap().max_data_xfer_size = Some(MAX_MAX_DATA_XFER_SIZE + 1);
+    assert!(accept_reply(&v, &r).is_err());
+    let mut r = v.clone();
+    r.caps.as_mut().unwrap().max_dma_maps = Some(9);
     assert!(accept_reply(&v, &r).is_err());
     let mut r = v.clone();
     r.caps.as_mut().unwrap().write_multiple = Some(true);
     assert!(accept_reply(&v, &r).is_err());
-    let mut r = v.clone();
-    r.minor = 1;
-    assert!(accept_reply(&v, &r).is_err());
+    let bare = VersionMessage {
+        caps: Some(Capabilities::default()),
+        ..v.clone()
+    };
+    let mut unproposed = bare.clone();
+    unproposed.caps.as_mut().unwrap().max_msg_fds = Some(1);
+    assert!(accept_reply(&bare, &unproposed).is_err());
+    let mut r2 = v.clone();
+    r2.minor = 1;
+    assert!(accept_reply(&v, &r2).is_err());
 }
 
 #[test]
