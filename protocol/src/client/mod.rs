@@ -398,12 +398,11 @@ impl Client {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ProtocolError> {
-        let a = RegionAccess {
-            offset,
-            region,
-            count: data.len() as u32,
-        };
-        self.request(Command::RegionWrite, &a.encode_with_data(data), &[])?;
+        self.request(
+            Command::RegionWrite,
+            &write_payload(region, offset, data),
+            &[],
+        )?;
         Ok(())
     }
 
@@ -424,12 +423,8 @@ impl Client {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ProtocolError> {
-        let a = RegionAccess {
-            offset,
-            region,
-            count: data.len() as u32,
-        };
-        self.send_command(Command::RegionWrite, &a.encode_with_data(data), &[], true)?;
+        let p = write_payload(region, offset, data);
+        self.send_command(Command::RegionWrite, &p, &[], true)?;
         Ok(())
     }
 
@@ -449,4 +444,14 @@ impl Client {
         self.request(Command::DeviceReset, &[], &[])?;
         Ok(())
     }
+}
+
+/// The payload of a REGION_WRITE of `data` at `offset` in `region`.
+fn write_payload(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    RegionAccess {
+        offset,
+        region,
+        count: data.len() as u32,
+    }
+    .encode_with_data(data)
 }
