@@ -185,8 +185,11 @@ fn main() -> ExitCode {
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Devices => {
-            for d in vfud_devices::DEVICE_NAMES {
-                println!("{d}");
+            for m in vfud_devices::MODELS {
+                println!("{:<12} {}", m.name, m.help);
+                for (k, help) in m.options {
+                    println!("{:<12}   {k}=…  {help}", "");
+                }
             }
             Ok(())
         }

@@ -210,7 +210,9 @@ fn driver_against_vfud_reports_its_vendor_features() {
     assert!(report.ordering_advertised);
     assert!(report.precopy_info);
     assert!(!report.padded_mig_data, "vfud's server never pads");
-    assert!(src.config.is_some() && dst.config == src.config);
+    // The VMM's views: the source's captured at the stop, the destination's what it got
+    // (before the data when the device asks for config first).
+    assert!(src.config.is_some() && dst.config.is_some());
 }
 
 /// `$fixed`, its `argsz` set to its length plus `$tail`, then `$tail` junk bytes: a request of

@@ -546,7 +546,8 @@ fn v1_region_client_and_v2_client_migrate_the_same_device() {
     assert_eq!(&ord[..8], &feat[..8], "same fact through both");
     assert_eq!(
         u32::from_le_bytes(feat[..4].try_into().unwrap()),
-        vfud::ORDERING_SET_IRQS_DEFERRED
+        vfud::ORDERING_SET_IRQS_DEFERRED | vfud::ORDERING_CONFIG_BEFORE_DATA,
+        "the dma-engine restores jobs in flight against its config"
     );
 
     a.region_write(2, 0x100, b"v1 migrated").unwrap();

@@ -1,4 +1,6 @@
-//! Device models for vfud. Each device is one module built only on `vfud-server`'s API.
+//! Device models for vfud. Each device is one module built only on `vfud-server`'s API, and
+//! one row of [`MODELS`], the registry that `vfud devices`, `vfud serve --device` and the
+//! tests all read.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -8,41 +10,127 @@ pub mod uart16550;
 
 use vfud_server::Device;
 
-/// Names of the devices `vfud serve --device` accepts.
-pub const DEVICE_NAMES: &[&str] = &["dma-engine", "uart16550"];
+/// Options of a `--device NAME,key=value,...` spec.
+#[derive(Debug, Default)]
+pub struct Options<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Options<'a> {
+    /// The value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    /// The value of `key` as a number (decimal, or hex with `0x`).
+    pub fn number(&self, key: &str) -> Result<Option<u64>, String> {
+        self.get(key)
+            .map(|v| {
+                let r = match v.strip_prefix("0x") {
+                    Some(h) => u64::from_str_radix(h, 16),
+                    None => v.parse(),
+                };
+                r.map_err(|_| format!("option {key}={v} is not a number"))
+            })
+            .transpose()
+    }
+}
+
+/// One device model in the registry.
+pub struct Model {
+    /// Name given to `--device`.
+    pub name: &'static str,
+    /// One line of help.
+    pub help: &'static str,
+    /// Options it takes, with a line of help each.
+    pub options: &'static [(&'static str, &'static str)],
+    /// Build the device from its options (already checked against `options`).
+    pub create: fn(&Options<'_>) -> Result<Box<dyn Device>, String>,
+}
+
+/// Every device model vfud serves.
+pub const MODELS: &[Model] = &[
+    Model {
+        name: "dma-engine",
+        help: "DMA controller: COPY/FILL/CRC32 over guest and device memory, MSI-X/MSI/INTx",
+        options: &[(
+            "slice",
+            "bytes a job moves per event-loop turn (default 1 MiB)",
+        )],
+        create: |o| {
+            let slice = o
+                .number("slice")?
+                .unwrap_or(u64::from(dma_engine::DEFAULT_SLICE));
+            let slice = u32::try_from(slice).map_err(|_| "slice is too large".to_string())?;
+            Ok(Box::new(dma_engine::DmaEngine::with_slice(slice)))
+        },
+    },
+    Model {
+        name: "uart16550",
+        help: "16550A UART (class 0x070002) bound by Linux's stock 8250_pci driver",
+        options: &[(
+            "backend",
+            "socket:PATH, file:PATH, stdout or null (default stdout)",
+        )],
+        create: |o| {
+            let backend = match o.get("backend") {
+                Some(b) => uart16550::Backend::parse(b)?,
+                None => uart16550::Backend::Stdout,
+            };
+            Ok(Box::new(uart16550::Uart16550::new(backend)))
+        },
+    },
+];
+
+/// The registry row of `name`.
+pub fn model(name: &str) -> Option<&'static Model> {
+    MODELS.iter().find(|m| m.name == name)
+}
 
 /// Construct a device from `NAME[,key=value...]`, e.g. `uart16550,backend=socket:/tmp/u.sock`.
 pub fn create(spec: &str) -> Result<Box<dyn Device>, String> {
     let mut parts = spec.split(',');
     let name = parts.next().unwrap_or_default();
-    let mut opts = Vec::new();
+    let m = model(name).ok_or_else(|| {
+        let names: Vec<_> = MODELS.iter().map(|m| m.name).collect();
+        format!("unknown device {name:?}; available: {}", names.join(", "))
+    })?;
+    let mut opts = Options::default();
     for p in parts {
         let (k, v) = p
             .split_once('=')
             .ok_or_else(|| format!("device option {p:?} is not key=value"))?;
-        opts.push((k, v));
+        if !m.options.iter().any(|(o, _)| *o == k) {
+            return Err(format!("device {name} has no option {k:?}"));
+        }
+        opts.pairs.push((k, v));
     }
-    let unknown = |k: &str| Err(format!("device {name} has no option {k:?}"));
-    match name {
-        "dma-engine" => {
-            if let Some((k, _)) = opts.first() {
-                return unknown(k);
-            }
-            Ok(Box::new(dma_engine::DmaEngine::new()))
+    (m.create)(&opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_builds_with_no_options() {
+        for m in MODELS {
+            let d = create(m.name).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            assert_eq!(d.describe().name, m.name);
         }
-        "uart16550" => {
-            let mut backend = uart16550::Backend::Stdout;
-            for (k, v) in opts {
-                match k {
-                    "backend" => backend = uart16550::Backend::parse(v)?,
-                    _ => return unknown(k),
-                }
-            }
-            Ok(Box::new(uart16550::Uart16550::new(backend)))
-        }
-        _ => Err(format!(
-            "unknown device {name:?}; available: {}",
-            DEVICE_NAMES.join(", ")
-        )),
+    }
+
+    fn refusal(spec: &str) -> String {
+        create(spec)
+            .err()
+            .unwrap_or_else(|| panic!("{spec} was accepted"))
+    }
+
+    #[test]
+    fn unknown_names_and_options_are_refused() {
+        assert!(refusal("nope").contains("available: dma-engine"));
+        assert!(refusal("dma-engine,colour=red").contains("no option"));
+        assert!(refusal("dma-engine,slice").contains("key=value"));
+        assert!(refusal("dma-engine,slice=lots").contains("not a number"));
     }
 }

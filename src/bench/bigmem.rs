@@ -9,8 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 use vfud_server::{
-    BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError,
-    DeviceState, IrqLayout, PciIds,
+    BarIndex, BarSpec, ConfigView, Device, DeviceCtx, DeviceDescription, DeviceError, DeviceState,
+    Migratable, PciIds,
 };
 
 /// Size of the device memory BAR.
@@ -41,39 +41,9 @@ impl BigMem {
 
 impl Device for BigMem {
     fn describe(&self) -> DeviceDescription {
-        DeviceDescription {
-            name: "bench-bigmem",
-            ids: PciIds {
-                vendor: 0x5646,
-                device: 0x00b1,
-                subsystem_vendor: 0x5646,
-                subsystem: 0x00b1,
-                class_code: 0x05_00_00,
-                revision: 1,
-            },
-            bars: [
-                Some(BarSpec {
-                    size: 4096,
-                    kind: BarKind::Mem32,
-                    prefetchable: false,
-                    backing: BarBacking::Trapped,
-                }),
-                None,
-                Some(BarSpec {
-                    size: MEMORY_SIZE,
-                    kind: BarKind::Mem64,
-                    prefetchable: true,
-                    backing: BarBacking::Shared { mmap_areas: None },
-                }),
-                None,
-                None,
-                None,
-            ],
-            irqs: IrqLayout::default(),
-            pm: false,
-            pcie: false,
-            dsn: None,
-        }
+        DeviceDescription::new("bench-bigmem", PciIds::new(0x5646, 0x00b1, 0x05_00_00))
+            .bar(0, BarSpec::mem32(4096))
+            .bar(2, BarSpec::mem64(MEMORY_SIZE).prefetchable().shared())
     }
 
     fn bar_read(
@@ -107,15 +77,17 @@ impl Device for BigMem {
         self.state = BigMemState::default();
     }
 
-    fn supports_migration(&self) -> bool {
-        true
+    fn migration(&mut self) -> Option<&mut dyn Migratable> {
+        Some(self)
     }
+}
 
-    fn save(&self) -> Result<DeviceState, DeviceError> {
+impl Migratable for BigMem {
+    fn save(&mut self) -> Result<DeviceState, DeviceError> {
         DeviceState::encode(STATE_VERSION, &self.state)
     }
 
-    fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
+    fn load(&mut self, state: &DeviceState, _: Option<&ConfigView<'_>>) -> Result<(), DeviceError> {
         self.state = state.decode(STATE_VERSION)?;
         Ok(())
     }
@@ -131,7 +103,7 @@ mod tests {
         d.state.scratch = 7;
         let s = d.save().unwrap();
         let mut e = BigMem::new();
-        e.load(&s).unwrap();
+        e.load(&s, None).unwrap();
         assert_eq!(e.state, d.state);
     }
 

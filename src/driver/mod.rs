@@ -8,10 +8,10 @@
 //!    pages dirtied meanwhile, repeat until the data left is small or the round limit is hit;
 //! 3. stop (the VM's vCPUs pause): the VMM's view of config space is captured (see
 //!    [`vm::ConfigView`]), source →STOP_COPY, read until the empty read, final RAM sync;
-//! 4. non-iterable state: PCI config and interrupt setup restored on the destination after
-//!    the data — before it when the device advertises config-before-data, and then again with
-//!    the final values — with SET_IRQS sent while the destination is still RESUMING (vfud
-//!    defers them);
+//! 4. non-iterable state: PCI config (the view captured at the stop) and interrupt setup
+//!    restored on the destination after the data — before it, from the running source, when
+//!    the device advertises config-before-data — with SET_IRQS sent while the destination is
+//!    still RESUMING (vfud defers them);
 //! 5. destination →RUNNING, source →STOP.
 //!
 //! Any failure returns the source to RUNNING with its state and resets the destination; when
@@ -277,9 +277,12 @@ fn run(
     dch.set_state(&mut dst.client, MigState::Resuming)
         .step("destination to RESUMING")?;
     if config_first {
-        // The early copy; the final values follow after stop-copy (only what changed).
+        // Before any device data, so from the running source. vfud's server refuses config
+        // written after the data for such a device; carrying changes the guest makes during
+        // pre-copy in this order would mean holding the pre-copy data back until the stop.
         let early = vm::ConfigView::capture(&mut src.client).step("capture config")?;
         early.restore(&mut dst.client).step("config before data")?;
+        dst.config = Some(early);
     }
     let ram = vm::RamSync::start(src, dst)?;
     p.ram_bytes = ram.copied;
@@ -337,8 +340,10 @@ fn run(
     // Non-iterable state: config (unless sent first) and interrupts, while RESUMING.
     p.phase = "restore";
     hooks.progress(&p);
-    config.restore(&mut dst.client).step("restore config")?;
-    dst.config = Some(config);
+    if !config_first {
+        config.restore(&mut dst.client).step("restore config")?;
+        dst.config = Some(config);
+    }
     report.padded_mig_data = src.client.saw_padded_mig_data();
     dst.irqs = src.irqs.try_clone().map_err(MigrateError::Ram)?;
     dst.irqs.replay(&mut dst.client).step("replay SET_IRQS")?;

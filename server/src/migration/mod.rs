@@ -1,16 +1,22 @@
 //! Live migration, server half: the v2 state machine ([`fsm`]), vfud's checked stream
-//! format with its saver and loader ([`stream`]), and the versioned device state envelope.
+//! format with its saver and loader ([`stream`]), the per-device [`MigrationSession`], the v1
+//! migration region ([`v1`]), DEVICE_FEATURE handling ([`features`]) and the versioned device
+//! state envelope.
 //!
 //! The same core is reached three ways: DEVICE_FEATURE MIG_DEVICE_STATE with
 //! MIG_DATA_READ/WRITE (v2), the v1 migration region (index 9, type 3 / subtype 1), and — for
 //! the ordering facts — vfud's own features and region capability
 //! (`vfud_protocol::messages::feature::vfud`).
 
+pub mod features;
 pub mod fsm;
+pub mod session;
 pub mod stream;
+pub mod v1;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+pub use session::{MigrationSession, Parts};
 
 use crate::error::DeviceError;
 

@@ -1,5 +1,7 @@
-//! PCI configuration space emulation (region 7): the type-0 header with its read-only, RW and
-//! RW1C bits, BAR sizing, and the capability chain (PM, MSI, MSI-X, PCI Express, DSN).
+//! PCI function emulation: config space (region 7) with its read-only, RW and RW1C bits, BAR
+//! sizing and the capability chain (PM, MSI, MSI-X, PCI Express, DSN); the MSI-X table; and
+//! [`PciFunction`], which ties them to interrupts and device-owned BAR memory and routes BAR
+//! accesses.
 //!
 //! QEMU forwards every config write to the server ("write everything to VFIO, let it
 //! filter") and overlays its own emulation of MSI/MSI-X and the ROM BAR, so writes to bits the
@@ -7,5 +9,10 @@
 
 pub mod caps;
 pub mod config;
+pub mod function;
+pub mod msix;
+pub mod view;
 
 pub use config::{ConfigEffect, ConfigSpace};
+pub use function::{Access, BarTarget, PciFunction};
+pub use view::ConfigView;

@@ -28,19 +28,21 @@
 //! - `file:PATH`: guest output is appended to PATH; no input.
 //! - `stdout`: guest output goes to vfud's standard output; no input.
 
+mod backend;
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vfud_server::{
-    BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError,
-    DeviceState, IrqLayout, PciIds,
+    BarIndex, BarSpec, ConfigView, Device, DeviceCtx, DeviceDescription, DeviceError, DeviceState,
+    HostIo, IrqLayout, Migratable, PciIds,
 };
+
+pub use backend::Backend;
 
 /// FIFO depth of a 16550A.
 pub const FIFO_SIZE: usize = 16;
@@ -80,78 +82,8 @@ const MSR_CTS: u8 = 0x10;
 const MSR_DSR: u8 = 0x20;
 const MSR_DCD: u8 = 0x80;
 
-const TOKEN_LISTENER: u32 = 0;
-const TOKEN_CONN: u32 = 1;
-
-/// Where the UART's byte stream goes.
-#[derive(Debug)]
-pub enum Backend {
-    /// A listening UNIX socket and its current connection.
-    Socket {
-        /// The listener (non-blocking).
-        listener: UnixListener,
-        /// Path, removed on drop.
-        path: PathBuf,
-        /// Connected host client.
-        conn: Option<UnixStream>,
-    },
-    /// Output appended to a file.
-    File(File),
-    /// Output to standard output.
-    Stdout,
-    /// Nowhere (tests).
-    Null,
-}
-
-impl Backend {
-    /// Parse `socket:PATH`, `file:PATH`, `stdout` or `null`.
-    pub fn parse(spec: &str) -> Result<Self, String> {
-        if let Some(p) = spec.strip_prefix("socket:") {
-            let path = PathBuf::from(p);
-            if path.exists() {
-                if UnixStream::connect(&path).is_ok() {
-                    return Err(format!("{p} is in use"));
-                }
-                std::fs::remove_file(&path).map_err(|e| format!("{p}: {e}"))?;
-            }
-            let listener = UnixListener::bind(&path).map_err(|e| format!("{p}: {e}"))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| format!("{p}: {e}"))?;
-            Ok(Backend::Socket {
-                listener,
-                path,
-                conn: None,
-            })
-        } else if let Some(p) = spec.strip_prefix("file:") {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("{p}: {e}"))?;
-            Ok(Backend::File(f))
-        } else if spec == "stdout" {
-            Ok(Backend::Stdout)
-        } else if spec == "null" {
-            Ok(Backend::Null)
-        } else {
-            Err(format!(
-                "unknown UART backend {spec:?}: use socket:PATH, file:PATH or stdout"
-            ))
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Backend::Socket { path, .. } = self {
-            // An empty path means another process took the socket over (live handover).
-            if !path.as_os_str().is_empty() {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
-}
+pub(crate) const TOKEN_LISTENER: u32 = 0;
+pub(crate) const TOKEN_CONN: u32 = 1;
 
 /// Version of [`UartState`].
 pub const STATE_VERSION: u16 = 1;
@@ -297,64 +229,17 @@ impl Uart16550 {
             if self.regs.rx_fifo.len() >= cap || self.input_eof {
                 return;
             }
-            let Backend::Socket {
-                conn: Some(conn), ..
-            } = &mut self.backend
-            else {
+            let before = self.input.len();
+            self.input_eof |= self.backend.read_in(&mut self.input, before + 4096);
+            if self.input.len() == before {
                 return;
-            };
-            let mut buf = [0u8; 4096];
-            match conn.read(&mut buf) {
-                Ok(0) => {
-                    self.drop_conn();
-                    return;
-                }
-                Ok(n) => self.input.extend(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.drop_conn();
-                    return;
-                }
             }
-        }
-    }
-
-    fn drop_conn(&mut self) {
-        if let Backend::Socket { conn, .. } = &mut self.backend {
-            *conn = None;
-            tracing::info!("uart16550: host client disconnected");
         }
     }
 
     /// Push buffered guest output to the backend as far as it takes it.
     fn flush(&mut self) {
-        while !self.out.is_empty() {
-            let (a, _) = self.out.as_slices();
-            let r = match &mut self.backend {
-                Backend::Socket { conn: Some(c), .. } => c.write(a),
-                Backend::Socket { conn: None, .. } => return,
-                Backend::File(f) => f.write(a),
-                Backend::Stdout => {
-                    let mut o = std::io::stdout().lock();
-                    o.write(a).and_then(|n| o.flush().map(|()| n))
-                }
-                Backend::Null => Ok(a.len()),
-            };
-            match r {
-                Ok(0) => return,
-                Ok(n) => {
-                    self.out.drain(..n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!("uart16550: backend write failed: {e}");
-                    self.drop_conn();
-                    return;
-                }
-            }
-        }
+        self.backend.write_out(&mut self.out);
     }
 
     fn transmit(&mut self, byte: u8) {
@@ -373,37 +258,9 @@ impl Uart16550 {
 
 impl Device for Uart16550 {
     fn describe(&self) -> DeviceDescription {
-        DeviceDescription {
-            name: "uart16550",
-            ids: PciIds {
-                vendor: 0x5646,
-                device: 0x0002,
-                subsystem_vendor: 0x5646,
-                subsystem: 0x0002,
-                class_code: 0x07_00_02,
-                revision: 1,
-            },
-            bars: [
-                Some(BarSpec {
-                    size: 8,
-                    kind: BarKind::Io,
-                    prefetchable: false,
-                    backing: BarBacking::Trapped,
-                }),
-                None,
-                None,
-                None,
-                None,
-                None,
-            ],
-            irqs: IrqLayout {
-                intx: true,
-                ..IrqLayout::default()
-            },
-            pm: false,
-            pcie: false,
-            dsn: None,
-        }
+        DeviceDescription::new("uart16550", PciIds::new(0x5646, 0x0002, 0x07_00_02))
+            .bar(0, BarSpec::io(8))
+            .irqs(IrqLayout::intx())
     }
 
     fn bar_read(
@@ -508,28 +365,21 @@ impl Device for Uart16550 {
         self.update_irq(cx);
     }
 
-    fn supports_migration(&self) -> bool {
-        true
+    fn migration(&mut self) -> Option<&mut dyn Migratable> {
+        Some(self)
     }
 
+    fn host_io(&mut self) -> Option<&mut dyn HostIo> {
+        Some(self)
+    }
+}
+
+impl Migratable for Uart16550 {
     fn quiesce(&mut self) {
-        if let Backend::Socket { conn: Some(c), .. } = &mut self.backend {
-            let mut buf = [0u8; 4096];
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) => {
-                        self.input_eof = true;
-                        break;
-                    }
-                    Ok(n) => self.input.extend(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        }
+        self.input_eof |= self.backend.read_in(&mut self.input, usize::MAX);
     }
 
-    fn save(&self) -> Result<DeviceState, DeviceError> {
+    fn save(&mut self) -> Result<DeviceState, DeviceError> {
         DeviceState::encode(
             STATE_VERSION,
             &UartState {
@@ -540,7 +390,11 @@ impl Device for Uart16550 {
         )
     }
 
-    fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
+    fn load(
+        &mut self,
+        state: &DeviceState,
+        _config: Option<&ConfigView<'_>>,
+    ) -> Result<(), DeviceError> {
         let st: UartState = state.decode(STATE_VERSION)?;
         if st.regs.rx_fifo.len() > FIFO_SIZE {
             return Err(DeviceError::InvalidState(
@@ -553,101 +407,21 @@ impl Device for Uart16550 {
         self.flush();
         Ok(())
     }
+}
 
-    fn export_backend(&self) -> Option<(String, Vec<OwnedFd>)> {
-        let Backend::Socket {
-            listener,
-            path,
-            conn,
-        } = &self.backend
-        else {
-            return None;
-        };
-        let mut fds = vec![listener.as_fd().try_clone_to_owned().ok()?];
-        if let Some(c) = conn {
-            fds.push(c.as_fd().try_clone_to_owned().ok()?);
-        }
-        Some((format!("socket:{}", path.display()), fds))
-    }
-
-    fn adopt_backend(&mut self, desc: &str, fds: Vec<OwnedFd>) -> Result<(), DeviceError> {
-        let path = desc
-            .strip_prefix("socket:")
-            .ok_or_else(|| DeviceError::Other(format!("cannot adopt backend {desc:?}")))?;
-        let mut it = fds.into_iter();
-        let listener = UnixListener::from(
-            it.next()
-                .ok_or_else(|| DeviceError::Other("backend listener fd missing".into()))?,
-        );
-        let conn = it.next().map(UnixStream::from);
-        let nb = |r: std::io::Result<()>| r.map_err(|e| DeviceError::Other(e.to_string()));
-        nb(listener.set_nonblocking(true))?;
-        if let Some(c) = &conn {
-            nb(c.set_nonblocking(true))?;
-        }
-        self.backend = Backend::Socket {
-            listener,
-            path: PathBuf::from(path),
-            conn,
-        };
-        Ok(())
-    }
-
-    fn release_backend(&mut self) {
-        if let Backend::Socket { path, .. } = &mut self.backend {
-            *path = PathBuf::new();
-        }
-    }
-
+impl HostIo for Uart16550 {
     fn event_fds(&self) -> Vec<(RawFd, u32)> {
-        match &self.backend {
-            Backend::Socket { listener, conn, .. } => {
-                let mut v = vec![(listener.as_raw_fd(), TOKEN_LISTENER)];
-                if let Some(c) = conn {
-                    v.push((c.as_raw_fd(), TOKEN_CONN));
-                }
-                v
-            }
-            _ => Vec::new(),
-        }
+        self.backend.event_fds()
     }
 
     fn on_event(&mut self, token: u32, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
-        if token == TOKEN_LISTENER {
-            if let Backend::Socket { listener, conn, .. } = &mut self.backend {
-                while let Ok((s, _)) = listener.accept() {
-                    if conn.is_some() {
-                        tracing::warn!("uart16550: refusing a second host client");
-                        continue;
-                    }
-                    s.set_nonblocking(true)
-                        .map_err(|e| DeviceError::Other(e.to_string()))?;
-                    tracing::info!("uart16550: host client connected");
-                    *conn = Some(s);
-                    self.input_eof = false;
-                }
-            }
+        if token == TOKEN_LISTENER && self.backend.accept()? {
+            self.input_eof = false;
             self.flush();
         }
         // Edge-triggered: drain what fits, remember the rest in `input`.
         self.refill();
-        if let Backend::Socket { conn: Some(c), .. } = &mut self.backend {
-            let mut buf = [0u8; 4096];
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) => {
-                        self.drop_conn();
-                        break;
-                    }
-                    Ok(n) => self.input.extend(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-                if self.input.len() > OUTPUT_HIGH_WATER {
-                    break;
-                }
-            }
-        }
+        self.input_eof |= self.backend.read_in(&mut self.input, OUTPUT_HIGH_WATER);
         self.refill();
         self.update_irq(cx);
         Ok(())
@@ -655,8 +429,7 @@ impl Device for Uart16550 {
 
     fn next_deadline(&self) -> Option<Instant> {
         // Poll the backend while output is backed up or input waits for FIFO room.
-        let waiting_out =
-            !self.out.is_empty() && !matches!(self.backend, Backend::Socket { conn: None, .. });
+        let waiting_out = !self.out.is_empty() && self.backend.connected();
         (waiting_out || !self.input.is_empty()).then(|| Instant::now() + Duration::from_millis(2))
     }
 
@@ -668,5 +441,18 @@ impl Device for Uart16550 {
         }
         self.refill();
         self.update_irq(cx);
+    }
+
+    fn export(&self) -> Option<(String, Vec<OwnedFd>)> {
+        self.backend.export()
+    }
+
+    fn adopt(&mut self, desc: &str, fds: Vec<OwnedFd>) -> Result<(), DeviceError> {
+        self.backend = Backend::adopt(desc, fds)?;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.backend.release();
     }
 }

@@ -29,16 +29,34 @@
 //! Opcodes: 1 COPY guest→guest, 2 FILL guest, 3 CRC32 guest, 4 COPY guest→device,
 //! 5 COPY device→guest, 6 FILL device, 7 CRC32 device.
 //!
-//! The doorbell only marks the device BUSY; the operation runs as deferred work after the
-//! write has been answered, so socket-backed DMA never waits on a client that is itself
-//! waiting for the server.
+//! # Jobs
+//! The doorbell only marks the device BUSY; the job runs as deferred work in slices (1 MiB a
+//! turn by default, `slice=` option), so a large job stays BUSY across many client requests,
+//! which are answered in between. Its progress (bytes done, running CRC) is device state, so
+//! a job in flight migrates and finishes on the destination with one completion interrupt.
+//! Socket-backed guest memory never blocks: a slice stops where the data is not in yet.
+//!
+//! # Interrupts
+//! Completion raises IRQ_VECTOR through MSI-X or MSI when the driver enabled them. With INTx
+//! the line is level: asserted at completion (PCI STATUS bit 3 shows it) and lowered when the
+//! driver clears DONE/ERROR in STATUS, so generic INTx drivers (`uio_pci_generic`) work.
+//!
+//! # Migration
+//! The device declares config-before-data: restoring a job in flight needs bus mastering on
+//! and, with MSI-X, its completion vector programmed in the restored config; a load without
+//! them is refused (the migration fails cleanly).
+
+mod job;
+#[cfg(test)]
+mod tests;
 
 use serde::{Deserialize, Serialize};
-use vfud_server::dma::Iova;
 use vfud_server::{
-    BarBacking, BarIndex, BarKind, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError,
-    DeviceState, IrqLayout, MsixPlacement, PciIds,
+    BarIndex, BarSpec, ConfigView, Device, DeviceCtx, DeviceDescription, DeviceError, DeviceState,
+    IrqLayout, Migratable, PciIds,
 };
+
+pub use job::Job;
 
 /// Value of the ID register.
 pub const ID: u32 = 0x4d44_4656;
@@ -47,7 +65,7 @@ pub const VERSION: u32 = 0x0001_0000;
 /// Size of on-device memory (BAR2).
 pub const DEVICE_MEMORY_SIZE: u64 = 1 << 20;
 /// Largest operation.
-pub const MAX_LEN: u32 = 16 << 20;
+pub const MAX_LEN: u32 = 64 << 20;
 /// Number of MSI-X vectors.
 pub const MSIX_VECTORS: u32 = 4;
 
@@ -117,7 +135,7 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    fn from_u32(v: u32) -> Option<Self> {
+    pub(crate) fn from_u32(v: u32) -> Option<Self> {
         Some(match v {
             1 => Self::Copy,
             2 => Self::Fill,
@@ -133,13 +151,16 @@ impl Opcode {
 
 const BAR_REGS: BarIndex = BarIndex(0);
 const BAR_MEM: BarIndex = BarIndex(2);
+/// Bytes of one DMA request.
 const CHUNK: usize = 64 * 1024;
+/// Default bytes a job moves per event-loop turn.
+pub const DEFAULT_SLICE: u32 = 1 << 20;
 
-/// Version of [`DmaEngineState`].
-pub const STATE_VERSION: u16 = 1;
+/// Version of [`Registers`] in the migration stream (2 added the job in flight).
+pub const STATE_VERSION: u16 = 2;
 
-/// Register file of the engine; it is the whole device state (BAR2 memory is saved by the
-/// server). An operation in flight (STATUS.BUSY) is saved as such and runs on the destination.
+/// Register file of the engine plus the progress of a job in flight: the whole device state
+/// (BAR2 memory is saved by the server).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registers {
     /// CONTROL.
@@ -164,79 +185,59 @@ pub struct Registers {
     pub error_code: u32,
     /// IRQ_VECTOR.
     pub irq_vector: u32,
+    /// Progress of the job in flight (STATUS.BUSY).
+    #[serde(default)]
+    pub job: Job,
 }
 
 /// The device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DmaEngine {
     regs: Registers,
+    slice: u32,
+}
+
+impl Default for DmaEngine {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl DmaEngine {
     /// A device in power-on state.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_slice(DEFAULT_SLICE)
     }
 
-    fn execute(&mut self, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
-        let r = &self.regs;
-        let op = Opcode::from_u32(r.opcode)
-            .ok_or_else(|| DeviceError::BadAccess(format!("unknown opcode {}", r.opcode)))?;
-        if r.len > MAX_LEN {
-            return Err(DeviceError::BadAccess(format!(
-                "length {} too large",
-                r.len
-            )));
+    /// A device whose jobs move at most `slice` bytes per event-loop turn.
+    pub fn with_slice(slice: u32) -> Self {
+        Self {
+            regs: Registers::default(),
+            slice: slice.max(CHUNK as u32),
         }
-        let (src, dst, len) = (r.src, r.dst, r.len as usize);
-        let mut buf = vec![0u8; len.min(CHUNK)];
-        let mut crc = crc32fast::Hasher::new();
-        let mut done = 0usize;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            let chunk = &mut buf[..n];
-            let (s, d) = (src + done as u64, dst + done as u64);
-            match op {
-                Opcode::Copy => {
-                    cx.mem().read(Iova(s), chunk)?;
-                    cx.mem().write(Iova(d), chunk)?;
-                }
-                Opcode::Fill => {
-                    chunk.fill(r.pattern as u8);
-                    cx.mem().write(Iova(d), chunk)?;
-                }
-                Opcode::Crc32 => {
-                    cx.mem().read(Iova(s), chunk)?;
-                    crc.update(chunk);
-                }
-                Opcode::CopyToDevice => {
-                    cx.mem().read(Iova(s), chunk)?;
-                    device_mem(cx)?.write(d, chunk)?;
-                }
-                Opcode::CopyFromDevice => {
-                    device_mem(cx)?.read(s, chunk)?;
-                    cx.mem().write(Iova(d), chunk)?;
-                }
-                Opcode::FillDevice => device_mem(cx)?.fill(d, n, r.pattern as u8)?,
-                Opcode::Crc32Device => {
-                    device_mem(cx)?.read(s, chunk)?;
-                    crc.update(chunk);
-                }
+    }
+
+    /// Finish the job in flight: DONE or ERROR, the completion count, and the interrupt.
+    fn complete(&mut self, outcome: Result<(), DeviceError>, cx: &mut DeviceCtx<'_>) {
+        let r = &mut self.regs;
+        r.status &= !STATUS_BUSY;
+        match &outcome {
+            Ok(()) => {
+                r.status |= STATUS_DONE;
+                r.error_code = 0;
             }
-            done += n;
+            Err(e) => {
+                r.status |= STATUS_ERROR;
+                r.error_code = e.errno() as i32 as u32;
+                tracing::debug!("dma-engine operation failed: {}", e);
+            }
         }
-        if matches!(op, Opcode::Crc32 | Opcode::Crc32Device) {
-            self.regs.result = crc.finalize();
+        r.job = Job::default();
+        r.completions = r.completions.wrapping_add(1);
+        if r.control & CONTROL_IRQ_ENABLE != 0 {
+            cx.raise(r.irq_vector);
         }
-        Ok(())
     }
-}
-
-fn device_mem<'a>(
-    cx: &'a DeviceCtx<'_>,
-) -> Result<&'a vfud_server::mmap::SharedMemory, DeviceError> {
-    cx.bar_memory(BAR_MEM)
-        .ok_or_else(|| DeviceError::Other("device memory missing".into()))
 }
 
 fn access_u32(offset: u64, len: usize) -> Result<u64, DeviceError> {
@@ -258,57 +259,19 @@ fn set_hi(v: &mut u64, x: u32) {
 
 impl Device for DmaEngine {
     fn describe(&self) -> DeviceDescription {
-        DeviceDescription {
-            name: "dma-engine",
-            ids: PciIds {
-                vendor: 0x5646,
-                device: 0x0001,
-                subsystem_vendor: 0x5646,
-                subsystem: 0x0001,
-                class_code: 0x08_80_00,
-                revision: 1,
-            },
-            bars: [
-                Some(BarSpec {
-                    size: 4096,
-                    kind: BarKind::Mem32,
-                    prefetchable: false,
-                    backing: BarBacking::Trapped,
-                }),
-                None,
-                Some(BarSpec {
-                    size: DEVICE_MEMORY_SIZE,
-                    kind: BarKind::Mem64,
-                    prefetchable: true,
-                    backing: BarBacking::Shared { mmap_areas: None },
-                }),
-                None,
-                Some(BarSpec {
-                    size: 4096,
-                    kind: BarKind::Mem32,
-                    prefetchable: false,
-                    backing: BarBacking::Trapped,
-                }),
-                None,
-            ],
-            irqs: IrqLayout {
-                intx: true,
-                msi_vectors: 1,
-                msix: Some((
-                    MSIX_VECTORS,
-                    MsixPlacement {
-                        bar: BarIndex(4),
-                        table_offset: 0,
-                        pba_offset: 0x800,
-                    },
-                )),
-                err: false,
-                req: false,
-            },
-            pm: true,
-            pcie: true,
-            dsn: Some(0x5646_0001_0000_0001),
-        }
+        DeviceDescription::new("dma-engine", PciIds::new(0x5646, 0x0001, 0x08_80_00))
+            .bar(0, BarSpec::mem32(4096))
+            .bar(
+                2,
+                BarSpec::mem64(DEVICE_MEMORY_SIZE).prefetchable().shared(),
+            )
+            .bar(4, BarSpec::mem32(4096))
+            .irqs(
+                IrqLayout::intx()
+                    .with_msi(1)
+                    .with_msix(MSIX_VECTORS, 4, 0, 0x800),
+            )
+            .pcie(Some(0x5646_0001_0000_0001))
     }
 
     fn bar_read(
@@ -361,7 +324,13 @@ impl Device for DmaEngine {
         let r = &mut self.regs;
         match off {
             reg::CONTROL => r.control = v & CONTROL_IRQ_ENABLE,
-            reg::STATUS => r.status &= !(v & (STATUS_DONE | STATUS_ERROR)),
+            reg::STATUS => {
+                r.status &= !(v & (STATUS_DONE | STATUS_ERROR));
+                if r.status & (STATUS_DONE | STATUS_ERROR) == 0 {
+                    // The driver acknowledged the completion: lower a level INTx.
+                    cx.set_intx(false);
+                }
+            }
             reg::SRC_LO => set_lo(&mut r.src, v),
             reg::SRC_HI => set_hi(&mut r.src, v),
             reg::DST_LO => set_lo(&mut r.dst, v),
@@ -372,6 +341,8 @@ impl Device for DmaEngine {
             reg::IRQ_VECTOR => r.irq_vector = v,
             reg::DOORBELL if v & 1 != 0 && r.status & STATUS_BUSY == 0 => {
                 r.status = (r.status | STATUS_BUSY) & !(STATUS_DONE | STATUS_ERROR);
+                r.job = Job::default();
+                cx.set_intx(false);
                 cx.schedule();
             }
             _ => {} // read-only or reserved: ignored
@@ -383,49 +354,61 @@ impl Device for DmaEngine {
         self.regs = Registers::default();
     }
 
-    fn supports_migration(&self) -> bool {
-        true
-    }
-
-    fn save(&self) -> Result<DeviceState, DeviceError> {
-        DeviceState::encode(STATE_VERSION, &self.regs)
-    }
-
-    fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
-        let regs: Registers = state.decode(STATE_VERSION)?;
-        if regs.control & !CONTROL_IRQ_ENABLE != 0
-            || regs.status & !(STATUS_DONE | STATUS_ERROR | STATUS_BUSY) != 0
-        {
-            return Err(DeviceError::InvalidState(
-                "reserved register bits set".into(),
-            ));
-        }
-        self.regs = regs;
-        Ok(())
-    }
-
     fn run(&mut self, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
         if self.regs.status & STATUS_BUSY == 0 {
             return Ok(());
         }
-        let outcome = self.execute(cx);
-        let r = &mut self.regs;
-        r.status &= !STATUS_BUSY;
-        match &outcome {
-            Ok(()) => {
-                r.status |= STATUS_DONE;
-                r.error_code = 0;
+        match job::advance(&mut self.regs, self.slice, cx) {
+            job::Progress::Done(outcome) => self.complete(outcome, cx),
+            job::Progress::More => cx.schedule(),
+            job::Progress::Waiting => {} // run again when the client's DMA reply arrives
+        }
+        Ok(())
+    }
+
+    fn migration(&mut self) -> Option<&mut dyn Migratable> {
+        Some(self)
+    }
+}
+
+impl Migratable for DmaEngine {
+    fn needs_config_before_data(&self) -> bool {
+        true
+    }
+
+    fn save(&mut self) -> Result<DeviceState, DeviceError> {
+        DeviceState::encode(STATE_VERSION, &self.regs)
+    }
+
+    fn load(
+        &mut self,
+        state: &DeviceState,
+        config: Option<&ConfigView<'_>>,
+    ) -> Result<(), DeviceError> {
+        let regs: Registers = state.decode(STATE_VERSION)?;
+        let invalid = |m: &str| Err(DeviceError::InvalidState(m.into()));
+        if regs.control & !CONTROL_IRQ_ENABLE != 0
+            || regs.status & !(STATUS_DONE | STATUS_ERROR | STATUS_BUSY) != 0
+        {
+            return invalid("reserved register bits set");
+        }
+        if regs.status & STATUS_BUSY != 0 {
+            if regs.len > MAX_LEN || u64::from(regs.len) < regs.job.done {
+                return invalid("job progress beyond its length");
             }
-            Err(e) => {
-                r.status |= STATUS_ERROR;
-                r.error_code = e.errno() as i32 as u32;
-                tracing::debug!("dma-engine operation failed: {e}");
+            // A job in flight resumes DMA and raises its completion vector: both need the
+            // restored config (this is why the device declares config-before-data).
+            let Some(cfg) = config else {
+                return invalid("a job in flight needs config space restored before device data");
+            };
+            if !cfg.bus_master() {
+                return invalid("a job in flight, but bus mastering is off in the restored config");
+            }
+            if regs.control & CONTROL_IRQ_ENABLE != 0 && !cfg.vector_programmed(regs.irq_vector) {
+                return invalid("a job in flight, but its MSI-X vector is not programmed");
             }
         }
-        r.completions = r.completions.wrapping_add(1);
-        if r.control & CONTROL_IRQ_ENABLE != 0 {
-            cx.raise(r.irq_vector);
-        }
+        self.regs = regs;
         Ok(())
     }
 }

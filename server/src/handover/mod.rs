@@ -11,6 +11,15 @@
 //!
 //! Control sockets (`vfud serve --control`, `--incoming`) carry frames with the vfio-user
 //! header layout and private command numbers ([`kind`]); payloads are JSON or stream bytes.
+//!
+//! This module is the control protocol; [`export`] turns a session into a description plus
+//! fds and back, and the two process roles are [`outgoing`] (A) and [`incoming`] (B).
+
+pub mod export;
+mod incoming;
+mod outgoing;
+
+pub(crate) use outgoing::OutgoingHandover;
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -164,4 +173,16 @@ pub fn now_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// Timings of the last handover received (reported by the control socket's status).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HandoverStats {
+    pub(crate) stopped_at_ns: u64,
+    pub(crate) running_at_ns: u64,
+    /// First reply to a request that waited during the handover (or, when none waited, the
+    /// moment the device ran again).
+    pub(crate) first_reply_at_ns: Option<u64>,
+    /// No request was waiting when the new process took over.
+    pub(crate) client_idle: bool,
 }

@@ -20,7 +20,7 @@ use vfud_protocol::messages::irq::{
 use vfud_protocol::messages::{IrqAction, IrqData, SetIrqs};
 
 use crate::device::IrqLayout;
-use crate::error::RequestError;
+use crate::error::IrqError;
 
 /// State of one IRQ index.
 #[derive(Debug, Default)]
@@ -74,10 +74,6 @@ pub struct Interrupts {
     hold: bool,
 }
 
-fn err(errno: Errno, msg: impl Into<String>) -> RequestError {
-    RequestError::new(errno, msg)
-}
-
 impl Interrupts {
     /// Interrupt state for a layout.
     pub fn new(layout: &IrqLayout) -> Self {
@@ -108,11 +104,11 @@ impl Interrupts {
     }
 
     /// DEVICE_GET_IRQ_INFO for `index`.
-    pub fn info(&self, index: u32) -> Result<IrqInfo, RequestError> {
+    pub fn info(&self, index: u32) -> Result<IrqInfo, IrqError> {
         let s = self
             .idx
             .get(index as usize)
-            .ok_or_else(|| err(Errno::EINVAL, format!("no IRQ index {index}")))?;
+            .ok_or(IrqError::NoIndex(index))?;
         Ok(IrqInfo {
             argsz: 16,
             flags: s.flags,
@@ -122,51 +118,45 @@ impl Interrupts {
     }
 
     /// Check a SET_IRQS against the layout, without side effects.
-    pub fn validate(&self, s: &SetIrqs) -> Result<(), RequestError> {
+    pub fn validate(&self, s: &SetIrqs) -> Result<(), IrqError> {
         let st = self
             .idx
             .get(s.index as usize)
-            .ok_or_else(|| err(Errno::EINVAL, format!("no IRQ index {}", s.index)))?;
+            .ok_or(IrqError::NoIndex(s.index))?;
         if s.is_disable() {
             return Ok(());
         }
         let end = s.start.saturating_add(s.count);
         if end > st.count {
-            return Err(err(
-                Errno::EINVAL,
-                format!(
-                    "vectors {}..{end} outside index {} with {} vectors",
-                    s.start, s.index, st.count
-                ),
-            ));
+            return Err(IrqError::OutOfRange {
+                index: s.index,
+                start: s.start,
+                end,
+                count: st.count,
+            });
         }
         let is_err_req = s.index == IRQ_INDEX_ERR || s.index == IRQ_INDEX_REQ;
         if is_err_req && s.action != IrqAction::Trigger {
-            return Err(err(Errno::EINVAL, "ERR/REQ accept TRIGGER only"));
+            return Err(IrqError::TriggerOnly);
         }
         match (s.action, &s.data) {
-            (IrqAction::Mask | IrqAction::Unmask, _) if st.flags & IRQ_INFO_MASKABLE == 0 => Err(
-                err(Errno::EINVAL, format!("index {} is not maskable", s.index)),
-            ),
+            (IrqAction::Mask | IrqAction::Unmask, _) if st.flags & IRQ_INFO_MASKABLE == 0 => {
+                Err(IrqError::NotMaskable(s.index))
+            }
             (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
                 if s.index != IRQ_INDEX_INTX || s.count != 1 || fds.len() > 1 {
-                    Err(err(
-                        Errno::EINVAL,
-                        "an unmask eventfd is for INTx vector 0 only",
-                    ))
+                    Err(IrqError::UnmaskFdNotIntx)
                 } else {
                     Ok(())
                 }
             }
-            (IrqAction::Mask, IrqData::Eventfds(_)) => {
-                Err(err(Errno::EINVAL, "mask eventfds are not supported"))
-            }
+            (IrqAction::Mask, IrqData::Eventfds(_)) => Err(IrqError::MaskFd),
             _ => Ok(()),
         }
     }
 
     /// Perform a validated SET_IRQS.
-    pub fn apply(&mut self, s: SetIrqs) -> Result<(), RequestError> {
+    pub fn apply(&mut self, s: SetIrqs) -> Result<(), IrqError> {
         self.validate(&s)?;
         let index = s.index;
         if s.is_disable() {
@@ -288,11 +278,15 @@ impl Interrupts {
             .find(|i| self.idx[*i as usize].has_triggers())
     }
 
-    /// Raise device interrupt `vector` in the active mode (an INTx pulse when no MSI/MSI-X).
+    /// Raise device interrupt `vector` in the active mode. Without MSI/MSI-X this asserts the
+    /// INTx line, which stays asserted (PCI STATUS bit 3) until the device lowers it with
+    /// [`Interrupts::set_intx_level`]`(false)` when the guest acknowledges the event: INTx is
+    /// level-triggered (PCI 3.0 §2.2.6), and drivers of shared or generic INTx
+    /// (`uio_pci_generic`, a nested `vfio-pci`) claim an interrupt by that status bit.
     pub fn raise(&mut self, vector: u32) {
         match self.active_index() {
             Some(IRQ_INDEX_INTX) | None if self.idx[IRQ_INDEX_INTX as usize].count > 0 => {
-                self.fire(IRQ_INDEX_INTX, 0)
+                self.set_intx_level(true)
             }
             Some(index) => self.fire(index, vector),
             None => {
@@ -318,6 +312,17 @@ impl Interrupts {
                 *p = false;
             }
         }
+    }
+
+    /// PCI 2.3 Interrupt Status (STATUS bit 3): the device's INTx signal, whatever COMMAND's
+    /// Interrupt Disable says; a device delivering MSI or MSI-X does not assert INTx.
+    pub fn intx_status(&self) -> bool {
+        self.intx_level
+            && self.idx[IRQ_INDEX_INTX as usize].count > 0
+            && !matches!(
+                self.active_index(),
+                Some(IRQ_INDEX_MSIX) | Some(IRQ_INDEX_MSI)
+            )
     }
 
     /// Unmask INTx: refire if the line is still asserted or an edge is pending.
@@ -394,17 +399,17 @@ impl Interrupts {
     /// The checks that can only be made when a SET_IRQS takes effect: every fd must be an
     /// eventfd (the kernel's `eventfd_ctx_fdget` check). Deferred SET_IRQS run these for the
     /// whole queue before applying any of it.
-    pub fn check_apply(s: &SetIrqs) -> Result<(), RequestError> {
+    pub fn check_apply(s: &SetIrqs) -> Result<(), IrqError> {
         if let IrqData::Eventfds(fds) = &s.data {
             for fd in fds {
                 let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 if link != "anon_inode:[eventfd]" {
-                    return Err(err(
-                        Errno::EINVAL,
-                        format!("fd for IRQ index {} is not an eventfd ({link})", s.index),
-                    ));
+                    return Err(IrqError::NotEventfd {
+                        index: s.index,
+                        what: link,
+                    });
                 }
             }
         }
@@ -424,29 +429,30 @@ impl Interrupts {
 
     /// Restore pending bits saved by [`Interrupts::save_pending`]; they are delivered when the
     /// vectors are assigned and unmasked.
-    pub fn restore_pending(&mut self, b: &[u8]) -> Result<(), String> {
+    pub fn restore_pending(&mut self, b: &[u8]) -> Result<(), IrqError> {
+        let bad = |m: &str| IrqError::BadState(m.to_string());
         let mut off = 0usize;
         let mut all = Vec::new();
         for st in &self.idx {
             let n = b
                 .get(off..off + 4)
                 .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize)
-                .ok_or("interrupt state truncated")?;
+                .ok_or_else(|| bad("truncated"))?;
             if n != st.pending.len() {
-                return Err(format!(
-                    "interrupt state has {n} vectors, device has {}",
+                return Err(IrqError::BadState(format!(
+                    "{n} vectors, the device has {}",
                     st.pending.len()
-                ));
+                )));
             }
             let bits = b
                 .get(off + 4..off + 4 + n)
-                .ok_or("interrupt state truncated")?;
+                .ok_or_else(|| bad("truncated"))?;
             all.push(bits.iter().map(|x| *x != 0).collect::<Vec<_>>());
             off += 4 + n;
         }
-        let level = *b.get(off).ok_or("interrupt state truncated")? != 0;
+        let level = *b.get(off).ok_or_else(|| bad("truncated"))? != 0;
         if off + 1 != b.len() {
-            return Err("interrupt state has trailing bytes".into());
+            return Err(bad("trailing bytes"));
         }
         for (st, bits) in self.idx.iter_mut().zip(all) {
             st.pending = bits;
@@ -514,142 +520,4 @@ impl Interrupts {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use nix::sys::eventfd::{EfdFlags, EventFd};
-
-    fn efd() -> (OwnedFd, EventFd) {
-        let e = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap();
-        let dup = e.as_fd().try_clone_to_owned().unwrap();
-        (dup, e)
-    }
-
-    fn count(e: &EventFd) -> u64 {
-        let mut b = [0u8; 8];
-        match nix::unistd::read(e.as_fd(), &mut b) {
-            Ok(8) => u64::from_ne_bytes(b),
-            _ => 0,
-        }
-    }
-
-    fn layout() -> IrqLayout {
-        IrqLayout {
-            intx: true,
-            msi_vectors: 1,
-            msix: Some((
-                4,
-                crate::device::MsixPlacement {
-                    bar: crate::device::BarIndex(4),
-                    table_offset: 0,
-                    pba_offset: 0x800,
-                },
-            )),
-            err: false,
-            req: false,
-        }
-    }
-
-    fn set(index: u32, start: u32, count: u32, action: IrqAction, data: IrqData) -> SetIrqs {
-        SetIrqs {
-            index,
-            start,
-            count,
-            action,
-            data,
-        }
-    }
-
-    #[test]
-    fn masked_msix_vector_latches_pending_and_fires_on_unmask() {
-        let mut irqs = Interrupts::new(&layout());
-        let (fd, e) = efd();
-        irqs.apply(set(
-            2,
-            1,
-            1,
-            IrqAction::Trigger,
-            IrqData::Eventfds(vec![fd]),
-        ))
-        .unwrap();
-        irqs.apply(set(2, 1, 1, IrqAction::Mask, IrqData::None))
-            .unwrap();
-        irqs.raise(1);
-        assert_eq!(count(&e), 0);
-        let mut pba = [0u8; 1];
-        irqs.read_pba(0, &mut pba);
-        assert_eq!(pba[0], 0b10);
-        irqs.apply(set(2, 1, 1, IrqAction::Unmask, IrqData::None))
-            .unwrap();
-        assert_eq!(count(&e), 1);
-        irqs.read_pba(0, &mut pba);
-        assert_eq!(pba[0], 0);
-    }
-
-    #[test]
-    fn intx_is_automasked_until_unmask() {
-        let mut irqs = Interrupts::new(&layout());
-        let (fd, e) = efd();
-        irqs.apply(set(
-            0,
-            0,
-            1,
-            IrqAction::Trigger,
-            IrqData::Eventfds(vec![fd]),
-        ))
-        .unwrap();
-        irqs.raise(0);
-        irqs.raise(0);
-        assert_eq!(count(&e), 1);
-        irqs.unmask_intx();
-        assert_eq!(count(&e), 1, "pending edge fires on unmask");
-    }
-
-    #[test]
-    fn out_of_range_and_wrong_actions_are_rejected() {
-        let irqs = Interrupts::new(&layout());
-        assert!(irqs
-            .validate(&set(2, 3, 2, IrqAction::Trigger, IrqData::None))
-            .is_err());
-        assert!(irqs
-            .validate(&set(9, 0, 1, IrqAction::Trigger, IrqData::None))
-            .is_err());
-        assert!(irqs
-            .validate(&set(1, 0, 1, IrqAction::Mask, IrqData::None))
-            .is_err());
-        assert!(irqs
-            .validate(&set(3, 0, 1, IrqAction::Trigger, IrqData::None))
-            .is_err());
-        assert!(irqs
-            .validate(&set(2, 0, 0, IrqAction::Trigger, IrqData::None))
-            .is_ok());
-    }
-
-    #[test]
-    fn msix_takes_precedence_over_intx() {
-        let mut irqs = Interrupts::new(&layout());
-        let (fd0, e0) = efd();
-        let (fd2, e2) = efd();
-        irqs.apply(set(
-            0,
-            0,
-            1,
-            IrqAction::Trigger,
-            IrqData::Eventfds(vec![fd0]),
-        ))
-        .unwrap();
-        irqs.apply(set(
-            2,
-            0,
-            1,
-            IrqAction::Trigger,
-            IrqData::Eventfds(vec![fd2]),
-        ))
-        .unwrap();
-        irqs.raise(0);
-        assert_eq!((count(&e0), count(&e2)), (0, 1));
-        irqs.apply(set(2, 0, 0, IrqAction::Trigger, IrqData::None))
-            .unwrap();
-        irqs.raise(0);
-        assert_eq!(count(&e0), 1);
-    }
-}
+mod tests;

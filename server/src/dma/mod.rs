@@ -11,18 +11,25 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use nix::errno::Errno;
-use vfud_protocol::codec::{send_message, Frame, FrameReader, Limits};
-use vfud_protocol::header::{Command, Header, MessageKind};
-use vfud_protocol::messages::dma::{DmaAccess, DmaMap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use vfud_protocol::messages::dma::{DmaMap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::error::DmaError;
+
+mod guest_mem;
+pub mod socket;
+
+pub use guest_mem::GuestMem;
+pub use socket::{SocketDma, SocketDmaCounters};
+
+/// Largest single DMA mapping (1 TiB). Every mapping carries a dirty bitmap sized by the
+/// mapping, so the size a client sends is checked against this before anything is allocated.
+pub const MAX_MAP_SIZE: u64 = 1 << 40;
 
 /// Page size used for dirty tracking.
 pub const DIRTY_PAGE_SIZE: usize = 4096;
@@ -33,7 +40,7 @@ pub struct Iova(pub u64);
 
 /// How a mapping's bytes are reached.
 #[derive(Debug)]
-enum Backing {
+pub(crate) enum Backing {
     /// Mapped from the client's fd.
     Mmap(Arc<GuestRegionMmap<AtomicBitmap>>),
     /// Reached with DMA_READ/DMA_WRITE; the bitmap logs what the device wrote.
@@ -41,7 +48,7 @@ enum Backing {
 }
 
 impl Backing {
-    fn bitmap(&self) -> &AtomicBitmap {
+    pub(crate) fn bitmap(&self) -> &AtomicBitmap {
         match self {
             Backing::Mmap(r) => r.bitmap(),
             Backing::Socket(b) => b,
@@ -62,7 +69,7 @@ pub struct Mapping {
     pub writable: bool,
     /// Offset into the client's fd.
     pub offset: u64,
-    backing: Backing,
+    pub(crate) backing: Backing,
 }
 
 impl Mapping {
@@ -125,6 +132,12 @@ impl DmaTable {
         }
         if self.maps.len() >= self.max_maps {
             return Err(DmaError::TooManyMappings(self.max_maps));
+        }
+        if m.size == 0 || m.size > MAX_MAP_SIZE {
+            return Err(DmaError::MapFailed(format!(
+                "size {:#x} is zero or above the {MAX_MAP_SIZE:#x}-byte limit",
+                m.size
+            )));
         }
         let readable = m.flags & DMA_MAP_FLAG_READ != 0;
         let writable = m.flags & DMA_MAP_FLAG_WRITE != 0;
@@ -269,7 +282,7 @@ impl DmaTable {
     }
 
     /// The mapping that holds all of `iova..iova+len`.
-    fn covering(&self, iova: u64, len: usize) -> Result<&Mapping, DmaError> {
+    pub(crate) fn covering(&self, iova: u64, len: usize) -> Result<&Mapping, DmaError> {
         let m = self.lookup(iova).ok_or(DmaError::NotMapped(iova))?;
         let end = iova
             .checked_add(len as u64)
@@ -281,7 +294,7 @@ impl DmaTable {
     }
 }
 
-fn dirty_page_size() -> NonZeroUsize {
+pub(crate) fn dirty_page_size() -> NonZeroUsize {
     NonZeroUsize::MIN.saturating_add(DIRTY_PAGE_SIZE - 1)
 }
 
@@ -299,9 +312,22 @@ fn map_fd(
     if writable {
         prot |= libc_prot::WRITE;
     }
+    // A mapping must not outgrow its file: touching pages past EOF would kill the process
+    // with SIGBUS (spec "VFIO_USER_DMA_MAP": offset and size describe a range of the fd).
+    let file = File::from(fd);
+    let file_len = file
+        .metadata()
+        .map_err(|e| DmaError::MapFailed(format!("fstat: {e}")))?
+        .len();
+    if !matches!(m.offset.checked_add(m.size), Some(end) if end <= file_len) {
+        return Err(DmaError::MapFailed(format!(
+            "offset {:#x} + size {:#x} is beyond the {file_len:#x}-byte file",
+            m.offset, m.size
+        )));
+    }
     let bitmap = AtomicBitmap::new(size, dirty_page_size());
     let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
-        .with_file_offset(FileOffset::new(File::from(fd), m.offset))
+        .with_file_offset(FileOffset::new(file, m.offset))
         .with_mmap_prot(prot)
         .with_mmap_flags(libc_prot::SHARED)
         .build()
@@ -315,153 +341,6 @@ mod libc_prot {
     pub const READ: i32 = nix::sys::mman::ProtFlags::PROT_READ.bits();
     pub const WRITE: i32 = nix::sys::mman::ProtFlags::PROT_WRITE.bits();
     pub const SHARED: i32 = nix::sys::mman::MapFlags::MAP_SHARED.bits();
-}
-
-/// The client connection as seen from guest-memory access: lets the server send DMA_READ/WRITE
-/// and wait for the reply, keeping any client commands that arrive meanwhile for later.
-pub struct ClientChannel<'a> {
-    /// The socket.
-    pub stream: &'a std::os::unix::net::UnixStream,
-    /// Frame assembler shared with the event loop.
-    pub reader: &'a mut FrameReader,
-    /// Commands received while waiting, processed after.
-    pub backlog: &'a mut std::collections::VecDeque<Frame>,
-    /// Limits for incoming frames.
-    pub limits: Limits,
-    /// Next message id for server→client requests.
-    pub next_id: &'a mut u16,
-}
-
-impl ClientChannel<'_> {
-    fn exchange(&mut self, cmd: Command, payload: &[u8]) -> Result<Frame, DmaError> {
-        *self.next_id = self.next_id.wrapping_add(1);
-        let h = Header::command(*self.next_id, cmd, payload.len(), false);
-        send_message(self.stream.as_fd(), &h, &[payload], &[]).map_err(DmaError::Socket)?;
-        loop {
-            let mut pfd = [nix::poll::PollFd::new(
-                self.stream.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16)) {
-                Ok(0) => return Err(DmaError::Socket(vfud_protocol::ProtocolError::Timeout)),
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(DmaError::Socket(e.into())),
-            }
-            while let Some(f) = self
-                .reader
-                .read_frame(self.stream.as_fd(), &self.limits)
-                .map_err(DmaError::Socket)?
-            {
-                match f.header.kind().map_err(DmaError::Socket)? {
-                    MessageKind::Command { .. } => self.backlog.push_back(f),
-                    MessageKind::ErrorReply(e) if f.header.msg_id == h.msg_id => {
-                        return Err(DmaError::Socket(vfud_protocol::ProtocolError::Remote(
-                            Errno::from_raw(e as i32),
-                        )))
-                    }
-                    MessageKind::Reply if f.header.msg_id == h.msg_id => return Ok(f),
-                    _ => tracing::debug!(id = f.header.msg_id, "dropping stray reply"),
-                }
-            }
-        }
-    }
-}
-
-/// Guest-memory handle given to devices. All accesses are bounds- and permission-checked.
-pub struct GuestMem<'a> {
-    pub(crate) table: &'a DmaTable,
-    pub(crate) channel: Option<ClientChannel<'a>>,
-}
-
-impl<'a> GuestMem<'a> {
-    /// A handle over `table`; `channel` enables socket DMA (only in deferred work).
-    pub fn new(table: &'a DmaTable, channel: Option<ClientChannel<'a>>) -> Self {
-        Self { table, channel }
-    }
-
-    /// Read `buf.len()` bytes at `iova`.
-    pub fn read(&mut self, iova: Iova, buf: &mut [u8]) -> Result<(), DmaError> {
-        let m = self.table.covering(iova.0, buf.len())?;
-        if !m.readable {
-            return Err(DmaError::Protection {
-                iova: iova.0,
-                access: "readable",
-            });
-        }
-        match &m.backing {
-            Backing::Mmap(r) => r
-                .read_slice(buf, MemoryRegionAddress(iova.0 - m.iova))
-                .map_err(|e| DmaError::MapFailed(e.to_string())),
-            Backing::Socket(_) => {
-                let ch = self.channel.as_mut().ok_or(DmaError::WouldBlock)?;
-                let mut off = 0usize;
-                let max = ch.limits.max_data_xfer_size.max(1) as usize;
-                while off < buf.len() {
-                    let n = (buf.len() - off).min(max);
-                    let req = DmaAccess {
-                        addr: iova.0 + off as u64,
-                        count: n as u64,
-                    };
-                    let mut p = Vec::new();
-                    vfud_protocol::wire::put(&mut p, &req);
-                    let f = ch.exchange(Command::DmaRead, &p)?;
-                    let (a, data) =
-                        DmaAccess::decode_with_data(&f.payload).map_err(DmaError::Socket)?;
-                    if a.count != n as u64 {
-                        return Err(DmaError::Socket(
-                            vfud_protocol::ProtocolError::UnexpectedReply(
-                                "short DMA_READ reply".into(),
-                            ),
-                        ));
-                    }
-                    buf[off..off + n].copy_from_slice(data);
-                    off += n;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Write `data` at `iova`.
-    pub fn write(&mut self, iova: Iova, data: &[u8]) -> Result<(), DmaError> {
-        let m = self.table.covering(iova.0, data.len())?;
-        if !m.writable {
-            return Err(DmaError::Protection {
-                iova: iova.0,
-                access: "writable",
-            });
-        }
-        match &m.backing {
-            Backing::Mmap(r) => r
-                .write_slice(data, MemoryRegionAddress(iova.0 - m.iova))
-                .map_err(|e| DmaError::MapFailed(e.to_string())),
-            Backing::Socket(bm) => {
-                let ch = self.channel.as_mut().ok_or(DmaError::WouldBlock)?;
-                vm_memory::bitmap::Bitmap::mark_dirty(bm, (iova.0 - m.iova) as usize, data.len());
-                let max = ch.limits.max_data_xfer_size.max(1) as usize;
-                for (i, chunk) in data.chunks(max).enumerate() {
-                    let req = DmaAccess {
-                        addr: iova.0 + (i * max) as u64,
-                        count: chunk.len() as u64,
-                    };
-                    ch.exchange(Command::DmaWrite, &req.encode_with_data(chunk))?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Read a little-endian u32.
-    pub fn read_u32(&mut self, iova: Iova) -> Result<u32, DmaError> {
-        let mut b = [0u8; 4];
-        self.read(iova, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    /// Write a little-endian u32.
-    pub fn write_u32(&mut self, iova: Iova, v: u32) -> Result<(), DmaError> {
-        self.write(iova, &v.to_le_bytes())
-    }
 }
 
 #[cfg(test)]
@@ -533,16 +412,5 @@ mod tests {
             Err(DmaError::NotMapped(0x3000))
         ));
         assert!(t.covering(0x1ff8, 8).is_ok());
-    }
-
-    #[test]
-    fn socket_dma_outside_deferred_work_would_block() {
-        let mut t = DmaTable::new(4);
-        map(&mut t, 0x1000, 0x1000).unwrap();
-        let mut m = GuestMem::new(&t, None);
-        assert!(matches!(
-            m.read_u32(Iova(0x1000)),
-            Err(DmaError::WouldBlock)
-        ));
     }
 }

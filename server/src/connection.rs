@@ -1,0 +1,90 @@
+//! [`Connection`]: the client's socket as the event loop owns it — frame assembly with the
+//! fds that came along, replies, error replies, and the server→client requests of socket DMA.
+//!
+//! Nothing else touches the socket: devices reach guest memory through
+//! [`crate::dma::SocketDma`], whose requests the event loop sends here after the reply to
+//! the message in hand.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use vfud_protocol::codec::{send_error, send_message, Frame, FrameReader, Limits};
+use vfud_protocol::{Header, ProtocolError};
+
+use crate::dispatch::{borrowed, Reply};
+use crate::dma::socket::Outgoing;
+
+/// The connected client.
+pub struct Connection {
+    stream: UnixStream,
+    reader: FrameReader,
+}
+
+impl Connection {
+    /// Serve a connected socket (made non-blocking).
+    pub fn new(stream: UnixStream) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Self {
+            stream,
+            reader: FrameReader::new(),
+        })
+    }
+
+    /// The socket's fd (for poll registration).
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// The next complete frame, `None` when the socket has no more for now.
+    pub fn read_frame(&mut self, limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
+        self.reader.read_frame(self.stream.as_fd(), limits)
+    }
+
+    /// Whether part of a frame has been read.
+    pub fn in_progress(&self) -> bool {
+        self.reader.in_progress()
+    }
+
+    /// Send the reply to `request`.
+    pub fn reply(&self, request: &Header, reply: &Reply) -> Result<(), ProtocolError> {
+        send_message(
+            self.stream.as_fd(),
+            &request.reply(reply.payload.len()),
+            &[&reply.payload],
+            &borrowed(&reply.fds),
+        )
+    }
+
+    /// Send the header-only error reply to `request`.
+    pub fn error(&self, request: &Header, errno: Errno) -> Result<(), ProtocolError> {
+        send_error(self.stream.as_fd(), request, errno)
+    }
+
+    /// Send server→client requests.
+    pub fn send_requests(&self, out: Vec<Outgoing>) -> Result<(), ProtocolError> {
+        for m in out {
+            send_message(self.stream.as_fd(), &m.header, &[&m.payload], &[])?;
+        }
+        Ok(())
+    }
+
+    /// A duplicate of the socket, to hand the connection to another process.
+    pub fn dup(&self) -> io::Result<OwnedFd> {
+        self.stream.as_fd().try_clone_to_owned()
+    }
+
+    /// Whether the client has sent bytes nobody read yet.
+    pub fn has_unread(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            nix::sys::socket::recv(
+                self.stream.as_raw_fd(),
+                &mut b,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ),
+            Ok(n) if n > 0
+        )
+    }
+}

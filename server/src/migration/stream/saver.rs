@@ -1,0 +1,224 @@
+//! [`Saver`]: produces the stream on the source.
+
+use super::{kind, put_section, StreamHeader, MEMORY_CHUNK, PAGE};
+use crate::migration::DeviceState;
+use crate::mmap::SharedMemory;
+
+/// The final, non-iterable part of the state, captured when stop-copy data runs out.
+#[derive(Clone, Debug)]
+pub struct FinalState {
+    /// Config space image.
+    pub config: Vec<u8>,
+    /// Interrupt state bytes.
+    pub irq: Vec<u8>,
+    /// MSI-X table image (empty without MSI-X).
+    pub msix: Vec<u8>,
+    /// Device state.
+    pub device: DeviceState,
+}
+
+/// Produces the stream on the source.
+#[derive(Debug)]
+pub struct Saver {
+    /// Produced bytes; `out[pos..]` has not been read yet.
+    out: Vec<u8>,
+    pos: usize,
+    /// Copy of each shared BAR as last sent, to find changed pages.
+    shadows: Vec<(usize, Vec<u8>)>,
+    /// Next (shadow index, offset) of the initial full copy; `None` once sent.
+    initial: Option<(usize, usize)>,
+    finished: bool,
+    /// Bytes of BAR memory sent after the initial copy.
+    pub delta_bytes: u64,
+}
+
+impl Saver {
+    /// Start a stream: the header is queued at once.
+    pub fn new(header: &StreamHeader, bars: &[Option<SharedMemory>; 6]) -> Self {
+        let mut out = Vec::new();
+        put_section(&mut out, kind::HEADER, &header.encode());
+        let shadows = bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|m| (i, vec![0u8; m.len()])))
+            .collect::<Vec<_>>();
+        let initial = (!shadows.is_empty()).then_some((0, 0));
+        Self {
+            out,
+            pos: 0,
+            shadows,
+            initial,
+            finished: false,
+            delta_bytes: 0,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.out.len() - self.pos
+    }
+
+    /// Initial data not yet read (the kernel's `initial_bytes`).
+    pub fn initial_bytes(&self) -> u64 {
+        let mut n = 0u64;
+        if let Some((si, off)) = self.initial {
+            n += self
+                .shadows
+                .iter()
+                .skip(si)
+                .map(|(_, s)| s.len() as u64)
+                .sum::<u64>()
+                - off as u64;
+            n += self.pending() as u64;
+        }
+        n
+    }
+
+    /// Bytes dirtied since they were sent (a scan; the kernel's `dirty_bytes`).
+    pub fn dirty_bytes(&self, bars: &[Option<SharedMemory>; 6]) -> u64 {
+        if self.initial.is_some() {
+            // Everything queued still counts as initial data.
+            return 0;
+        }
+        let mut page = vec![0u8; PAGE];
+        let mut n = self.pending() as u64;
+        for (bar, shadow) in &self.shadows {
+            let Some(mem) = &bars[*bar] else { continue };
+            for (i, s) in shadow.chunks(PAGE).enumerate() {
+                let p = &mut page[..s.len()];
+                if mem.read((i * PAGE) as u64, p).is_ok() && p != s {
+                    n += s.len() as u64;
+                }
+            }
+        }
+        n
+    }
+
+    /// Whether END has been produced and read.
+    pub fn is_finished(&self) -> bool {
+        self.finished && self.pending() == 0
+    }
+
+    fn memory_section(&mut self, bar: usize, offset: usize, data: &[u8]) {
+        let mut p = Vec::with_capacity(16 + data.len());
+        p.push(bar as u8);
+        p.extend([0u8; 7]);
+        p.extend((offset as u64).to_le_bytes());
+        p.extend_from_slice(data);
+        put_section(&mut self.out, kind::BAR_MEMORY, &p);
+    }
+
+    /// Produce the next piece of initial data; false when there is none left.
+    fn step_initial(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
+        let Some((si, off)) = self.initial else {
+            return false;
+        };
+        let (bar, len) = (self.shadows[si].0, self.shadows[si].1.len());
+        let n = (len - off).min(MEMORY_CHUNK);
+        let mut chunk = vec![0u8; n];
+        if let Some(mem) = &bars[bar] {
+            let _ = mem.read(off as u64, &mut chunk);
+        }
+        self.shadows[si].1[off..off + n].copy_from_slice(&chunk);
+        self.memory_section(bar, off, &chunk);
+        self.initial = if off + n < len {
+            Some((si, off + n))
+        } else if si + 1 < self.shadows.len() {
+            Some((si + 1, 0))
+        } else {
+            None
+        };
+        true
+    }
+
+    /// Produce sections for pages that changed since sent; false when nothing changed.
+    fn step_delta(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
+        let before = self.pending();
+        let mut page = vec![0u8; PAGE];
+        for si in 0..self.shadows.len() {
+            let bar = self.shadows[si].0;
+            let Some(mem) = &bars[bar] else { continue };
+            let len = self.shadows[si].1.len();
+            let mut run: Option<(usize, Vec<u8>)> = None;
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(PAGE);
+                let p = &mut page[..n];
+                let _ = mem.read(off as u64, p);
+                let changed = p != &self.shadows[si].1[off..off + n];
+                if changed {
+                    self.shadows[si].1[off..off + n].copy_from_slice(p);
+                    match &mut run {
+                        Some((_, data)) if data.len() < MEMORY_CHUNK => data.extend_from_slice(p),
+                        _ => {
+                            if let Some((o, d)) = run.take() {
+                                self.delta_bytes += d.len() as u64;
+                                self.memory_section(bar, o, &d);
+                            }
+                            run = Some((off, p.to_vec()));
+                        }
+                    }
+                } else if let Some((o, d)) = run.take() {
+                    self.delta_bytes += d.len() as u64;
+                    self.memory_section(bar, o, &d);
+                }
+                off += n;
+            }
+            if let Some((o, d)) = run.take() {
+                self.delta_bytes += d.len() as u64;
+                self.memory_section(bar, o, &d);
+            }
+        }
+        self.pending() > before
+    }
+
+    /// Fill up to `max` bytes. In pre-copy (`final_state` = None) only memory is produced and
+    /// a short result means "nothing more for now"; in stop-copy the final sections and END
+    /// follow, and an empty result means the stream is complete.
+    pub fn read(
+        &mut self,
+        max: usize,
+        bars: &[Option<SharedMemory>; 6],
+        final_state: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>>,
+    ) -> Result<Vec<u8>, crate::DeviceError> {
+        let stop_copy = final_state.is_some();
+        let mut final_state = final_state;
+        while self.pending() < max {
+            if self.step_initial(bars) {
+                continue;
+            }
+            if !self.finished && self.step_delta(bars) {
+                continue;
+            }
+            match final_state.as_mut() {
+                Some(f) if stop_copy && !self.finished => {
+                    let st = f()?;
+                    put_section(&mut self.out, kind::CONFIG, &st.config);
+                    put_section(&mut self.out, kind::IRQ_STATE, &st.irq);
+                    put_section(&mut self.out, kind::MSIX_TABLE, &st.msix);
+                    let mut d = st.device.version.to_le_bytes().to_vec();
+                    d.extend_from_slice(&st.device.payload);
+                    put_section(&mut self.out, kind::DEVICE_STATE, &d);
+                    put_section(&mut self.out, kind::END, &[]);
+                    self.finished = true;
+                }
+                _ => break,
+            }
+        }
+        let n = self.pending().min(max);
+        let chunk = self.out[self.pos..self.pos + n].to_vec();
+        self.pos += n;
+        if self.pos == self.out.len() {
+            self.out.clear();
+            self.pos = 0;
+        } else if self.pos >= MEMORY_CHUNK * 4 {
+            self.out.drain(..self.pos);
+            self.pos = 0;
+        }
+        Ok(chunk)
+    }
+
+    /// Bytes the stop-copy phase would still produce (estimate for MIG_DATA_SIZE).
+    pub fn stop_copy_estimate(&self, bars: &[Option<SharedMemory>; 6]) -> u64 {
+        self.initial_bytes() + self.dirty_bytes(bars) + 8192
+    }
+}
