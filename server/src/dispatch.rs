@@ -295,7 +295,9 @@ impl DeviceServer {
             Request::Version(v) => {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
                 self.dma.set_max_maps(n.max_dma_maps as usize);
-                self.socket_dma.set_max_xfer(n.max_data_xfer_size as usize);
+                // DMA requests must fit what the client receives: the smaller of both limits.
+                let send_max = Limits::from_negotiated(&n).max_data_xfer_size;
+                self.socket_dma.set_max_xfer(send_max as usize);
                 tracing::info!(device = self.description().name, ?n, "client negotiated");
                 self.negotiated = Some(n);
                 Ok(Reply::bytes(reply.encode()))

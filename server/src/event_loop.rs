@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use vfud_protocol::codec::{Frame, FrameReader};
+use vfud_protocol::codec::{Frame, FrameReader, ReadOutcome};
 use vfud_protocol::header::MessageKind;
 use vfud_protocol::messages::Request;
 use vfud_protocol::ProtocolError;
@@ -345,8 +345,23 @@ impl Loop {
             let Some(c) = self.client.as_mut() else {
                 return;
             };
-            let frame = match c.read_frame(&limits) {
-                Ok(Some(f)) => f,
+            let frame = match c.read_message(&limits) {
+                Ok(Some(ReadOutcome::Frame(f))) => f,
+                Ok(Some(ReadOutcome::Oversize(h))) => {
+                    // One bad write must not cost the device: its bytes were skipped, so
+                    // answer it and carry on (spec: the limits bound what a side receives).
+                    tracing::debug!(
+                        msg_id = h.msg_id,
+                        cmd = h.cmd,
+                        size = h.msg_size,
+                        "oversize message refused"
+                    );
+                    let quiet = matches!(h.kind(), Ok(MessageKind::Command { no_reply: true }));
+                    if !quiet && c.error(&h, nix::errno::Errno::E2BIG).is_err() {
+                        return self.disconnect("send failed");
+                    }
+                    continue;
+                }
                 Ok(None) => return,
                 Err(ProtocolError::Disconnected) => return self.disconnect("closed by peer"),
                 Err(e) => return self.disconnect(&format!("broken frame: {e}")),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod dma_engine;
+pub mod foreign;
 pub mod qemu;
 pub mod tracer;
 
