@@ -84,7 +84,7 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(r)?);
     } else {
         println!(
-            "migrated over {} in {:.1} ms: {} pre-copy rounds, {} device bytes ({} during stop-copy), {} RAM bytes, downtime {:.2} ms{}",
+            "migrated over {} in {:.1} ms: {} pre-copy rounds, {} device bytes ({} during stop-copy), {} RAM bytes, downtime {:.2} ms, {}",
             r.channel,
             r.total_ms,
             r.rounds,
@@ -92,7 +92,7 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
             r.stop_copy_bytes,
             r.ram_bytes,
             r.downtime_ms,
-            if r.config_before_data { ", config before data" } else { "" }
+            if r.config_before_data { "config restored before device data" } else { "config restored after device data" }
         );
         let mut quirks = Vec::new();
         if !r.ordering_advertised {

@@ -7,11 +7,14 @@
 //! 2. iterate: read source data until a short read, write it to the destination, copy RAM
 //!    pages dirtied meanwhile, repeat until the data left is small or the round limit is hit;
 //! 3. stop (the VM's vCPUs pause): the VMM's view of config space is captured (see
-//!    [`vm::ConfigView`]), source →STOP_COPY, read until the empty read, final RAM sync;
+//!    [`vm::ConfigView`]) — only now, so the destination gets the values the guest last
+//!    wrote — then source →STOP_COPY, read until the empty read, final RAM sync;
 //! 4. non-iterable state: PCI config (the view captured at the stop) and interrupt setup
-//!    restored on the destination after the data — before it, from the running source, when
-//!    the device advertises config-before-data — with SET_IRQS sent while the destination is
-//!    still RESUMING (vfud defers them);
+//!    restored on the destination while it is RESUMING, with SET_IRQS sent before RUNNING
+//!    (vfud validates them at once and applies them at RUNNING). Without config-before-data
+//!    the device data was written as it was read and config follows it; with it, the driver
+//!    holds the device data (pre-copy rounds included) until the stop, then writes config
+//!    first and the data after — the price is that all of it crosses inside the downtime;
 //! 5. destination →RUNNING, source →STOP.
 //!
 //! Any failure returns the source to RUNNING with its state and resets the destination; when
@@ -276,14 +279,9 @@ fn run(
     // Setup (QEMU's load_setup / save_setup).
     dch.set_state(&mut dst.client, MigState::Resuming)
         .step("destination to RESUMING")?;
-    if config_first {
-        // Before any device data, so from the running source. vfud's server refuses config
-        // written after the data for such a device; carrying changes the guest makes during
-        // pre-copy in this order would mean holding the pre-copy data back until the stop.
-        let early = vm::ConfigView::capture(&mut src.client).step("capture config")?;
-        early.restore(&mut dst.client).step("config before data")?;
-        dst.config = Some(early);
-    }
+    // A config-before-data device gets its config (final only at the stop) before any of its
+    // data: hold the data until then.
+    let mut held: Option<Vec<Vec<u8>>> = config_first.then(Vec::new);
     let ram = vm::RamSync::start(src, dst)?;
     p.ram_bytes = ram.copied;
     // `max_rounds: 0` asks for plain stop-and-copy.
@@ -295,7 +293,7 @@ fn run(
         report.precopy_info = true;
         loop {
             hooks.tick(src);
-            let n = pump(&ch, &dch, src, dst, chunk, &mut fault)?;
+            let n = pump(&ch, &dch, src, dst, chunk, &mut fault, held.as_mut())?;
             p.device_bytes += n;
             p.ram_bytes += ram.sync(src, dst)?;
             p.round += 1;
@@ -328,7 +326,7 @@ fn run(
         .step("source to STOP_COPY")?;
     let mut stop_bytes = 0;
     loop {
-        let n = pump(&ch, &dch, src, dst, chunk, &mut fault)?;
+        let n = pump(&ch, &dch, src, dst, chunk, &mut fault, held.as_mut())?;
         if n == 0 {
             break;
         }
@@ -340,9 +338,11 @@ fn run(
     // Non-iterable state: config (unless sent first) and interrupts, while RESUMING.
     p.phase = "restore";
     hooks.progress(&p);
-    if !config_first {
-        config.restore(&mut dst.client).step("restore config")?;
-        dst.config = Some(config);
+    config.restore(&mut dst.client).step("restore config")?;
+    dst.config = Some(config);
+    for data in held.take().unwrap_or_default() {
+        dch.write(&mut dst.client, &data)
+            .step("write migration data after config")?;
     }
     report.padded_mig_data = src.client.saw_padded_mig_data();
     dst.irqs = src.irqs.try_clone().map_err(MigrateError::Ram)?;
@@ -376,6 +376,7 @@ fn pump(
     dst: &mut Endpoint,
     chunk: u32,
     fault: &mut Fault,
+    mut held: Option<&mut Vec<Vec<u8>>>,
 ) -> Result<u64, MigrateError> {
     let mut total = 0u64;
     loop {
@@ -392,10 +393,15 @@ fn pump(
             }
         }
         fault.offset += data.len() as u64;
-        dch.write(&mut dst.client, &data)
-            .step("write migration data")?;
-        total += data.len() as u64;
-        if data.len() < chunk as usize && ch.kind == ChannelKind::V2 {
+        let n = data.len();
+        match held.as_deref_mut() {
+            Some(h) => h.push(data),
+            None => dch
+                .write(&mut dst.client, &data)
+                .step("write migration data")?,
+        }
+        total += n as u64;
+        if n < chunk as usize && ch.kind == ChannelKind::V2 {
             // A short read means nothing more for now (spec "VFIO_USER_MIG_DATA_READ").
             return Ok(total);
         }
