@@ -72,6 +72,9 @@ pub struct DeviceServer {
     pub(crate) negotiated: Option<Negotiated>,
     pub(crate) work: bool,
     socket_dma_warned: bool,
+    /// A large reply buffer handed back after sending, reused by the next MIG_DATA_READ so
+    /// megabyte replies do not allocate (and fault in) fresh pages every time.
+    spare: Vec<u8>,
 }
 
 impl DeviceServer {
@@ -93,6 +96,7 @@ impl DeviceServer {
             negotiated: None,
             work: false,
             socket_dma_warned: false,
+            spare: Vec::new(),
         })
     }
 
@@ -222,6 +226,13 @@ impl DeviceServer {
                 msg_id = frame.header.msg_id,
                 "unexpected reply from client dropped"
             );
+        }
+    }
+
+    /// Give back a sent reply's buffer for reuse (only large ones are kept).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() >= 64 * 1024 && buf.capacity() > self.spare.capacity() {
+            self.spare = buf;
         }
     }
 
@@ -391,7 +402,9 @@ impl DeviceServer {
                 }
                 // The reply is built in place: header, then the stream bytes appended to it.
                 let max = (m.size as usize).min(self.limits().max_data_xfer_size as usize);
-                let mut p = Vec::with_capacity(8 + max);
+                let mut p = std::mem::take(&mut self.spare);
+                p.clear();
+                p.reserve(8 + max);
                 p.resize(8, 0);
                 let (mig, mut parts) = self.parts();
                 let n = mig.read_stream_into(&mut p, max, &mut parts)?;

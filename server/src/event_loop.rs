@@ -414,7 +414,11 @@ impl Loop {
         };
         let sent = match result {
             Ok(_) if no_reply => Ok(()),
-            Ok(reply) => c.reply(&h, &reply),
+            Ok(reply) => {
+                let sent = c.reply(&h, &reply);
+                self.server.recycle(reply.payload);
+                sent
+            }
             Err(e) => {
                 let why = crate::error::chain(&e);
                 tracing::debug!(msg_id = h.msg_id, cmd = h.cmd, errno = ?e.errno(), "request failed: {why}");

@@ -70,6 +70,22 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// Append `n` bytes at `offset` to `out` (no zero-fill of the destination first: the
+    /// migration saver streams device memory this way).
+    pub fn append_to(&self, offset: u64, n: usize, out: &mut Vec<u8>) -> Result<(), DeviceError> {
+        let off = self.check(offset, n)?;
+        out.reserve(n);
+        let len = out.len();
+        // SAFETY: `check` proved the source range lies inside the mapping; `reserve` made
+        // room for `n` more bytes in `out`, which is a distinct allocation. `set_len` covers
+        // exactly the bytes just copied in.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), out.as_mut_ptr().add(len), n);
+            out.set_len(len + n);
+        }
+        Ok(())
+    }
+
     /// Copy `data` in at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let off = self.check(offset, data.len())?;

@@ -208,7 +208,9 @@ impl MigrationSession {
                     state_version: parts.migratable()?.save()?.version,
                     model: self.model.to_string(),
                 };
-                self.saver = Some(Saver::new(&header, parts.function.bars()));
+                // From STOP nothing can change while saving: no pages to remember.
+                let track = from == Running;
+                self.saver = Some(Saver::new(&header, parts.function.bars(), track));
             }
             (PreCopy, Running) | (StopCopy, Stop) => self.saver = None,
             (PreCopy, StopCopy) | (Running, Stop) => parts.migratable()?.quiesce(),
@@ -337,6 +339,10 @@ impl MigrationSession {
         let r = self.apply_restore(&mut loader, parts);
         if r.is_err() {
             loader.rollback(parts.function.bars());
+        } else {
+            // The loader holds the BARs' previous contents (up to their size): freeing that
+            // is slow (unmapping every page) and has nothing to do with the downtime.
+            std::thread::spawn(move || drop(loader));
         }
         r
     }
