@@ -5,6 +5,7 @@ mod guest;
 mod migrate_cmd;
 mod probe;
 mod qemu;
+mod supervise;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,9 @@ enum Cmd {
     /// Boot a Linux guest in QEMU with these devices, load a kernel module (built from source
     /// or prebuilt), run a test script in the guest and exit with its status.
     Guest(guest::GuestArgs),
+    /// Internal: one supervised device process (started by `serve --supervise`).
+    #[command(hide = true)]
+    DeviceProcess(supervise::DeviceProcessArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +70,8 @@ struct ServeArgs {
     /// Octal permissions for the socket files (e.g. 660).
     #[arg(long, value_parser = parse_octal)]
     socket_mode: Option<u32>,
+    #[command(flatten)]
+    supervise: supervise::SuperviseArgs,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -114,6 +120,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let shutdown = ShutdownHandle::new();
     install_signal_thread(shutdown.clone())?;
+    if args.supervise.supervise {
+        let (ctl, mode) = (args.control.as_deref(), args.socket_mode);
+        return supervise::run(&args.supervise, &args.devices, &args.sockets, ctl, mode, &shutdown);
+    }
     let mut threads = Vec::new();
     for (i, spec) in args.devices.iter().enumerate() {
         let device = vfud_devices::create(spec).map_err(anyhow::Error::msg)?;
@@ -189,6 +199,7 @@ fn main() -> ExitCode {
         Cmd::Migrate(a) => migrate_cmd::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Guest(a) => guest::run(&a),
+        Cmd::DeviceProcess(a) => supervise::device_process(&a),
         Cmd::Devices => {
             for m in vfud_devices::MODELS {
                 println!("{:<12} {}", m.name, m.help);

@@ -23,6 +23,7 @@ pub mod irq;
 pub mod migration;
 pub mod mmap;
 pub mod pci;
+pub mod supervisor;
 pub mod testing;
 
 pub use device::{
