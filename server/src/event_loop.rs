@@ -417,6 +417,7 @@ impl Loop {
         if snapshot && result.is_ok() {
             self.checkpoint_now();
         }
+        self.journal_handled();
         let Some(c) = self.client.as_ref() else {
             return Ok(());
         };

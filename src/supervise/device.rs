@@ -33,6 +33,8 @@ pub struct Status {
     pub restarts: u32,
     /// Crash policy.
     pub policy: Option<Policy>,
+    /// Snapshots received (session + checkpoint), all device processes together.
+    pub snapshots: u64,
     /// The last crash.
     pub last_crash: Option<Crash>,
 }
@@ -264,6 +266,7 @@ impl Supervisor {
             Ok((info, stream)) => (info, f.payload.len() - stream.len()),
             Err(e) => return tracing::warn!(device = self.spec, "bad snapshot: {e}"),
         };
+        self.set_status(|s| s.snapshots += 1);
         self.snapshot = Some(Snapshot {
             info: stream_at.0,
             payload: f.payload,

@@ -56,6 +56,8 @@ pub struct Journal {
     end: u64,
     /// Length of the frame in hand.
     frame_len: u64,
+    /// A frame was taken and not yet marked handled.
+    in_hand: bool,
     frames: u64,
 }
 
@@ -78,6 +80,7 @@ impl Journal {
             base: 0,
             end: u64::MAX,
             frame_len: 0,
+            in_hand: false,
             frames: 0,
         }
     }
@@ -160,15 +163,18 @@ impl Journal {
             );
         }
         self.frame_len = len;
+        self.in_hand = true;
         self.put(OFF_CURSOR, ((start - self.base) << 1) | 1);
     }
 
-    /// The frame in hand was handled (and answered).
+    /// The frame in hand was handled (called again for the same frame, nothing changes).
     pub(crate) fn handled(&mut self, reader: &FrameReader) {
-        let done = reader.stream_offset().saturating_sub(self.base);
-        self.put(OFF_CURSOR, done << 1);
-        self.frames += 1;
-        self.put(OFF_FRAMES, self.frames);
+        if std::mem::take(&mut self.in_hand) {
+            let done = reader.stream_offset().saturating_sub(self.base);
+            self.put(OFF_CURSOR, done << 1);
+            self.frames += 1;
+            self.put(OFF_FRAMES, self.frames);
+        }
     }
 
     /// The reader returned no frame: record the start of a frame still arriving.

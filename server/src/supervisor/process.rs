@@ -106,9 +106,10 @@ fn rerunnable(cmd: u16, payload: &[u8]) -> bool {
     }
 }
 
+/// A REGION_WRITE to config space (`RegionAccess`: offset u64, then the region index).
 fn is_config_write(payload: &[u8]) -> bool {
     payload
-        .get(..4)
+        .get(8..12)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .is_some_and(|b| u32::from_le_bytes(b) == PCI_CONFIG_REGION_INDEX)
 }
@@ -314,7 +315,10 @@ impl Loop {
         }
     }
 
-    /// The frame in hand was handled.
+    /// The frame in hand was handled and its reply is about to be sent (or it needs none).
+    /// Marked *before* the reply goes out: a crash between the two then costs the client
+    /// that one reply (QEMU times the request out), where marking after would risk a second
+    /// reply, which QEMU cannot tell from a reply to its next request. Idempotent.
     pub(crate) fn journal_handled(&mut self) {
         if let (Some(s), Some(c)) = (&mut self.sup, &self.client) {
             s.journal.handled(c.reader());
@@ -339,5 +343,33 @@ impl Loop {
         if let Some(s) = &mut self.sup {
             s.journal.new_stream();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfud_protocol::messages::region::RegionAccess;
+    use zerocopy::IntoBytes;
+
+    fn write(region: u32) -> (Header, Vec<u8>) {
+        let a = RegionAccess {
+            offset: 4,
+            region,
+            count: 2,
+        };
+        let mut p = a.as_bytes().to_vec();
+        p.extend_from_slice(&[6, 0]);
+        (Header::command(1, Command::RegionWrite, p.len(), false), p)
+    }
+
+    #[test]
+    fn config_writes_change_the_session_and_bar_writes_do_not() {
+        let (h, p) = write(PCI_CONFIG_REGION_INDEX);
+        assert!(changes_session(&h, &p) && rerunnable(h.cmd, &p));
+        let (h, p) = write(0);
+        assert!(!changes_session(&h, &p) && !rerunnable(h.cmd, &p));
+        assert!(rerunnable(Command::RegionRead as u16, &[]));
+        assert!(!rerunnable(Command::DmaMap as u16, &[]));
     }
 }
