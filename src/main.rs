@@ -122,7 +122,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     install_signal_thread(shutdown.clone())?;
     if args.supervise.supervise {
         let (ctl, mode) = (args.control.as_deref(), args.socket_mode);
-        return supervise::run(&args.supervise, &args.devices, &args.sockets, ctl, mode, &shutdown);
+        return supervise::run(
+            &args.supervise,
+            &args.devices,
+            &args.sockets,
+            ctl,
+            mode,
+            &shutdown,
+        );
     }
     let mut threads = Vec::new();
     for (i, spec) in args.devices.iter().enumerate() {

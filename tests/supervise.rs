@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use serde_json::Value;
 use vfud_devices::dma_engine::{
     reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, STATUS_BUSY, STATUS_DONE,
 };
-use nix::errno::Errno;
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::{Client, Command, Header, ProtocolError};
 use vfud_server::handover::{self as ho, kind, ControlCommand};
@@ -197,7 +197,10 @@ fn reset_policy_shows_a_reset_device_never_a_hang() {
     assert_eq!(status & (STATUS_BUSY | STATUS_DONE), 0);
     assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 0);
     assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 0);
-    assert_eq!(c.region_read_u32(0, reg::ID).unwrap(), vfud_devices::dma_engine::ID);
+    assert_eq!(
+        c.region_read_u32(0, reg::ID).unwrap(),
+        vfud_devices::dma_engine::ID
+    );
     // The PCI function is kept: bus mastering still on, and a new job runs.
     let cmd = c.region_read(7, 4, 2).unwrap();
     assert_eq!(cmd[0] & 0x6, 0x6);
@@ -226,13 +229,12 @@ fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served()
     c.region_write_u32(0, reg::PATTERN, 1).unwrap();
     // `restore` goes back to the last checkpoint: let one be taken after that write.
     let before = s.status()["snapshots"].as_u64().unwrap();
-    s.wait_status("a checkpoint", |st| st["snapshots"].as_u64().unwrap() > before);
+    s.wait_status("a checkpoint", |st| {
+        st["snapshots"].as_u64().unwrap() > before
+    });
     // The request the model panics in is answered with an error, not lost: no hang.
     let r = c.region_write_u32(0, CRASH_TEST_REG, CRASH_MAGIC);
-    assert!(
-        matches!(r, Err(ProtocolError::Remote(Errno::EIO))),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
     let st = s.wait_status("restart", |s| s["restarts"] == 1 && s["state"] == "running");
     assert_eq!(st["last_crash"]["how"], "signal 6"); // a panic aborts the process
     assert_eq!(st["last_crash"]["request_in_progress"], true);
@@ -253,7 +255,10 @@ fn a_crash_loop_stops_restarting_and_every_request_gets_an_error() {
     c.set_timeout(Duration::from_secs(10)).unwrap();
     for _ in 0..2 {
         s.kill_device();
-        assert_eq!(c.region_read_u32(0, reg::ID).unwrap(), vfud_devices::dma_engine::ID);
+        assert_eq!(
+            c.region_read_u32(0, reg::ID).unwrap(),
+            vfud_devices::dma_engine::ID
+        );
     }
     let pid = s.device_pid();
     nix::sys::signal::kill(
@@ -266,10 +271,7 @@ fn a_crash_loop_stops_restarting_and_every_request_gets_an_error() {
     assert!(st["device_pid"].is_null());
     for _ in 0..20 {
         let r = c.region_read_u32(0, reg::ID);
-        assert!(
-            matches!(r, Err(ProtocolError::Remote(Errno::EIO))),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
     }
     assert!(c.device_info().is_err());
     // A new client gets the same treatment (a replugged device must not hang either).

@@ -235,7 +235,11 @@ impl Supervisor {
         let b: Vec<BorrowedFd<'_>> = s.fds.iter().map(|f| f.as_fd()).collect();
         ho::send(link.as_fd(), kind::SESSION, &serde_json::to_vec(&info)?, &b)?;
         expect(link, reader, kind::RUNNING)?;
-        tracing::info!(device = self.spec, generation, "device restored in a new process");
+        tracing::info!(
+            device = self.spec,
+            generation,
+            "device restored in a new process"
+        );
         Ok(())
     }
 
@@ -301,7 +305,11 @@ impl Supervisor {
 fn expect(link: &UnixStream, reader: &mut FrameReader, want: u16) -> Result<()> {
     let deadline = Instant::now() + HANDOVER_TIMEOUT;
     loop {
-        let f = ho::recv(link, reader, deadline.saturating_duration_since(Instant::now()))?;
+        let f = ho::recv(
+            link,
+            reader,
+            deadline.saturating_duration_since(Instant::now()),
+        )?;
         match f.header.cmd {
             c if c == want => return Ok(()),
             sv::kind::SNAPSHOT => continue,

@@ -84,6 +84,10 @@ pub fn device_process(a: &DeviceProcessArgs) -> Result<()> {
         tracing::error!("device model panicked: {info}; the process aborts for a restart");
         std::process::abort();
     }));
+    // A supervisor that dies takes its device processes with it: nobody would restart them,
+    // and a client is better off seeing EOF than a server nobody watches.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .context("parent-death signal")?;
     let device = vfud_devices::create(&a.device).map_err(anyhow::Error::msg)?;
     let link = UnixStream::from(
         std::io::stdin()
@@ -129,11 +133,15 @@ pub fn run(
         statuses.push(sup.status());
         let (shutdown, path, spec) = (shutdown.clone(), path.clone(), spec.clone());
         tracing::info!(device = %spec, socket = %path.display(), "listening (supervised)");
-        threads.push(std::thread::Builder::new().name(spec.clone()).spawn(move || {
-            let r = sup.run(&shutdown);
-            let _ = std::fs::remove_file(&path);
-            r.with_context(|| format!("supervising {spec}"))
-        })?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(spec.clone())
+                .spawn(move || {
+                    let r = sup.run(&shutdown);
+                    let _ = std::fs::remove_file(&path);
+                    r.with_context(|| format!("supervising {spec}"))
+                })?,
+        );
     }
     if let (Some(c), Some(st)) = (control, statuses.first()) {
         let l = vfud_server::event_loop::bind_socket(c, mode)

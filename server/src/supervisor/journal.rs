@@ -127,13 +127,16 @@ impl Journal {
         r
     }
 
-    /// Rewrite the data as `parts` (starting at reader offset `base`), nothing handled yet.
-    fn rewrite(&mut self, base: u64, parts: &[&[u8]]) {
+    /// Rewrite the data as `parts` (starting at reader offset `base`) with cursor `cursor`.
+    fn rewrite(&mut self, base: u64, parts: &[&[u8]], cursor: u64) {
         self.put(OFF_LEN, 0);
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total > DATA_CAP {
             // Cannot happen within the negotiated limits; say what a crash now would lose.
-            tracing::warn!(total, "request journal overflow: a crash now loses these bytes");
+            tracing::warn!(
+                total,
+                "request journal overflow: a crash now loses these bytes"
+            );
             self.end = u64::MAX;
             return;
         }
@@ -143,7 +146,7 @@ impl Journal {
             at += p.len() as u64;
         }
         compiler_fence(Ordering::SeqCst);
-        self.put(OFF_CURSOR, 0);
+        self.put(OFF_CURSOR, cursor);
         self.put(OFF_LEN, total as u64);
         self.base = base;
         self.end = base + total as u64;
@@ -155,16 +158,16 @@ impl Journal {
         let after = reader.stream_offset();
         let pending = reader.pending();
         let start = after.saturating_sub(len);
-        if after + pending.len() as u64 != self.end {
-            // New bytes were received since the last record: this frame and what follows.
-            self.rewrite(
-                start,
-                &[frame.header.as_wire_bytes(), &frame.payload, pending],
-            );
-        }
         self.frame_len = len;
         self.in_hand = true;
-        self.put(OFF_CURSOR, ((start - self.base) << 1) | 1);
+        if after + pending.len() as u64 != self.end {
+            // New bytes were received since the last record: this frame (busy, at the start)
+            // and what follows.
+            let parts = [frame.header.as_wire_bytes(), &frame.payload, pending];
+            self.rewrite(start, &parts, 1);
+        } else {
+            self.put(OFF_CURSOR, ((start - self.base) << 1) | 1);
+        }
     }
 
     /// The frame in hand was handled (called again for the same frame, nothing changes).
@@ -182,7 +185,7 @@ impl Journal {
         let pending = reader.pending();
         let at = reader.stream_offset();
         if at + pending.len() as u64 != self.end {
-            self.rewrite(at, &[pending]);
+            self.rewrite(at, &[pending], 0);
         }
     }
 

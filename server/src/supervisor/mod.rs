@@ -116,7 +116,10 @@ mod tests {
         };
         let p = encode_snapshot(&info, b"stream").unwrap();
         let (i, s) = decode_snapshot(&p).unwrap();
-        assert_eq!((i.model.as_str(), i.client, s), ("dma-engine", Some(0), &b"stream"[..]));
+        assert_eq!(
+            (i.model.as_str(), i.client, s),
+            ("dma-engine", Some(0), &b"stream"[..])
+        );
         assert!(decode_snapshot(&p[..6]).is_err());
         assert!("sometimes".parse::<Policy>().is_err());
     }

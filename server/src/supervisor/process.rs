@@ -66,7 +66,11 @@ pub fn serve_device_process(
             .ok_or_else(|| io::Error::other(format!("supervisor fd {i} missing")))
     };
     let journal = Journal::open(take(sup.journal)?).map_err(|e| io::Error::other(chain(&e)))?;
-    let listener = sup.listener.map(&mut take).transpose()?.map(UnixListener::from);
+    let listener = sup
+        .listener
+        .map(&mut take)
+        .transpose()?
+        .map(UnixListener::from);
     // Read before this process writes anything: the dead process's last words.
     let recovered = (sup.generation > 0).then(|| journal.recover());
     tracing::info!(generation = sup.generation, policy = ?sup.policy, "device process started");
@@ -240,7 +244,9 @@ impl Loop {
                 s.last = Instant::now();
             }
             Err(e) => {
-                tracing::error!("cannot reach the supervisor ({e}): this device will not survive a crash");
+                tracing::error!(
+                    "cannot reach the supervisor ({e}): this device will not survive a crash"
+                );
                 s.broken = true;
             }
         }
@@ -295,11 +301,19 @@ impl Loop {
         match h.kind() {
             Ok(MessageKind::Command { no_reply }) if !rerunnable(h.cmd, &frame.payload) => {
                 if no_reply {
-                    tracing::warn!(device = name, msg_id = h.msg_id, cmd = h.cmd,
-                        "the posted request the old process died in is dropped");
+                    tracing::warn!(
+                        device = name,
+                        msg_id = h.msg_id,
+                        cmd = h.cmd,
+                        "the posted request the old process died in is dropped"
+                    );
                 } else {
-                    tracing::warn!(device = name, msg_id = h.msg_id, cmd = h.cmd,
-                        "the request the old process died in is answered with EIO");
+                    tracing::warn!(
+                        device = name,
+                        msg_id = h.msg_id,
+                        cmd = h.cmd,
+                        "the request the old process died in is answered with EIO"
+                    );
                     if let Err(e) = c.error(&h, Errno::EIO) {
                         tracing::warn!("error reply: {e}");
                     }
@@ -308,8 +322,12 @@ impl Loop {
                 None
             }
             _ => {
-                tracing::info!(device = name, msg_id = h.msg_id, cmd = h.cmd,
-                    "re-running the request the old process died in");
+                tracing::info!(
+                    device = name,
+                    msg_id = h.msg_id,
+                    cmd = h.cmd,
+                    "re-running the request the old process died in"
+                );
                 Some(frame)
             }
         }
