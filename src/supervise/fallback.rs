@@ -83,6 +83,12 @@ pub(super) fn answer_errors(
             Err(e) => return Err(e.into()),
         }
         while let Ok((s, _)) = listener.accept() {
+            // The old client may have gone without this loop noticing yet.
+            if let Some(c) = &mut client {
+                if !c.drain(&mut answered) {
+                    client = None;
+                }
+            }
             if client.is_some() {
                 tracing::warn!("failed device: refusing a second client");
                 continue;
