@@ -151,23 +151,21 @@ pub fn run(
             .name("status".into())
             .spawn(move || serve_status(&l, &st))?;
     }
-    let mut first_err = None;
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!("{e:#}");
-                first_err.get_or_insert(e);
-            }
-            Err(_) => {
-                first_err.get_or_insert(anyhow::anyhow!("a supervisor thread panicked"));
-            }
-        }
-    }
+    let results: Vec<Result<()>> = threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a supervisor thread panicked")))
+        })
+        .collect();
     if let Some(c) = control {
         let _ = std::fs::remove_file(c);
     }
-    first_err.map_or(Ok(()), Err)
+    // Every device's error is logged; the first one is the exit status.
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        tracing::error!("{e:#}");
+    }
+    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
 }
 
 /// The supervisor's control socket: `status` reports the supervision state (device
