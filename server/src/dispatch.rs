@@ -186,7 +186,10 @@ impl DeviceServer {
     }
 
     /// Call `f` with the device and a context over guest memory, interrupts and BAR memory.
-    fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn Device, &mut DeviceCtx<'_>) -> R) -> R {
+    pub(crate) fn with_device<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Device, &mut DeviceCtx<'_>) -> R,
+    ) -> R {
         let Self {
             device,
             function,

@@ -33,6 +33,22 @@ impl SharedMemory {
         Ok(Self { file, map, len })
     }
 
+    /// Map `len` bytes of an existing memfd (one another process created and passed on).
+    pub fn from_fd(fd: OwnedFd, len: usize) -> Result<Self, DeviceError> {
+        let file = File::from(fd);
+        let have = file
+            .metadata()
+            .map_err(|e| DeviceError::Other(format!("memfd size: {e}")))?
+            .len();
+        if have < len as u64 {
+            return Err(DeviceError::Other(format!(
+                "shared memory of {have} bytes, {len} needed"
+            )));
+        }
+        let map = MmapRaw::map_raw(&file).map_err(|e| DeviceError::Other(format!("mmap: {e}")))?;
+        Ok(Self { file, map, len })
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> usize {
         self.len
