@@ -259,6 +259,23 @@ impl MigrationSession {
         Ok(v)
     }
 
+    /// The MIG_DATA_READ reply built in place in `buf` (a reused buffer): the
+    /// `struct vfio_user_mig_data` header (argsz, size), then up to `max` stream bytes.
+    pub fn mig_data_reply(
+        &mut self,
+        mut buf: Vec<u8>,
+        max: usize,
+        parts: &mut Parts<'_>,
+    ) -> Result<Vec<u8>, RequestError> {
+        buf.clear();
+        buf.reserve(8 + max);
+        buf.resize(8, 0);
+        let n = self.read_stream_into(&mut buf, max, parts)?;
+        buf[..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
+        buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+        Ok(buf)
+    }
+
     /// Append up to `max` bytes of the outgoing stream to `dst`; returns how many.
     pub fn read_stream_into(
         &mut self,
