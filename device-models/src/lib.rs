@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod dma_engine;
+pub mod nvme;
 pub mod uart16550;
 
 use vfud_server::Device;
@@ -74,6 +75,39 @@ pub const MODELS: &[Model] = &[
                 Some("off") => engine.without_msix(),
                 Some(v) => return Err(format!("option msix={v}: give on or off")),
             }))
+        },
+    },
+    Model {
+        name: "nvme",
+        help: "NVMe 1.4 controller, one namespace on a file, bound by Linux's stock nvme driver",
+        options: &[
+            (
+                "backing",
+                "namespace file, created sparse if missing (default: an anonymous memfd)",
+            ),
+            (
+                "size",
+                "namespace bytes; grows a smaller file (default: the file's size, or 64 MiB)",
+            ),
+            ("queues", "I/O queue pairs, 1-127 (default 4)"),
+            (
+                "shadow",
+                "on or off (default on): offer Doorbell Buffer Config (shadow doorbells)",
+            ),
+        ],
+        create: |o| {
+            let shadow = match o.get("shadow") {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(v) => return Err(format!("option shadow={v}: give on or off")),
+            };
+            let dev = nvme::Nvme::from_options(
+                o.get("backing").map(Into::into),
+                o.number("size")?,
+                o.number("queues")?,
+                shadow,
+            )?;
+            Ok(Box::new(dev))
         },
     },
     Model {
