@@ -37,6 +37,26 @@ impl<'a> Options<'a> {
     }
 }
 
+impl Options<'_> {
+    /// The value of `key` as a byte count: a number with an optional binary suffix
+    /// (`K`, `M`, `G`, `T`: 1024-based), e.g. `64M`.
+    pub fn bytes(&self, key: &str) -> Result<Option<u64>, String> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let (num, shift) = match v.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&v[..i], 10),
+            Some((i, 'M' | 'm')) => (&v[..i], 20),
+            Some((i, 'G' | 'g')) => (&v[..i], 30),
+            Some((i, 'T' | 't')) => (&v[..i], 40),
+            _ => (v, 0),
+        };
+        let bad = || format!("option {key}={v} is not a size (e.g. 4096, 64M, 1G)");
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        n.checked_mul(1 << shift).map(Some).ok_or_else(bad)
+    }
+}
+
 /// One device model in the registry.
 pub struct Model {
     /// Name given to `--device`.
@@ -103,7 +123,7 @@ pub const MODELS: &[Model] = &[
             };
             let dev = nvme::Nvme::from_options(
                 o.get("backing").map(Into::into),
-                o.number("size")?,
+                o.bytes("size")?,
                 o.number("queues")?,
                 shadow,
             )?;
@@ -175,6 +195,15 @@ mod tests {
         assert_eq!(off.irqs.msi_vectors, on.irqs.msi_vectors);
     }
 
+    #[test]
+    fn nvme_size_takes_binary_suffixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ns.img");
+        let spec = format!("nvme,backing={},size=3M,queues=2", f.display());
+        create(&spec).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 3 << 20);
+    }
+
     fn refusal(spec: &str) -> String {
         create(spec)
             .err()
@@ -188,5 +217,8 @@ mod tests {
         assert!(refusal("dma-engine,slice").contains("key=value"));
         assert!(refusal("dma-engine,slice=lots").contains("not a number"));
         assert!(refusal("dma-engine,msix=maybe").contains("on or off"));
+        assert!(refusal("nvme,size=12Q").contains("not a size"));
+        assert!(refusal("nvme,queues=0").contains("1 to 127"));
+        assert!(refusal("nvme,shadow=maybe").contains("on or off"));
     }
 }
