@@ -105,7 +105,10 @@ impl Guest {
     /// Wait until the console shows `needle`.
     fn wait_for(&self, needle: &str, deadline: Instant) {
         while !self.text().contains(needle) {
-            assert!(Instant::now() < deadline, "the guest never printed {needle:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the guest never printed {needle:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -181,7 +184,11 @@ ok "io_errors=$(io_errors) md5=$(md5_dev)"
     let guest = Guest::start(&d, &backing, script, None);
     let (text, success) = guest.finish(Instant::now() + RUN_TIMEOUT);
     let v = guest_values(&text);
-    let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k} from the guest"));
+    let get = |k: &str| {
+        v.get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {k} from the guest"))
+    };
     assert_eq!(get("driver"), "nvme");
     assert_eq!(get("sectors"), (SIZE_MIB << 20 >> 9).to_string());
     // Admin queue + one I/O queue per vCPU, each on its own MSI-X vector, both I/O queues used.
@@ -199,36 +206,13 @@ ok "io_errors=$(io_errors) md5=$(md5_dev)"
     assert_eq!(&img[0x438..0x43a], &[0x53, 0xef], "ext4 magic");
 }
 
-/// `vfud serve --device nvme,… --incoming CTL`, killed on drop.
-struct Incoming(Child);
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn incoming(backing: &Path, ctl: &Path) -> Incoming {
-    let child = common::serve_command()
-        .arg("--device")
-        .arg(device_spec(backing))
-        .arg("--incoming")
-        .arg(ctl)
-        .spawn()
-        .expect("spawn vfud serve --incoming");
-    assert!(
-        common::wait_for_path(ctl, Duration::from_secs(10)),
-        "no {}",
-        ctl.display()
-    );
-    Incoming(child)
-}
-
 #[test]
 fn two_handovers_during_fio_verify() {
     let (_keep, d, backing) = scratch();
-    let ctl: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| d.join(format!("{n}.ctl"))).collect();
+    let ctl: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|n| d.join(format!("{n}.ctl")))
+        .collect();
     let script = r#"
 ok looping=1
 end=$(( $(date +%s) + 14 ))
@@ -248,30 +232,29 @@ ok "jobs=$n bad=$bad io_errors=$(io_errors) md5=$(md5_dev)"
     let mut procs = Vec::new();
     for i in 0..2 {
         guest.wait_for(&format!("progress={}", 2 + 3 * i), deadline);
-        procs.push(incoming(&backing, &ctl[i + 1]));
-        let out = Command::new(common::vfud_bin())
-            .args(["migrate", "--handover", "--json", "--from"])
-            .arg(&ctl[i])
-            .arg("--to")
-            .arg(&ctl[i + 1])
-            .stdin(Stdio::null())
-            .output()
-            .expect("vfud migrate --handover");
-        assert!(
-            out.status.success(),
-            "handover {i} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        procs.push(common::serve_incoming(&device_spec(&backing), &ctl[i + 1]));
+        common::handover(&ctl[i], &ctl[i + 1]);
         eprintln!("[test] handover {i} done");
     }
     let (text, success) = guest.finish(deadline);
     let v = guest_values(&text);
-    let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k} from the guest"));
+    let get = |k: &str| {
+        v.get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {k} from the guest"))
+    };
     let jobs: u32 = get("jobs").parse().expect("jobs");
     assert!(jobs >= 6, "fio jobs ran across both handovers ({jobs})");
     assert_eq!(get("bad"), "0", "every fio verify job passed");
-    assert_eq!(get("io_errors"), "0", "no I/O error in the guest's kernel log");
+    assert_eq!(
+        get("io_errors"),
+        "0",
+        "no I/O error in the guest's kernel log"
+    );
     assert!(success, "vfud guest failed");
-    assert_eq!(host_md5(&backing), get("md5"), "the backing file holds what the guest wrote");
+    assert_eq!(
+        host_md5(&backing),
+        get("md5"),
+        "the backing file holds what the guest wrote"
+    );
 }

@@ -22,6 +22,18 @@ mod fid {
     pub const INTERRUPT_VECTOR_CONFIG: u8 = 0x09;
     pub const WRITE_ATOMICITY: u8 = 0x0a;
     pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
+    /// Features whose value is accepted and remembered (Get returns what Set stored).
+    pub const KEPT: &[u8] = &[
+        ARBITRATION,
+        POWER_MANAGEMENT,
+        TEMPERATURE_THRESHOLD,
+        ERROR_RECOVERY,
+        VOLATILE_WRITE_CACHE,
+        INTERRUPT_COALESCING,
+        INTERRUPT_VECTOR_CONFIG,
+        WRITE_ATOMICITY,
+        ASYNC_EVENT_CONFIG,
+    ];
 }
 
 /// Most Asynchronous Event Requests held at once (AERL + 1).
@@ -126,15 +138,7 @@ pub fn exec(
                     let n = u32::from(a.io_queues() - 1);
                     ok(n | n << 16)
                 }
-                fid::ARBITRATION
-                | fid::POWER_MANAGEMENT
-                | fid::TEMPERATURE_THRESHOLD
-                | fid::ERROR_RECOVERY
-                | fid::VOLATILE_WRITE_CACHE
-                | fid::INTERRUPT_COALESCING
-                | fid::INTERRUPT_VECTOR_CONFIG
-                | fid::WRITE_ATOMICITY
-                | fid::ASYNC_EVENT_CONFIG => ok(a.ctrl.feature(f)),
+                f if fid::KEPT.contains(&f) => ok(a.ctrl.feature(f)),
                 _ => Err(fail(status::INVALID_FIELD)),
             }
         }
@@ -239,15 +243,7 @@ fn set_features(cmd: &Command, a: &mut AdminCtx<'_>) -> Result<Outcome, Stop> {
             let n = u32::from(a.io_queues() - 1);
             ok(n | n << 16)
         }
-        fid::ARBITRATION
-        | fid::POWER_MANAGEMENT
-        | fid::TEMPERATURE_THRESHOLD
-        | fid::ERROR_RECOVERY
-        | fid::VOLATILE_WRITE_CACHE
-        | fid::INTERRUPT_COALESCING
-        | fid::INTERRUPT_VECTOR_CONFIG
-        | fid::WRITE_ATOMICITY
-        | fid::ASYNC_EVENT_CONFIG => {
+        f if fid::KEPT.contains(&f) => {
             // Accepted and remembered; coalescing and the rest change no behaviour here.
             a.ctrl.set_feature(f, v);
             ok(0)

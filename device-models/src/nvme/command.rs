@@ -200,10 +200,7 @@ pub fn exec_io(
     match op {
         io::READ | io::WRITE => rw(cmd, ns, counters, budget, cx),
         io::WRITE_ZEROES => {
-            let (slba, nlb) = (cmd.sqe.slba(), u64::from(cmd.sqe.cdw(12) & 0xffff) + 1);
-            if !ns.in_range(slba, nlb) {
-                return Err(fail(status::LBA_OUT_OF_RANGE));
-            }
+            let (slba, nlb) = blocks(cmd, ns)?;
             ns.zero(slba, nlb)
                 .map_err(|e| io_error("write zeroes", e))?;
             Ok(Outcome::Done(status::SUCCESS, 0))
@@ -211,6 +208,15 @@ pub fn exec_io(
         io::DSM => dsm(cmd, ns, cx),
         _ => Err(fail(status::INVALID_OPCODE)),
     }
+}
+
+/// Starting LBA and block count (CDW10–12), checked against the namespace.
+fn blocks(cmd: &Command, ns: &Namespace) -> Result<(u64, u64), Stop> {
+    let (slba, nlb) = (cmd.sqe.slba(), u64::from(cmd.sqe.cdw(12) & 0xffff) + 1);
+    if !ns.in_range(slba, nlb) {
+        return Err(fail(status::LBA_OUT_OF_RANGE));
+    }
+    Ok((slba, nlb))
 }
 
 fn rw(
@@ -221,14 +227,12 @@ fn rw(
     cx: &mut DeviceCtx<'_>,
 ) -> Result<Outcome, Stop> {
     let write = cmd.sqe.opcode() == io::WRITE;
-    let (slba, nlb) = (cmd.sqe.slba(), u64::from(cmd.sqe.cdw(12) & 0xffff) + 1);
+    let nlb = u64::from(cmd.sqe.cdw(12) & 0xffff) + 1;
     let len = nlb * LBA_SIZE;
     if len > PAGE << MDTS {
         return Err(fail(status::INVALID_FIELD));
     }
-    if !ns.in_range(slba, nlb) {
-        return Err(fail(status::LBA_OUT_OF_RANGE));
-    }
+    let (slba, _) = blocks(cmd, ns)?;
     let base = slba * LBA_SIZE;
     let mut done = cmd.done;
     let prp = cmd.data(len, cx)?;
