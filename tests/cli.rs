@@ -151,7 +151,10 @@ fn bad_arguments_get_readable_errors_and_every_subcommand_has_help() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         common::model_names(&text),
-        ["dma-engine", "uart16550"],
+        vfud_devices::MODELS
+            .iter()
+            .map(|m| m.name)
+            .collect::<Vec<_>>(),
         "{text}"
     );
     assert!(text.contains("backend=…"), "options are listed: {text}");

@@ -51,6 +51,8 @@ impl JobVm {
     }
 
     fn attach(&self, ep: &mut Endpoint) {
+        // Memory decoding and bus mastering, as the guest's driver enables them.
+        ep.client.region_write(7, 4, &[0x06, 0x00]).unwrap();
         ep.irqs
             .assign(&mut ep.client, IRQ_INDEX_MSIX, 0, &[self.irq.as_fd()])
             .unwrap();
