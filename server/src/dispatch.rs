@@ -68,7 +68,7 @@ pub struct DeviceServer {
     pub(crate) dma: DmaTable,
     pub(crate) socket_dma: SocketDma,
     pub(crate) mig: MigrationSession,
-    offer: ServerOffer,
+    pub(crate) offer: ServerOffer,
     pub(crate) negotiated: Option<Negotiated>,
     pub(crate) work: bool,
     socket_dma_warned: bool,
@@ -295,6 +295,7 @@ impl DeviceServer {
             Request::Version(v) => {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
                 self.dma.set_max_maps(n.max_dma_maps as usize);
+                self.dma.set_max_report(n.max_data_xfer_size as usize);
                 self.socket_dma.set_max_xfer(n.max_data_xfer_size as usize);
                 tracing::info!(device = self.description().name, ?n, "client negotiated");
                 self.negotiated = Some(n);

@@ -70,6 +70,24 @@ pub enum DmaError {
     /// `max_dma_maps` reached.
     #[error("too many DMA mappings (max {0})")]
     TooManyMappings(usize),
+    /// The client shrank the file behind an fd-backed mapping; the mapping now reads as
+    /// zeroes and discards writes (see `dma::sigbus`).
+    #[error("the client truncated the file behind the mapping at IOVA {0:#x}")]
+    Revoked(u64),
+    /// Dirty bitmaps would exceed [`crate::dma::MAX_DIRTY_BITMAP_BYTES`].
+    #[error("dirty logging would need {bytes} bytes of bitmap, above the per-client limit")]
+    BitmapBudget {
+        /// Bytes that would be needed.
+        bytes: usize,
+    },
+    /// A DMA_LOGGING_REPORT bitmap larger than `max_data_xfer_size`.
+    #[error("dirty report of {bytes} bytes exceeds max_data_xfer_size {max}")]
+    ReportTooLarge {
+        /// Bitmap bytes asked for.
+        bytes: u64,
+        /// The negotiated limit.
+        max: usize,
+    },
     /// Socket DMA is under way: the request was sent (or is queued behind the in-flight
     /// limit) and the data is not here yet. The device keeps its progress and returns; it is
     /// run again when the client's reply arrives. Never an error reply to the client.
@@ -87,6 +105,8 @@ impl DmaError {
             DmaError::Protection { .. } => Errno::EPERM,
             DmaError::Pending => Errno::EAGAIN,
             DmaError::LoggingActive => Errno::EBUSY,
+            DmaError::BitmapBudget { .. } => Errno::ENOMEM,
+            DmaError::ReportTooLarge { .. } => Errno::E2BIG,
             DmaError::BadReport(_) | DmaError::LoggingInactive => Errno::EINVAL,
             _ => Errno::EFAULT,
         }

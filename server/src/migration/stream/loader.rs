@@ -8,7 +8,7 @@ use crate::migration::DeviceState;
 pub struct Staged {
     /// Header.
     pub header: Option<StreamHeader>,
-    /// BAR memory writes, in stream order.
+    /// BAR memory writes (the stream's sections merged: later bytes win), by BAR and offset.
     pub memory: Vec<(usize, u64, Vec<u8>)>,
     /// Config image.
     pub config: Option<Vec<u8>>,
@@ -20,10 +20,51 @@ pub struct Staged {
     pub device: Option<DeviceState>,
 }
 
+/// Largest CONFIG section (PCIe extended config space).
+const MAX_CONFIG_LEN: usize = 4096;
+/// Largest MSI-X table image (2048 vectors of 16 bytes).
+const MAX_MSIX_LEN: usize = 2048 * 16;
+/// Largest interrupt-state section.
+const MAX_IRQ_LEN: usize = 64 * 1024;
+
+/// BAR memory as it arrives: one image per BAR, allocated at the BAR's size on its first
+/// section, and the byte ranges the stream covered (merged). However many rounds of dirty
+/// pages a pre-copy sends, staging never holds more than the device's own BAR memory.
+#[derive(Debug, Default)]
+struct BarImage {
+    bytes: Vec<u8>,
+    covered: std::collections::BTreeMap<u64, u64>,
+}
+
+impl BarImage {
+    fn put(&mut self, size: usize, off: u64, data: &[u8]) {
+        if self.bytes.is_empty() {
+            self.bytes = vec![0; size];
+        }
+        let (mut s, mut e) = (off, off + data.len() as u64);
+        self.bytes[s as usize..e as usize].copy_from_slice(data);
+        // Merge with every covered range that touches [s, e).
+        let before = self.covered.range(..s).next_back().filter(|(_, re)| **re >= s);
+        let touching: Vec<(u64, u64)> = before
+            .into_iter()
+            .chain(self.covered.range(s..=e))
+            .map(|(rs, re)| (*rs, *re))
+            .collect();
+        for (rs, re) in touching {
+            self.covered.remove(&rs);
+            s = s.min(rs);
+            e = e.max(re);
+        }
+        self.covered.insert(s, e);
+    }
+}
+
 /// Consumes the stream on the destination, validating as bytes arrive.
 #[derive(Debug)]
 pub struct Loader {
     model: String,
+    bar_sizes: [usize; 6],
+    bars: [BarImage; 6],
     buf: Vec<u8>,
     consumed: u64,
     staged: Staged,
@@ -32,16 +73,26 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// A loader for device model `model`.
+    /// A loader for device model `model` whose device has no BAR memory (see
+    /// [`Loader::with_bar_sizes`]).
     pub fn new(model: &str) -> Self {
         Self {
             model: model.to_string(),
+            bar_sizes: [0; 6],
+            bars: Default::default(),
             buf: Vec::new(),
             consumed: 0,
             staged: Staged::default(),
             ended: false,
             poisoned: None,
         }
+    }
+
+    /// The sizes of the device's own BAR memory (0 = none): BAR_MEMORY sections must fall
+    /// inside them, and they bound what staging holds.
+    pub fn with_bar_sizes(mut self, sizes: [usize; 6]) -> Self {
+        self.bar_sizes = sizes;
+        self
     }
 
     /// Feed bytes; complete sections are checked and staged. After an error every later
@@ -120,14 +171,21 @@ impl Loader {
                 if p.len() < 16 || usize::from(p[0]) >= 6 {
                     return Err(StreamError::Malformed("BAR memory"));
                 }
+                let bar = usize::from(p[0]);
                 let off = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
-                self.staged
-                    .memory
-                    .push((usize::from(p[0]), off, p[16..].to_vec()));
+                let size = self.bar_sizes[bar];
+                let data = &p[16..];
+                if !matches!(off.checked_add(data.len() as u64), Some(e) if e <= size as u64) {
+                    return Err(StreamError::Malformed("BAR memory outside the BAR"));
+                }
+                self.bars[bar].put(size, off, data);
             }
-            kind::CONFIG => self.staged.config = Some(p),
-            kind::IRQ_STATE => self.staged.irq = Some(p),
-            kind::MSIX_TABLE => self.staged.msix = Some(p),
+            kind::CONFIG if p.len() <= MAX_CONFIG_LEN => self.staged.config = Some(p),
+            kind::IRQ_STATE if p.len() <= MAX_IRQ_LEN => self.staged.irq = Some(p),
+            kind::MSIX_TABLE if p.len() <= MAX_MSIX_LEN => self.staged.msix = Some(p),
+            kind::CONFIG | kind::IRQ_STATE | kind::MSIX_TABLE => {
+                return Err(StreamError::SectionTooLarge(p.len() as u64))
+            }
             kind::DEVICE_STATE => {
                 if p.len() < 2 {
                     return Err(StreamError::Malformed("device state"));
@@ -144,7 +202,8 @@ impl Loader {
     }
 
     /// The staged state, only if the stream was complete and valid.
-    pub fn finish(self) -> Result<Staged, StreamError> {
+    /// BAR memory comes out as one write per covered range, in BAR and offset order.
+    pub fn finish(mut self) -> Result<Staged, StreamError> {
         if let Some(p) = self.poisoned {
             return Err(StreamError::Poisoned(p));
         }
@@ -153,6 +212,13 @@ impl Loader {
         }
         if self.staged.device.is_none() || self.staged.config.is_none() {
             return Err(StreamError::Truncated("device state or config missing"));
+        }
+        for (bar, img) in self.bars.iter_mut().enumerate() {
+            let bytes = std::mem::take(&mut img.bytes);
+            for (s, e) in &img.covered {
+                let data = bytes[*s as usize..*e as usize].to_vec();
+                self.staged.memory.push((bar, *s, data));
+            }
         }
         Ok(self.staged)
     }

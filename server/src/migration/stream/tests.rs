@@ -9,6 +9,8 @@ fn bars() -> [Option<SharedMemory>; 6] {
     b
 }
 
+const SIZES: [usize; 6] = [0, 0, 64 * 1024, 0, 0, 0];
+
 fn header() -> StreamHeader {
     StreamHeader {
         ordering: 2,
@@ -48,7 +50,7 @@ fn stream_round_trips_and_stages_memory() {
     let b = bars();
     b[2].as_ref().unwrap().write(100, b"payload").unwrap();
     let s = whole_stream(&b);
-    let mut l = Loader::new("dma-engine");
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
     for c in s.chunks(777) {
         l.write(c).unwrap();
     }
@@ -88,7 +90,7 @@ fn every_sampled_bit_flip_is_refused() {
     for bit in (0..s.len() * 8).step_by(step) {
         let mut m = s.clone();
         m[bit / 8] ^= 1 << (bit % 8);
-        let mut l = Loader::new("dma-engine");
+        let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
         let ok = l.write(&m).is_ok() && l.finish().is_ok();
         assert!(!ok, "flip of bit {bit} accepted");
         tried += 1;
@@ -105,19 +107,73 @@ fn wrong_model_and_truncation_are_refused() {
         l.write(&s),
         Err(StreamError::ModelMismatch { .. })
     ));
-    let mut l = Loader::new("dma-engine");
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
     l.write(&s[..s.len() - 1]).unwrap();
     assert!(matches!(l.finish(), Err(StreamError::Truncated(_))));
-    let mut l = Loader::new("dma-engine");
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
     assert_eq!(
         l.write(&[0xff; 40]),
         Err(StreamError::SectionTooLarge(u64::MAX))
     );
-    let mut l = Loader::new("dma-engine");
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
     let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
     bad.extend([1, 2, 3, 4]);
     assert!(matches!(
         l.write(&bad),
         Err(StreamError::CrcMismatch { offset: 0, .. })
     ));
+}
+
+#[test]
+fn bar_memory_staging_is_bounded_by_the_bar_and_merged() {
+    let mut stream = Vec::new();
+    put_section(&mut stream, kind::HEADER, &header().encode());
+    let section = |bar: u8, off: u64, data: &[u8]| {
+        let mut p = vec![bar, 0, 0, 0, 0, 0, 0, 0];
+        p.extend(off.to_le_bytes());
+        p.extend(data);
+        p
+    };
+    // A thousand rounds over the same pages stage one BAR image, not a thousand copies.
+    for round in 0..1000u32 {
+        let data = vec![round as u8; 8192];
+        put_section(&mut stream, kind::BAR_MEMORY, &section(2, 4096, &data));
+    }
+    put_section(&mut stream, kind::BAR_MEMORY, &section(2, 12288, &[9; 4096]));
+    put_section(&mut stream, kind::BAR_MEMORY, &section(2, 40000, &[7; 10]));
+    put_section(&mut stream, kind::CONFIG, &[0; 256]);
+    put_section(&mut stream, kind::DEVICE_STATE, &[1, 0]);
+    put_section(&mut stream, kind::END, &[]);
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    l.write(&stream).unwrap();
+    let st = l.finish().unwrap();
+    assert_eq!(st.memory.len(), 2, "adjacent ranges merge");
+    assert_eq!((st.memory[0].0, st.memory[0].1), (2, 4096));
+    assert_eq!(st.memory[0].2.len(), 12288);
+    assert_eq!(st.memory[0].2[0], (999u32 as u8), "the last round wins");
+    assert_eq!(st.memory[0].2[8192], 9);
+    assert_eq!((st.memory[1].1, st.memory[1].2.len()), (40000, 10));
+}
+
+#[test]
+fn memory_outside_the_bar_or_oversized_sections_are_refused() {
+    let mut stream = Vec::new();
+    put_section(&mut stream, kind::HEADER, &header().encode());
+    let mut bad = vec![2, 0, 0, 0, 0, 0, 0, 0];
+    bad.extend((64u64 * 1024 - 4).to_le_bytes());
+    bad.extend([0; 8]);
+    let mut s1 = stream.clone();
+    put_section(&mut s1, kind::BAR_MEMORY, &bad);
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    assert!(matches!(l.write(&s1), Err(StreamError::Malformed(_))));
+    let mut no_bar = vec![0u8; 16];
+    no_bar.push(1);
+    let mut s2 = stream.clone();
+    put_section(&mut s2, kind::BAR_MEMORY, &no_bar);
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    assert!(matches!(l.write(&s2), Err(StreamError::Malformed(_))));
+    let mut s3 = stream;
+    put_section(&mut s3, kind::CONFIG, &[0; 8192]);
+    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    assert_eq!(l.write(&s3), Err(StreamError::SectionTooLarge(8192)));
 }
