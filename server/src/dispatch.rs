@@ -147,6 +147,8 @@ impl DeviceServer {
     /// Forget everything that belonged to the client, keeping device state (spec "Client
     /// Disconnection"). Socket DMA in flight fails; the device sees that when it next runs.
     pub fn client_gone(&mut self) {
+        // Dirty logging belongs to the client that started it (and its bitmaps to its maps).
+        self.dma.stop_logging();
         self.dma.unmap_all();
         self.function.irqs_mut().disable_all();
         self.negotiated = None;
@@ -292,6 +294,9 @@ impl DeviceServer {
         let allowed = permits(state);
         let busy = |what| RequestError::Busy { what, state };
         match req {
+            Request::Version(_) if self.negotiated.is_some() => Err(RequestError::invalid(
+                "VERSION was already negotiated on this connection",
+            )),
             Request::Version(v) => {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
                 self.dma.set_max_maps(n.max_dma_maps as usize);

@@ -34,6 +34,16 @@ pub enum DmaError {
     /// The client disconnected while a socket DMA was in flight.
     #[error("client unavailable for socket DMA")]
     ClientUnavailable,
+    /// A DMA_MAP whose address, size or file offset is not page-aligned (`pgsizes` is 4 KiB).
+    #[error("DMA map {iova:#x}+{size:#x} at file offset {offset:#x} is not 4 KiB-aligned")]
+    Unaligned {
+        /// Start IOVA.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// File offset.
+        offset: u64,
+    },
     /// The mapping failed (mmap of the client's fd).
     #[error("cannot map DMA region: {0}")]
     MapFailed(String),
@@ -107,7 +117,9 @@ impl DmaError {
             DmaError::LoggingActive => Errno::EBUSY,
             DmaError::BitmapBudget { .. } => Errno::ENOMEM,
             DmaError::ReportTooLarge { .. } => Errno::E2BIG,
-            DmaError::BadReport(_) | DmaError::LoggingInactive => Errno::EINVAL,
+            DmaError::BadReport(_) | DmaError::LoggingInactive | DmaError::Unaligned { .. } => {
+                Errno::EINVAL
+            }
             _ => Errno::EFAULT,
         }
     }

@@ -1,6 +1,7 @@
 //! Shared test support: start `vfud serve` processes on temporary sockets and connect to them.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};

@@ -194,6 +194,13 @@ impl DmaTable {
                 m.size
             )));
         }
+        if (m.addr | m.size | m.offset) % DIRTY_PAGE_SIZE as u64 != 0 {
+            return Err(DmaError::Unaligned {
+                iova: m.addr,
+                size: m.size,
+                offset: m.offset,
+            });
+        }
         let logged = self
             .logging
             .as_ref()
