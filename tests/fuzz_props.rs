@@ -14,10 +14,10 @@ use vfud_protocol::messages::feature::{
 };
 use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
 use vfud_protocol::messages::version::PROTOCOL_MAJOR;
-use vfud_protocol::wire::put;
 use vfud_protocol::messages::{
     DeviceInfo, IrqAction, IrqData, MigData, MigState, RegionAccess, RegionInfo, Request, SetIrqs,
 };
+use vfud_protocol::wire::put;
 use vfud_server::fuzzing;
 use vfud_server::handover::kind;
 use vfud_server::testing::{RamMode, TestBench};
@@ -157,7 +157,12 @@ fn session_seed() -> Vec<u8> {
         out.extend(request(i as u16 + 1, r));
     }
     // A stray reply and a posted write.
-    out.extend(frame(99, Command::DmaRead as u16, FLAG_TYPE_REPLY, &[0; 16]));
+    out.extend(frame(
+        99,
+        Command::DmaRead as u16,
+        FLAG_TYPE_REPLY,
+        &[0; 16],
+    ));
     out.extend(frame(100, Command::DeviceReset as u16, FLAG_NO_REPLY, &[]));
     out
 }

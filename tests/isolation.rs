@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::hostile::{fresh_client_is_served, frame, Outcome, Raw, CASE_ID};
+use common::hostile::{frame, fresh_client_is_served, Outcome, Raw, CASE_ID};
 use vfud_protocol::header::Command;
 use vfud_server::{
     BarIndex, BarSpec, Device, DeviceCtx, DeviceDescription, DeviceError, PciIds, ServeOptions,
@@ -78,7 +78,10 @@ fn a_panic_in_a_device_costs_its_client_the_connection_and_nothing_else() {
     let mut b = fresh_client_is_served(&paths[1]);
     for round in 0..5 {
         let mut a = fresh_client_is_served(&paths[0]);
-        assert_eq!(a.request(Command::RegionRead, &access(0, 0, 4), &[]), Outcome::Ok);
+        assert_eq!(
+            a.request(Command::RegionRead, &access(0, 0, 4), &[]),
+            Outcome::Ok
+        );
         assert_eq!(
             a.request(Command::RegionRead, &access(8, 0, 4), &[]),
             Outcome::Disconnect,
@@ -92,7 +95,10 @@ fn a_panic_in_a_device_costs_its_client_the_connection_and_nothing_else() {
     }
     // The buggy device itself still serves.
     let mut a = fresh_client_is_served(&paths[0]);
-    assert_eq!(a.request(Command::RegionRead, &access(0, 0, 4), &[]), Outcome::Ok);
+    assert_eq!(
+        a.request(Command::RegionRead, &access(0, 0, 4), &[]),
+        Outcome::Ok
+    );
     assert!(threads.iter().all(|t| !t.is_finished()));
     shutdown.trigger();
     for t in threads {
@@ -118,7 +124,12 @@ fn a_hostile_client_of_one_vfud_serve_device_cannot_stop_another() {
     // connections and oversized claims.
     let hog = fresh_client_is_served(&a);
     hog.s.set_nonblocking(true).unwrap();
-    let req = frame(CASE_ID, Command::RegionRead as u16, 0, &access(0, 2, 1 << 16));
+    let req = frame(
+        CASE_ID,
+        Command::RegionRead as u16,
+        0,
+        &access(0, 2, 1 << 16),
+    );
     while std::io::Write::write(&mut &hog.s, &req).is_ok() {}
     let mut others = Vec::new();
     for i in 0..100u32 {
@@ -141,7 +152,10 @@ fn a_hostile_client_of_one_vfud_serve_device_cannot_stop_another() {
     drop(hog);
     // And A recovers.
     let mut again: Raw = fresh_client_is_served(&a);
-    assert_eq!(again.request(Command::RegionRead, &access(0, 7, 4), &[]), Outcome::Ok);
+    assert_eq!(
+        again.request(Command::RegionRead, &access(0, 7, 4), &[]),
+        Outcome::Ok
+    );
     assert!(matches!(child.try_wait(), Ok(None)), "vfud exited");
     let _ = child.kill();
     let _ = child.wait();

@@ -32,11 +32,20 @@ fn lifetime(server: &InProcess) {
     for v in [0u64, 0x1000_0000, 0x10000] {
         map.extend(v.to_le_bytes());
     }
-    assert_eq!(c.request(Command::DmaMap, &map, &[ram.as_fd()]), Outcome::Ok);
+    assert_eq!(
+        c.request(Command::DmaMap, &map, &[ram.as_fd()]),
+        Outcome::Ok
+    );
     // One fd per message: this client negotiated no max_msg_fds.
     let e0 = common::eventfd();
     let mut irqs = Vec::new();
-    for v in [20u32, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1] {
+    for v in [
+        20u32,
+        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+        IRQ_INDEX_MSIX,
+        0,
+        1,
+    ] {
         irqs.extend(v.to_le_bytes());
     }
     assert_eq!(
@@ -50,9 +59,11 @@ fn lifetime(server: &InProcess) {
     );
 }
 
+/// One test function: fd counts are per process, and tests of one binary run in parallel.
 #[test]
-fn ten_thousand_client_lifetimes_leave_fds_and_memory_flat() {
+fn client_lifetimes_leave_fds_and_memory_flat() {
     let server = InProcess::start("dma-engine");
+    fds_sent_with_refused_requests_are_closed(&server);
     for _ in 0..300 {
         lifetime(&server);
     }
@@ -77,9 +88,7 @@ fn ten_thousand_client_lifetimes_leave_fds_and_memory_flat() {
     );
 }
 
-#[test]
-fn fds_sent_with_refused_requests_are_closed() {
-    let server = InProcess::start("dma-engine");
+fn fds_sent_with_refused_requests_are_closed(server: &InProcess) {
     drop(fresh_client_is_served(&server.path));
     std::thread::sleep(Duration::from_millis(100));
     let before = open_fds();
@@ -110,9 +119,17 @@ fn fds_sent_with_refused_requests_are_closed() {
         }
         // While the client is still connected, only its socket (and this test's own fds)
         // are open in addition.
-        assert!(open_fds() <= before + 4, "{} fds open, {before} before", open_fds());
+        assert!(
+            open_fds() <= before + 4,
+            "{} fds open, {before} before",
+            open_fds()
+        );
     }
     drop(fresh_client_is_served(&server.path));
     std::thread::sleep(Duration::from_millis(100));
-    assert!(open_fds() <= before + 1, "{} fds open, {before} before", open_fds());
+    assert!(
+        open_fds() <= before + 1,
+        "{} fds open, {before} before",
+        open_fds()
+    );
 }

@@ -43,7 +43,8 @@ impl InProcess {
         let shutdown = ShutdownHandle::new();
         let device = vfud_devices::create(spec).expect("device");
         let (p, s) = (path.clone(), shutdown.clone());
-        let thread = std::thread::spawn(move || vfud_server::serve(device, &ServeOptions::new(p), &s));
+        let thread =
+            std::thread::spawn(move || vfud_server::serve(device, &ServeOptions::new(p), &s));
         assert!(super::wait_for_path(&path, Duration::from_secs(10)));
         InProcess {
             path,
@@ -185,7 +186,10 @@ pub fn fresh_client_is_served(path: &Path) -> Raw {
     for _ in 0..500 {
         let mut r = Raw::connect(path);
         r.s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        r.send(&frame(1, Command::Version as u16, 0, &version_payload(None)), &[]);
+        r.send(
+            &frame(1, Command::Version as u16, 0, &version_payload(None)),
+            &[],
+        );
         match r.recv() {
             Some(f) if matches!(f.header.kind(), Ok(MessageKind::Reply)) => {
                 r.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -2,8 +2,8 @@
 
 use vm_memory::{Bytes, MemoryRegionAddress};
 
-use super::socket::SocketDma;
 use super::sigbus::Guard;
+use super::socket::SocketDma;
 use super::{Backing, DmaTable, Iova};
 use crate::error::DmaError;
 

@@ -194,7 +194,7 @@ impl DmaTable {
                 m.size
             )));
         }
-        if (m.addr | m.size | m.offset) % DIRTY_PAGE_SIZE as u64 != 0 {
+        if !(m.addr | m.size | m.offset).is_multiple_of(DIRTY_PAGE_SIZE as u64) {
             return Err(DmaError::Unaligned {
                 iova: m.addr,
                 size: m.size,
@@ -541,7 +541,10 @@ mod tests {
         let mut t = DmaTable::new(16);
         map(&mut t, 0, MAX_MAP_SIZE).unwrap();
         map(&mut t, MAX_MAP_SIZE, 0x1000).unwrap();
-        assert!(t.iter().all(|m| m.dirty.is_none()), "no bitmap before logging");
+        assert!(
+            t.iter().all(|m| m.dirty.is_none()),
+            "no bitmap before logging"
+        );
         assert_eq!(t.dirty_bitmap_bytes(), 0);
         // Only the small mapping meets the logged range.
         t.start_logging(4096, &[(MAX_MAP_SIZE, 0x1000)]).unwrap();
@@ -645,7 +648,6 @@ mod tests {
             mem.write(Iova(0x10000), &[1]),
             Err(DmaError::Revoked(_))
         ));
-        drop(mem);
         t.unmap(0x10000, 0x4000).unwrap();
         // A fresh mapping of a good file works as before.
         map_fd(&mut t, 0x10000, 0x4000, memfd(0x4000).into()).unwrap();

@@ -209,7 +209,11 @@ impl MigrationSession {
             (PreCopy, Running) | (StopCopy, Stop) => self.saver = None,
             (PreCopy, StopCopy) | (Running, Stop) => parts.migratable()?.quiesce(),
             (Stop, Resuming) => {
-                let sizes = parts.function.bars().each_ref().map(|b| b.as_ref().map_or(0, |m| m.len()));
+                let sizes = parts
+                    .function
+                    .bars()
+                    .each_ref()
+                    .map(|b| b.as_ref().map_or(0, |m| m.len()));
                 self.loader = Some(Loader::new(self.model).with_bar_sizes(sizes));
                 // The incoming VM brings its own interrupt setup (replayed as deferred
                 // SET_IRQS); whatever this side had before must not linger.

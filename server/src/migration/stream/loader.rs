@@ -44,7 +44,11 @@ impl BarImage {
         let (mut s, mut e) = (off, off + data.len() as u64);
         self.bytes[s as usize..e as usize].copy_from_slice(data);
         // Merge with every covered range that touches [s, e).
-        let before = self.covered.range(..s).next_back().filter(|(_, re)| **re >= s);
+        let before = self
+            .covered
+            .range(..s)
+            .next_back()
+            .filter(|(_, re)| **re >= s);
         let touching: Vec<(u64, u64)> = before
             .into_iter()
             .chain(self.covered.range(s..=e))

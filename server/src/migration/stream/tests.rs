@@ -139,7 +139,11 @@ fn bar_memory_staging_is_bounded_by_the_bar_and_merged() {
         let data = vec![round as u8; 8192];
         put_section(&mut stream, kind::BAR_MEMORY, &section(2, 4096, &data));
     }
-    put_section(&mut stream, kind::BAR_MEMORY, &section(2, 12288, &[9; 4096]));
+    put_section(
+        &mut stream,
+        kind::BAR_MEMORY,
+        &section(2, 12288, &[9; 4096]),
+    );
     put_section(&mut stream, kind::BAR_MEMORY, &section(2, 40000, &[7; 10]));
     put_section(&mut stream, kind::CONFIG, &[0; 256]);
     put_section(&mut stream, kind::DEVICE_STATE, &[1, 0]);
