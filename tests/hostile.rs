@@ -197,7 +197,6 @@ fn cases() -> Vec<Case> {
     use Command as C;
     use Errno::*;
     use Pre::{Negotiated as N, Raw as R};
-    let small = Pre::Small;
     let resuming = Pre::Then(C::DeviceFeature, || mig_state(4));
     let mapped = Pre::Then(C::DmaMap, || map(0x10000, 0x10000));
     let logging = Pre::Then(C::DeviceFeature, || log_start(4096, &[]));
@@ -215,8 +214,14 @@ fn cases() -> Vec<Case> {
         raw("msg_size 1", N, frame_sized(CASE_ID, 4, 0, 1, &[]), Disconnect),
         raw("msg_size 15", N, frame_sized(CASE_ID, 4, 0, 15, &[]), Disconnect),
         raw("msg_size 4 GiB - 1", N, frame_sized(CASE_ID, 4, 0, u32::MAX, &[]), Disconnect),
-        raw("msg_size past max_data_xfer_size", N, frame_sized(CASE_ID, 10, 0, (1 << 20) + 4096, &[]), Disconnect),
-        raw("msg_size 64 MiB", N, frame_sized(CASE_ID, 18, 0, 64 << 20, &[]), Disconnect),
+        // Oversize but otherwise sane commands are skipped and answered E2BIG; beyond what is
+        // skipped, or not a command at all, the stream is out of step: disconnect.
+        raw("msg_size past max_data_xfer_size", N, frame_sized(CASE_ID, 10, 0, (1 << 20) + 4096, &vec![0; (1 << 20) + 4080]), e(E2BIG)),
+        raw("msg_size 8 MiB MIG_DATA_WRITE", N, frame_sized(CASE_ID, 18, 0, 8 << 20, &vec![0; (8 << 20) - 16]), e(E2BIG)),
+        raw("oversize NO_REPLY write", N, frame_sized(CASE_ID, 10, 0x10, 2 << 20, &vec![0; (2 << 20) - 16]), Silent),
+        raw("msg_size beyond what is skipped", N, frame_sized(CASE_ID, 18, 0, (64 << 20) + 65, &[]), Disconnect),
+        raw("oversize unknown command", N, frame_sized(CASE_ID, 0x7777, 0, 2 << 20, &[]), Disconnect),
+        raw("oversize reply", N, frame_sized(CASE_ID, 11, 1, 2 << 20, &[]), Disconnect),
         raw("unknown command 0", N, frame(CASE_ID, 0, 0, &[]), e(ENOSYS)),
         raw("obsolete command 14", N, frame(CASE_ID, 14, 0, &[]), e(ENOSYS)),
         raw("unknown command 19", N, frame(CASE_ID, 19, 0, &[]), e(ENOSYS)),
@@ -315,7 +320,7 @@ fn cases() -> Vec<Case> {
         with_fds(case("DMA_MAP offset beyond the file", N, C::DmaMap, dma_map(32, 3, 0x1000, 0, 0x1000), e(EFAULT)), || vec![memfd(0x1000)]),
         with_fds(case("DMA_MAP empty file", N, C::DmaMap, map(0, 0x1000), e(EFAULT)), || vec![memfd(0)]),
         with_fds(case("DMA_MAP two fds", N, C::DmaMap, map(0, 0x1000), e(EINVAL)), || vec![memfd(0x1000), memfd(0x1000)]),
-        with_fds(case("DMA_MAP fds beyond max_msg_fds", small, C::DmaMap, map(0, 0x1000), e(EINVAL)), || vec![memfd(0x1000), memfd(0x1000), memfd(0x1000)]),
+        with_fds(case("DMA_MAP fds beyond max_msg_fds", N, C::DmaMap, map(0, 0x1000), e(EINVAL)), || (0..17).map(|_| memfd(0x1000)).collect()),
         with_fds(case("DMA_MAP a directory", N, C::DmaMap, map(0, 0x1000), e(EFAULT)), || vec![owned(std::fs::File::open("/").unwrap())]),
         with_fds(case("DMA_MAP a socket", N, C::DmaMap, map(0, 0x1000), e(EFAULT)), || vec![owned(std::os::unix::net::UnixStream::pair().unwrap().0)]),
         with_fds(case("DMA_MAP a pipe", N, C::DmaMap, map(0, 0x1000), e(EFAULT)), || vec![nix::unistd::pipe().unwrap().0]),
@@ -344,12 +349,13 @@ fn cases() -> Vec<Case> {
         case("SET_IRQS two data types", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[1]), e(EINVAL)),
         case("SET_IRQS unknown flags", N, C::DeviceSetIrqs, set_irqs(1 << 9 | IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[]), e(EINVAL)),
         case("SET_IRQS DATA_BOOL too short", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 4, &[1, 1]), e(EINVAL)),
-        case("SET_IRQS DATA_NONE with data", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[1]), e(EINVAL)),
+        // Bytes past the fixed struct are ignored, as the kernel does (liberal argsz parsing).
+        case("SET_IRQS DATA_NONE with data", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[1]), Outcome::Ok),
         case("SET_IRQS count 4 G with bools", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, u32::MAX, &[1]), e(EINVAL)),
         case("SET_IRQS ERR index masked", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK, IRQ_INDEX_ERR, 0, 1, &[]), e(EINVAL)),
         with_fds(case("SET_IRQS two fds for one vector", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[]), e(EINVAL)), || vec![eventfd(), eventfd()]),
         with_fds(case("SET_IRQS one fd for two vectors", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 2, &[]), e(EINVAL)), || vec![eventfd()]),
-        with_fds(case("SET_IRQS fds beyond max_msg_fds", small, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 3, &[]), e(EINVAL)), || vec![eventfd(), eventfd(), eventfd()]),
+        with_fds(case("SET_IRQS fds beyond max_msg_fds", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 17, &[]), e(EINVAL)), || (0..17).map(|_| eventfd()).collect()),
         with_fds(case("SET_IRQS a memfd as eventfd", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[]), e(EINVAL)), || vec![memfd(8)]),
         with_fds(case("SET_IRQS a pipe as eventfd", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[]), e(EINVAL)), || vec![nix::unistd::pipe().unwrap().1]),
         with_fds(case("SET_IRQS a socket as eventfd", N, C::DeviceSetIrqs, set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_INDEX_MSIX, 0, 1, &[]), e(EINVAL)), || vec![owned(std::os::unix::net::UnixStream::pair().unwrap().0)]),
@@ -401,7 +407,14 @@ fn cases() -> Vec<Case> {
     for cmd in [2u16, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 18] {
         for (n, name) in [(1, "1 garbage byte"), (4095, "4095 garbage bytes")] {
             let name: &'static str = Box::leak(format!("command {cmd} with {name}").into_boxed_str());
-            v.push(raw(name, N, frame(CASE_ID, cmd, 0, &vec![0xa5; n]), e(EINVAL)));
+            // 0xa5 bytes: argsz and counts of 0xa5a5a5a5. GET_INFO's argsz is merely large
+            // and its extra bytes ignored; MIG_DATA_READ's size exceeds max_data_xfer_size.
+            let expect = match (cmd, n) {
+                (4, 4095) => Outcome::Ok,
+                (17, 4095) => e(E2BIG),
+                _ => e(EINVAL),
+            };
+            v.push(raw(name, N, frame(CASE_ID, cmd, 0, &vec![0xa5; n]), expect));
         }
     }
     v
@@ -437,11 +450,12 @@ fn run_case(path: &std::path::Path, c: &Case) -> Outcome {
             r = loop {
                 let mut s = Raw::connect(path);
                 s.s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let caps = Capabilities {
-                    max_msg_fds: Some(2),
+                // Padded: the reply may be no longer than the request (or its caps are dropped).
+                let mut caps = Capabilities {
                     max_dma_maps: Some(2),
                     ..Default::default()
                 };
+                caps.unknown.insert("padding".into(), "x".repeat(64).into());
                 if s.request(Command::Version, &version_payload(Some(caps)), &[]) == Outcome::Ok {
                     break s;
                 }
@@ -566,7 +580,8 @@ fn a_client_that_never_reads_is_disconnected_and_the_next_one_served() {
     )];
     let n = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(60_000u16)).unwrap();
     assert_eq!(n, 1, "the server still holds a client that does not read");
-    // What it sent before giving up is still there, then EOF.
+    // What it sent before giving up is still there, then EOF (or ECONNRESET: the server
+    // closed with our unread requests still in its buffer).
     r.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0usize;
@@ -574,10 +589,10 @@ fn a_client_that_never_reads_is_disconnected_and_the_next_one_served() {
         match std::io::Read::read(&mut &r.s, &mut buf) {
             Ok(0) => break,
             Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => panic!("no disconnect: {e} after {total} bytes"),
         }
     }
-    assert!(total > 0);
     let mut fresh = fresh_client_is_served(&server.path);
     assert_eq!(
         fresh.request(Command::RegionRead, &access(0, 7, 2), &[]),

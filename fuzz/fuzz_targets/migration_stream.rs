@@ -1,5 +1,6 @@
-//! The migration stream loader (the bytes of MIG_DATA_WRITE and of a handover's DATA).
+//! The migration stream as a destination device (dma-engine) loads it.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vfud_server::fuzzing::migration_stream("dma-engine", data)
+    let dev = vfud_devices::create("dma-engine").expect("dma-engine");
+    vfud_server::fuzzing::migration_stream(dev, data);
 });

@@ -13,7 +13,7 @@ use vfud_protocol::messages::region::{
     REGION_FLAG_READ, REGION_FLAG_WRITE,
 };
 use vfud_protocol::messages::version::{negotiate, Negotiated, ServerOffer};
-use vfud_protocol::messages::{DeviceInfo, MigData, MigState, Request};
+use vfud_protocol::messages::{DeviceInfo, MigState, Request};
 use vfud_protocol::wire::put;
 
 use crate::device::{BarIndex, Device, DeviceCtx, DeviceDescription};
@@ -301,7 +301,9 @@ impl DeviceServer {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
                 self.dma.set_max_maps(n.max_dma_maps as usize);
                 self.dma.set_max_report(n.max_data_xfer_size as usize);
-                self.socket_dma.set_max_xfer(n.max_data_xfer_size as usize);
+                // DMA requests must fit what the client receives: the smaller of both limits.
+                let send_max = Limits::from_negotiated(&n).max_data_xfer_size;
+                self.socket_dma.set_max_xfer(send_max as usize);
                 tracing::info!(device = self.description().name, ?n, "client negotiated");
                 self.negotiated = Some(n);
                 Ok(Reply::bytes(reply.encode()))
@@ -393,8 +395,16 @@ impl DeviceServer {
                         state,
                     });
                 }
-                let data = self.read_stream(m.size as usize)?;
-                Ok(Reply::bytes(MigData::encode_with_data(&data)))
+                // The reply is built in place: header, then the stream bytes appended to it.
+                let max = (m.size as usize).min(self.limits().max_data_xfer_size as usize);
+                let mut p = Vec::with_capacity(8 + max);
+                p.resize(8, 0);
+                let (mig, mut parts) = self.parts();
+                let n = mig.read_stream_into(&mut p, max, &mut parts)?;
+                // struct vfio_user_mig_data: argsz, size.
+                p[..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
+                p[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+                Ok(Reply::bytes(p))
             }
             Request::MigDataWrite(data) => {
                 if !allowed.mig_data_write {
@@ -403,7 +413,7 @@ impl DeviceServer {
                         state,
                     });
                 }
-                self.mig.write_stream(&data)?;
+                self.mig.write_stream(&data, &self.function)?;
                 Ok(Reply::default())
             }
         }
@@ -464,7 +474,7 @@ impl DeviceServer {
     /// DEVICE_RESET: back to power-on state; the migration FSM returns to RUNNING and any
     /// migration and dirty logging are dropped.
     fn reset(&mut self) {
-        self.mig.reset();
+        self.mig.reset(&self.function);
         self.dma.stop_logging();
         self.function.reset();
         self.with_device(|d, cx| d.reset(cx));
@@ -553,7 +563,7 @@ impl DeviceServer {
 
     /// Feed incoming stream bytes, for a live handover (RESUMING).
     pub fn handover_write(&mut self, data: &[u8]) -> Result<(), RequestError> {
-        self.mig.write_stream(data)
+        self.mig.write_stream(data, &self.function)
     }
 
     /// Pre-copy counts (initial, dirty) while in PRE_COPY.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use vfud_protocol::codec::{Frame, FrameReader};
+use vfud_protocol::codec::{Frame, FrameReader, ReadOutcome};
 use vfud_protocol::header::MessageKind;
 use vfud_protocol::messages::Request;
 use vfud_protocol::ProtocolError;
@@ -172,6 +172,8 @@ pub(crate) struct Loop {
     registered: HashMap<RawFd, Token>,
     pub(crate) outgoing: Option<OutgoingHandover>,
     pub(crate) stats: Option<HandoverStats>,
+    /// Counters for `vfud status`.
+    pub(crate) counters: crate::stats::Stats,
 }
 
 /// Serve on already bound sockets. `listener` may be absent for a process started with
@@ -258,6 +260,7 @@ impl Loop {
             registered: HashMap::new(),
             outgoing: None,
             stats: None,
+            counters: crate::stats::Stats::default(),
         })
     }
 
@@ -350,7 +353,10 @@ impl Loop {
                         continue;
                     }
                     match Connection::new(stream).and_then(|c| self.set_client(c)) {
-                        Ok(()) => tracing::info!(device = name, "client connected"),
+                        Ok(()) => {
+                            tracing::info!(device = name, "client connected");
+                            self.counters.client_connected();
+                        }
                         Err(e) => tracing::warn!(device = name, "client not adopted: {e}"),
                     }
                 }
@@ -382,8 +388,23 @@ impl Loop {
             let Some(c) = self.client.as_mut() else {
                 return;
             };
-            let frame = match c.read_frame(&limits) {
-                Ok(Some(f)) => f,
+            let frame = match c.read_message(&limits) {
+                Ok(Some(ReadOutcome::Frame(f))) => f,
+                Ok(Some(ReadOutcome::Oversize(h))) => {
+                    // One bad write must not cost the device: its bytes were skipped, so
+                    // answer it and carry on (spec: the limits bound what a side receives).
+                    tracing::debug!(
+                        msg_id = h.msg_id,
+                        cmd = h.cmd,
+                        size = h.msg_size,
+                        "oversize message refused"
+                    );
+                    let quiet = matches!(h.kind(), Ok(MessageKind::Command { no_reply: true }));
+                    if !quiet && c.error(&h, nix::errno::Errno::E2BIG).is_err() {
+                        return self.disconnect("send failed");
+                    }
+                    continue;
+                }
                 Ok(None) => return,
                 Err(ProtocolError::Disconnected) => return self.disconnect("closed by peer"),
                 Err(e) => return self.disconnect(&format!("broken frame: {e}")),
@@ -419,6 +440,7 @@ impl Loop {
             }
             Err(e) => {
                 tracing::debug!(msg_id = h.msg_id, "bad message type: {e}");
+                self.counters.record(h.cmd, false);
                 return self
                     .client
                     .as_ref()
@@ -429,6 +451,7 @@ impl Loop {
         let result = Request::decode(h.cmd, &frame.payload, frame.fds, &self.server.limits())
             .map_err(crate::error::RequestError::from)
             .and_then(|req| self.server.handle(req, len));
+        self.counters.record(h.cmd, result.is_ok());
         let Some(c) = self.client.as_ref() else {
             return Ok(());
         };

@@ -11,12 +11,12 @@ use mio::Token;
 use vfud_protocol::codec::FrameReader;
 use vfud_protocol::header::{Command, Header};
 use vfud_protocol::messages::version::{negotiate, Capabilities, ServerOffer, VersionMessage};
+use vfud_protocol::messages::MigState;
 
 use crate::connection::Connection;
 use crate::device::Device;
 use crate::dispatch::{DeviceServer, ServerSettings};
 use crate::event_loop::{Loop, CONTROL_BASE};
-use crate::migration::stream::Loader;
 
 /// Most input bytes fed to a socket in one go (the socket buffer holds them all, so nothing
 /// blocks on a single thread).
@@ -99,26 +99,26 @@ pub fn session(device: Box<dyn Device>, data: &[u8]) {
     let _ = drain.join();
 }
 
-/// The migration stream loader of a device with 64 KiB of memory in BAR 2: `data[0]` picks
-/// the chunk size the rest arrives in; a stream the loader accepts must finish or fail
-/// cleanly, and staged memory must lie inside the BAR.
-pub fn migration_stream(model: &str, data: &[u8]) {
+/// The migration stream as a destination device loads it (MIG_DATA_WRITE or a handover's
+/// DATA): `device` goes to RESUMING, `data[0]` picks the chunk size the rest arrives in, then
+/// the device is asked to run; whatever the stream, it must end RUNNING or refuse cleanly.
+pub fn migration_stream(device: Box<dyn Device>, data: &[u8]) {
     let Some((&chunk, rest)) = data.split_first() else {
         return;
     };
-    let mut sizes = [0usize; 6];
-    sizes[2] = 64 * 1024;
-    let mut l = Loader::new(model).with_bar_sizes(sizes);
+    let Ok(mut server) = DeviceServer::new(device, ServerSettings::default()) else {
+        return;
+    };
+    if server.set_mig_state(MigState::Resuming).is_err() {
+        return;
+    }
     for c in rest.chunks(usize::from(chunk).max(1) * 16) {
-        if l.write(c).is_err() {
-            return;
+        if server.handover_write(c).is_err() {
+            break;
         }
     }
-    if let Ok(st) = l.finish() {
-        for (bar, off, bytes) in &st.memory {
-            assert_eq!(*bar, 2);
-            assert!(*off as usize + bytes.len() <= sizes[2]);
-        }
+    if server.set_mig_state(MigState::Running).is_err() {
+        server.abandon();
     }
 }
 

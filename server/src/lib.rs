@@ -24,6 +24,7 @@ pub mod irq;
 pub mod migration;
 pub mod mmap;
 pub mod pci;
+pub mod stats;
 pub mod testing;
 
 pub use device::{

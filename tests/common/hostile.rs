@@ -25,6 +25,8 @@ pub enum Outcome {
     Silent,
     /// The server closed the connection.
     Disconnect,
+    /// Nothing at all within the read timeout (the server neither answered nor closed).
+    Timeout,
 }
 
 /// `vfud_server::serve` of one device on a temporary socket, on its own thread.
@@ -73,6 +75,7 @@ impl Drop for InProcess {
 pub struct Raw {
     pub s: UnixStream,
     reader: FrameReader,
+    timed_out: bool,
 }
 
 /// A frame's bytes: header with `msg_size` covering `payload`, then the payload.
@@ -117,6 +120,7 @@ impl Raw {
         Raw {
             s,
             reader: FrameReader::new(),
+            timed_out: false,
         }
     }
 
@@ -125,12 +129,25 @@ impl Raw {
         let _ = send_chunks(self.s.as_fd(), &[bytes], fds);
     }
 
-    /// The next frame; `None` on EOF, error or timeout.
+    /// The next frame; `None` on EOF, error or timeout (which sets `timed_out`).
     pub fn recv(&mut self) -> Option<vfud_protocol::codec::Frame> {
-        self.reader
+        match self
+            .reader
             .read_frame(self.s.as_fd(), &Limits::with_xfer(64, 64 << 20))
-            .ok()
-            .flatten()
+        {
+            Ok(Some(f)) => Some(f),
+            Ok(None) => {
+                self.timed_out = true;
+                None
+            }
+            Err(vfud_protocol::ProtocolError::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                self.timed_out = true;
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Send a request and return its outcome (no probe).
@@ -160,7 +177,10 @@ impl Raw {
         }
         loop {
             let Some(f) = self.recv() else {
-                return Outcome::Disconnect;
+                return match self.timed_out {
+                    true => Outcome::Timeout,
+                    false => Outcome::Disconnect,
+                };
             };
             let id = f.header.msg_id;
             let kind = f.header.kind();

@@ -1,8 +1,11 @@
 //! Shared test support: start `vfud serve` processes on temporary sockets and connect to them.
 #![allow(dead_code)]
 
+pub mod dma_engine;
+pub mod foreign;
 pub mod hostile;
 pub mod qemu;
+pub mod tracer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -116,6 +119,15 @@ impl Drop for Vfud {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The model names in `vfud devices` output (options are the indented lines).
+pub fn model_names(devices_output: &str) -> Vec<&str> {
+    devices_output
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
 }
 
 /// Zeroed memfd of `size` bytes, e.g. guest RAM to DMA-map.

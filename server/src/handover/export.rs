@@ -134,7 +134,8 @@ impl DeviceServer {
             }
             self.dma.set_max_maps(n.max_dma_maps as usize);
             self.dma.set_max_report(n.max_data_xfer_size as usize);
-            self.socket_dma.set_max_xfer(n.max_data_xfer_size as usize);
+            let send_max = vfud_protocol::codec::Limits::from_negotiated(n).max_data_xfer_size;
+            self.socket_dma.set_max_xfer(send_max as usize);
         }
 
         self.negotiated = info.negotiated.clone();

@@ -1,6 +1,6 @@
 //! [`Saver`]: produces the stream on the source.
 
-use super::{kind, put_section, StreamHeader, MEMORY_CHUNK, PAGE};
+use super::{kind, put_section, section_crc, StreamHeader, MEMORY_CHUNK, PAGE, SECTION_HEADER_LEN};
 use crate::migration::DeviceState;
 use crate::mmap::SharedMemory;
 
@@ -93,6 +93,17 @@ impl Saver {
         n
     }
 
+    /// Bytes still to come (the kernel v1 `pending_bytes`): exact once the stream is
+    /// finished, an estimate before (the final sections are counted as 8 KiB in stop-copy).
+    /// Zero in pre-copy means nothing more for now.
+    pub fn remaining(&self, bars: &[Option<SharedMemory>; 6], stop_copy: bool) -> u64 {
+        if self.finished {
+            return self.pending() as u64;
+        }
+        let final_sections = if stop_copy { 8192 } else { 0 };
+        self.initial_bytes() + self.dirty_bytes(bars) + final_sections
+    }
+
     /// Whether END has been produced and read.
     pub fn is_finished(&self) -> bool {
         self.finished && self.pending() == 0
@@ -107,19 +118,29 @@ impl Saver {
         put_section(&mut self.out, kind::BAR_MEMORY, &p);
     }
 
-    /// Produce the next piece of initial data; false when there is none left.
+    /// Produce the next piece of initial data; false when there is none left. The memory is
+    /// read straight into the stream buffer (one copy) and from there into the shadow.
     fn step_initial(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
         let Some((si, off)) = self.initial else {
             return false;
         };
         let (bar, len) = (self.shadows[si].0, self.shadows[si].1.len());
         let n = (len - off).min(MEMORY_CHUNK);
-        let mut chunk = vec![0u8; n];
+        let at = self.out.len();
+        let payload = at + SECTION_HEADER_LEN;
+        self.out.resize(payload + 16 + n, 0);
+        self.out[payload] = bar as u8;
+        self.out[payload + 8..payload + 16].copy_from_slice(&(off as u64).to_le_bytes());
+        let data = payload + 16;
         if let Some(mem) = &bars[bar] {
-            let _ = mem.read(off as u64, &mut chunk);
+            let _ = mem.read(off as u64, &mut self.out[data..]);
         }
-        self.shadows[si].1[off..off + n].copy_from_slice(&chunk);
-        self.memory_section(bar, off, &chunk);
+        self.shadows[si].1[off..off + n].copy_from_slice(&self.out[data..]);
+        let crc = section_crc(kind::BAR_MEMORY, 0, &self.out[payload..]);
+        let h = &mut self.out[at..payload];
+        h[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
+        h[4..8].copy_from_slice(&crc.to_le_bytes());
+        h[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
         self.initial = if off + n < len {
             Some((si, off + n))
         } else if si + 1 < self.shadows.len() {
@@ -171,23 +192,43 @@ impl Saver {
         self.pending() > before
     }
 
-    /// Fill up to `max` bytes. In pre-copy (`final_state` = None) only memory is produced and
-    /// a short result means "nothing more for now"; in stop-copy the final sections and END
-    /// follow, and an empty result means the stream is complete.
+    /// Up to `max` bytes as a new buffer; see [`Saver::read_into`].
     pub fn read(
         &mut self,
         max: usize,
         bars: &[Option<SharedMemory>; 6],
         final_state: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>>,
     ) -> Result<Vec<u8>, crate::DeviceError> {
+        let mut v = Vec::new();
+        self.read_into(&mut v, max, bars, final_state)?;
+        Ok(v)
+    }
+
+    /// Append up to `max` bytes to `dst` (e.g. straight after a MIG_DATA_READ reply header);
+    /// returns how many. In pre-copy (`final_state` = None) only memory is produced and a
+    /// short result means "nothing more for now"; in stop-copy the final sections and END
+    /// follow, and an empty result means the stream is complete.
+    pub fn read_into(
+        &mut self,
+        dst: &mut Vec<u8>,
+        max: usize,
+        bars: &[Option<SharedMemory>; 6],
+        final_state: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>>,
+    ) -> Result<usize, crate::DeviceError> {
         let stop_copy = final_state.is_some();
         let mut final_state = final_state;
+        // At most one pass over device memory per call: a pass that finds nothing means
+        // nothing more for now (pre-copy) or time for the final sections (stop-copy).
+        let mut scanned = false;
         while self.pending() < max {
             if self.step_initial(bars) {
                 continue;
             }
-            if !self.finished && self.step_delta(bars) {
-                continue;
+            if !self.finished && !scanned {
+                scanned = true;
+                if self.step_delta(bars) {
+                    continue;
+                }
             }
             match final_state.as_mut() {
                 Some(f) if stop_copy && !self.finished => {
@@ -205,7 +246,7 @@ impl Saver {
             }
         }
         let n = self.pending().min(max);
-        let chunk = self.out[self.pos..self.pos + n].to_vec();
+        dst.extend_from_slice(&self.out[self.pos..self.pos + n]);
         self.pos += n;
         if self.pos == self.out.len() {
             self.out.clear();
@@ -214,7 +255,7 @@ impl Saver {
             self.out.drain(..self.pos);
             self.pos = 0;
         }
-        Ok(chunk)
+        Ok(n)
     }
 
     /// Bytes the stop-copy phase would still produce (estimate for MIG_DATA_SIZE).

@@ -9,8 +9,6 @@ fn bars() -> [Option<SharedMemory>; 6] {
     b
 }
 
-const SIZES: [usize; 6] = [0, 0, 64 * 1024, 0, 0, 0];
-
 fn header() -> StreamHeader {
     StreamHeader {
         ordering: 2,
@@ -28,6 +26,19 @@ fn final_state() -> Result<FinalState, crate::DeviceError> {
             version: 1,
             payload: b"{}".to_vec(),
         },
+    })
+}
+
+fn loader(model: &str) -> Loader {
+    let mut bars = [0; 6];
+    bars[2] = 64 * 1024;
+    Loader::new(Shape {
+        model: model.into(),
+        bars,
+        config_len: 256,
+        irq_len: 4,
+        msix_len: 0,
+        max_device_state: 1 << 20,
     })
 }
 
@@ -50,16 +61,17 @@ fn stream_round_trips_and_stages_memory() {
     let b = bars();
     b[2].as_ref().unwrap().write(100, b"payload").unwrap();
     let s = whole_stream(&b);
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    let dst = bars();
+    let mut l = loader("dma-engine");
     for c in s.chunks(777) {
-        l.write(c).unwrap();
+        l.write(c, &dst).unwrap();
     }
     let st = l.finish().unwrap();
     assert_eq!(st.header.unwrap(), header());
     assert_eq!(st.config.unwrap(), vec![7; 256]);
-    let (bar, off, data) = &st.memory[0];
-    assert_eq!((*bar, *off), (2, 0));
-    assert_eq!(&data[100..107], b"payload");
+    let mut got = [0u8; 7];
+    dst[2].as_ref().unwrap().read(100, &mut got).unwrap();
+    assert_eq!(&got, b"payload");
 }
 
 #[test]
@@ -90,8 +102,8 @@ fn every_sampled_bit_flip_is_refused() {
     for bit in (0..s.len() * 8).step_by(step) {
         let mut m = s.clone();
         m[bit / 8] ^= 1 << (bit % 8);
-        let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
-        let ok = l.write(&m).is_ok() && l.finish().is_ok();
+        let mut l = loader("dma-engine");
+        let ok = l.write(&m, &b).is_ok() && l.finish().is_ok();
         assert!(!ok, "flip of bit {bit} accepted");
         tried += 1;
     }
@@ -102,82 +114,158 @@ fn every_sampled_bit_flip_is_refused() {
 fn wrong_model_and_truncation_are_refused() {
     let b = bars();
     let s = whole_stream(&b);
-    let mut l = Loader::new("uart16550");
+    let mut l = loader("uart16550");
     assert!(matches!(
-        l.write(&s),
+        l.write(&s, &b),
         Err(StreamError::ModelMismatch { .. })
     ));
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
-    l.write(&s[..s.len() - 1]).unwrap();
+    let mut l = loader("dma-engine");
+    l.write(&s[..s.len() - 1], &b).unwrap();
     assert!(matches!(l.finish(), Err(StreamError::Truncated(_))));
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    let mut l = loader("dma-engine");
     assert_eq!(
-        l.write(&[0xff; 40]),
+        l.write(&[0xff; 40], &b),
         Err(StreamError::SectionTooLarge(u64::MAX))
     );
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
+    let mut l = loader("dma-engine");
     let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
     bad.extend([1, 2, 3, 4]);
     assert!(matches!(
-        l.write(&bad),
+        l.write(&bad, &b),
         Err(StreamError::CrcMismatch { offset: 0, .. })
     ));
 }
 
-#[test]
-fn bar_memory_staging_is_bounded_by_the_bar_and_merged() {
-    let mut stream = Vec::new();
-    put_section(&mut stream, kind::HEADER, &header().encode());
-    let section = |bar: u8, off: u64, data: &[u8]| {
-        let mut p = vec![bar, 0, 0, 0, 0, 0, 0, 0];
-        p.extend(off.to_le_bytes());
-        p.extend(data);
-        p
-    };
-    // A thousand rounds over the same pages stage one BAR image, not a thousand copies.
-    for round in 0..1000u32 {
-        let data = vec![round as u8; 8192];
-        put_section(&mut stream, kind::BAR_MEMORY, &section(2, 4096, &data));
+/// A stream with a valid CRC on every section, from the given sections.
+fn forged(sections: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, p) in sections {
+        put_section(&mut out, *k, p);
     }
-    put_section(
-        &mut stream,
-        kind::BAR_MEMORY,
-        &section(2, 12288, &[9; 4096]),
-    );
-    put_section(&mut stream, kind::BAR_MEMORY, &section(2, 40000, &[7; 10]));
-    put_section(&mut stream, kind::CONFIG, &[0; 256]);
-    put_section(&mut stream, kind::DEVICE_STATE, &[1, 0]);
-    put_section(&mut stream, kind::END, &[]);
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
-    l.write(&stream).unwrap();
-    let st = l.finish().unwrap();
-    assert_eq!(st.memory.len(), 2, "adjacent ranges merge");
-    assert_eq!((st.memory[0].0, st.memory[0].1), (2, 4096));
-    assert_eq!(st.memory[0].2.len(), 12288);
-    assert_eq!(st.memory[0].2[0], (999u32 as u8), "the last round wins");
-    assert_eq!(st.memory[0].2[8192], 9);
-    assert_eq!((st.memory[1].1, st.memory[1].2.len()), (40000, 10));
+    out
+}
+
+fn memory(bar: u8, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = vec![bar, 0, 0, 0, 0, 0, 0, 0];
+    p.extend(offset.to_le_bytes());
+    p.extend(data);
+    p
 }
 
 #[test]
-fn memory_outside_the_bar_or_oversized_sections_are_refused() {
-    let mut stream = Vec::new();
-    put_section(&mut stream, kind::HEADER, &header().encode());
-    let mut bad = vec![2, 0, 0, 0, 0, 0, 0, 0];
-    bad.extend((64u64 * 1024 - 4).to_le_bytes());
-    bad.extend([0; 8]);
-    let mut s1 = stream.clone();
-    put_section(&mut s1, kind::BAR_MEMORY, &bad);
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
-    assert!(matches!(l.write(&s1), Err(StreamError::Malformed(_))));
-    let mut no_bar = vec![0u8; 16];
-    no_bar.push(1);
-    let mut s2 = stream.clone();
-    put_section(&mut s2, kind::BAR_MEMORY, &no_bar);
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
-    assert!(matches!(l.write(&s2), Err(StreamError::Malformed(_))));
-    let mut s3 = stream;
-    put_section(&mut s3, kind::CONFIG, &[0; 8192]);
-    let mut l = Loader::new("dma-engine").with_bar_sizes(SIZES);
-    assert_eq!(l.write(&s3), Err(StreamError::SectionTooLarge(8192)));
+fn lies_with_valid_crcs_are_refused_each_with_its_own_error() {
+    let h = (kind::HEADER, header().encode());
+    let b = bars();
+    let refuse = |sections: Vec<(u16, Vec<u8>)>| {
+        loader("dma-engine")
+            .write(&forged(&sections), &b)
+            .unwrap_err()
+    };
+    let mut bad_magic = header().encode();
+    bad_magic[0] ^= 1;
+    assert_eq!(
+        refuse(vec![(kind::HEADER, bad_magic)]),
+        StreamError::BadMagic
+    );
+    let mut other_version = header().encode();
+    other_version[8] = 9;
+    assert_eq!(
+        refuse(vec![(kind::HEADER, other_version)]),
+        StreamError::FormatVersion(9)
+    );
+    assert_eq!(
+        refuse(vec![h.clone(), (0x77, vec![])]),
+        StreamError::UnknownSection(0x77)
+    );
+    assert_eq!(
+        refuse(vec![h.clone(), (kind::BAR_MEMORY, memory(0, 0, &[1]))]),
+        StreamError::NoSuchBar(0)
+    );
+    assert_eq!(
+        refuse(vec![h.clone(), (kind::BAR_MEMORY, memory(9, 0, &[1]))]),
+        StreamError::NoSuchBar(9)
+    );
+    assert!(matches!(
+        refuse(vec![
+            h.clone(),
+            (kind::BAR_MEMORY, memory(2, 64 * 1024 - 1, &[1, 2]))
+        ]),
+        StreamError::OutOfRange { bar: 2, .. }
+    ));
+    assert!(matches!(
+        refuse(vec![
+            h.clone(),
+            (kind::BAR_MEMORY, memory(2, u64::MAX, &[1]))
+        ]),
+        StreamError::OutOfRange { .. }
+    ));
+    assert!(matches!(
+        refuse(vec![h.clone(), (kind::IRQ_STATE, vec![0; 9])]),
+        StreamError::SizeMismatch {
+            what: "interrupt state",
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(vec![h.clone(), (kind::CONFIG, vec![0; 4096])]),
+        StreamError::SizeMismatch { what: "config", .. }
+    ));
+    let mut big_state = vec![1, 0];
+    big_state.resize(2 + (1 << 20) + 1, b' ');
+    assert!(matches!(
+        refuse(vec![h.clone(), (kind::DEVICE_STATE, big_state)]),
+        StreamError::TooLarge {
+            what: "device state",
+            ..
+        }
+    ));
+    assert_eq!(
+        refuse(vec![(kind::CONFIG, vec![0; 256])]),
+        StreamError::BadMagic,
+        "no header first"
+    );
+}
+
+#[test]
+fn memory_is_written_in_place_and_rolled_back_on_failure() {
+    let dst = bars();
+    dst[2]
+        .as_ref()
+        .unwrap()
+        .write(8192, b"destination own")
+        .unwrap();
+    let s = forged(&[
+        (kind::HEADER, header().encode()),
+        (kind::BAR_MEMORY, memory(2, 8192, &[1; 10])),
+        (kind::BAR_MEMORY, memory(2, 8192, &[2; 5])),
+    ]);
+    let mut l = loader("dma-engine");
+    l.write(&s, &dst).unwrap();
+    let mut got = [0u8; 15];
+    dst[2].as_ref().unwrap().read(8192, &mut got).unwrap();
+    assert_eq!(
+        &got[..10],
+        &[2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
+        "later sections win"
+    );
+    // The stream ends without device state: refused, and the memory is put back.
+    l.write(&forged(&[(kind::END, vec![])]), &dst).unwrap();
+    assert!(l.finish().is_err());
+    l.rollback(&dst);
+    dst[2].as_ref().unwrap().read(8192, &mut got).unwrap();
+    assert_eq!(&got, b"destination own");
+}
+
+#[test]
+fn a_refused_section_rolls_memory_back_at_once() {
+    let dst = bars();
+    let s = forged(&[
+        (kind::HEADER, header().encode()),
+        (kind::BAR_MEMORY, memory(2, 0, &[9; 4])),
+        (kind::BAR_MEMORY, memory(2, 1 << 20, &[9; 4])),
+    ]);
+    assert!(loader("dma-engine").write(&s, &dst).is_err());
+    let mut got = [1u8; 4];
+    dst[2].as_ref().unwrap().read(0, &mut got).unwrap();
+    assert_eq!(got, [0; 4]);
 }
