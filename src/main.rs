@@ -9,6 +9,7 @@ mod migrate_cmd;
 mod probe;
 mod qemu;
 mod status;
+mod supervise;
 mod trace;
 
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ enum Cmd {
         after_help = "Example:\n  vfud guest --device dma-engine --module-src examples/dma-engine-driver --script examples/dma-engine-driver/test.sh"
     )]
     Guest(guest::GuestArgs),
+    /// Internal: one supervised device process (started by `serve --supervise`).
+    #[command(hide = true)]
+    DeviceProcess(supervise::DeviceProcessArgs),
 }
 
 #[derive(clap::Args)]
@@ -104,6 +108,8 @@ struct ServeArgs {
     /// Read devices and settings from a TOML file (the same as these flags; see README).
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    supervise: supervise::SuperviseArgs,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -157,6 +163,17 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     let mut passed = activation::Passed::from_env()?;
     let shutdown = ShutdownHandle::new();
     install_signal_thread(shutdown.clone())?;
+    if args.supervise.supervise {
+        let (ctl, mode) = (args.control.as_deref(), args.socket_mode);
+        return supervise::run(
+            &args.supervise,
+            &args.devices,
+            &args.sockets,
+            ctl,
+            mode,
+            &shutdown,
+        );
+    }
     let mut threads = Vec::new();
     for (i, spec) in args.devices.iter().enumerate() {
         let device = vfud_devices::create(spec).map_err(anyhow::Error::msg)?;
@@ -237,6 +254,7 @@ fn main() -> ExitCode {
         Cmd::Status(a) => status::run(&a),
         Cmd::Completions(a) => docs::completions(&a, Cli::command()),
         Cmd::Man(a) => docs::man(&a, Cli::command()),
+        Cmd::DeviceProcess(a) => supervise::device_process(&a),
         Cmd::Devices => {
             for m in vfud_devices::MODELS {
                 println!("{:<12} {}", m.name, m.help);

@@ -62,6 +62,10 @@ pub const MODELS: &[Model] = &[
                 "msix",
                 "on or off (default on); off lets QEMU 11.1 unplug it (qemu-migrate --replug)",
             ),
+            (
+                "crash-test",
+                "TESTING ONLY: on makes a write of 0xdeaddead to BAR0 0xffc panic the model",
+            ),
         ],
         create: |o| {
             let slice = o
@@ -69,6 +73,11 @@ pub const MODELS: &[Model] = &[
                 .unwrap_or(u64::from(dma_engine::DEFAULT_SLICE));
             let slice = u32::try_from(slice).map_err(|_| "slice is too large".to_string())?;
             let engine = dma_engine::DmaEngine::with_slice(slice);
+            let engine = match o.get("crash-test") {
+                None | Some("off") => engine,
+                Some("on") => engine.with_crash_test(),
+                Some(v) => return Err(format!("option crash-test={v}: give on or off")),
+            };
             Ok(Box::new(match o.get("msix") {
                 None | Some("on") => engine,
                 Some("off") => engine.without_msix(),

@@ -256,6 +256,30 @@ impl FrameReader {
         (bytes, fds)
     }
 
+    /// Bytes read from the socket but not yet returned as a frame (the rest of a burst, or
+    /// the start of a frame still arriving). A supervised server mirrors them so a process
+    /// that replaces it after a crash can carry on mid-stream ([`FrameReader::prefill`]).
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Stream offset, counted from this reader's first byte, of the first pending byte
+    /// (the end of the last frame returned).
+    pub fn stream_offset(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Queue `bytes` as if they had been received before anything still in the socket: the
+    /// [`FrameReader::pending`] bytes of a reader in a process that died.
+    pub fn prefill(&mut self, bytes: &[u8]) {
+        self.buf.truncate(self.end);
+        self.buf.extend_from_slice(bytes);
+        self.end += bytes.len();
+        if self.buf.len() < READ_BUFFER {
+            self.buf.resize(READ_BUFFER, 0);
+        }
+    }
+
     /// Return the next whole frame, reading from the socket only when the buffer holds none.
     /// `Ok(None)` when the socket would block. A malformed header is an error after which
     /// the stream cannot be resynchronised: the caller should drop the connection. So is a

@@ -76,6 +76,17 @@ impl Connection {
         self.stream.as_fd().try_clone_to_owned()
     }
 
+    /// The frame reader (a supervised server mirrors its pending bytes, see
+    /// [`crate::supervisor`]).
+    pub fn reader(&self) -> &FrameReader {
+        &self.reader
+    }
+
+    /// The frame reader, to prefill it with bytes a crashed process had read.
+    pub fn reader_mut(&mut self) -> &mut FrameReader {
+        &mut self.reader
+    }
+
     /// Whether the client has sent bytes nobody read yet.
     pub fn has_unread(&self) -> bool {
         let mut b = [0u8; 1];

@@ -6,11 +6,9 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use vfud_protocol::codec::{Frame, Limits};
 use vfud_protocol::messages::device::{DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET};
-use vfud_protocol::messages::feature::{v1, vfud};
 use vfud_protocol::messages::irq::IRQ_INDEX_COUNT;
 use vfud_protocol::messages::region::{
-    RegionCap, RegionInfo, RegionInfoReply, RegionIoFds, PCI_CONFIG_REGION_INDEX, PCI_NUM_REGIONS,
-    REGION_FLAG_READ, REGION_FLAG_WRITE,
+    RegionInfo, RegionInfoReply, RegionIoFds, PCI_CONFIG_REGION_INDEX, PCI_NUM_REGIONS,
 };
 use vfud_protocol::messages::version::{negotiate, Negotiated, ServerOffer};
 use vfud_protocol::messages::{DeviceInfo, MigState, Request};
@@ -21,7 +19,7 @@ use crate::dma::socket::Outgoing;
 use crate::dma::{DmaTable, GuestMem, SocketDma, SocketDmaCounters};
 use crate::error::{DeviceError, RequestError};
 use crate::migration::fsm::permits;
-use crate::migration::v1::{V1_REGION_INDEX, V1_WINDOW_OFFSET, V1_WINDOW_SIZE};
+use crate::migration::v1::V1_REGION_INDEX;
 use crate::migration::{MigrationSession, Parts};
 use crate::pci::{Access, BarTarget, PciFunction};
 
@@ -72,6 +70,9 @@ pub struct DeviceServer {
     pub(crate) negotiated: Option<Negotiated>,
     pub(crate) work: bool,
     socket_dma_warned: bool,
+    /// A large reply buffer handed back after sending, reused by the next MIG_DATA_READ so
+    /// megabyte replies do not allocate (and fault in) fresh pages every time.
+    spare: Vec<u8>,
 }
 
 impl DeviceServer {
@@ -93,6 +94,7 @@ impl DeviceServer {
             negotiated: None,
             work: false,
             socket_dma_warned: false,
+            spare: Vec::new(),
         })
     }
 
@@ -184,7 +186,10 @@ impl DeviceServer {
     }
 
     /// Call `f` with the device and a context over guest memory, interrupts and BAR memory.
-    fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn Device, &mut DeviceCtx<'_>) -> R) -> R {
+    pub(crate) fn with_device<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Device, &mut DeviceCtx<'_>) -> R,
+    ) -> R {
         let Self {
             device,
             function,
@@ -224,6 +229,13 @@ impl DeviceServer {
                 msg_id = frame.header.msg_id,
                 "unexpected reply from client dropped"
             );
+        }
+    }
+
+    /// Give back a sent reply's buffer for reuse (only large ones are kept).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() >= 64 * 1024 && buf.capacity() > self.spare.capacity() {
+            self.spare = buf;
         }
     }
 
@@ -395,16 +407,10 @@ impl DeviceServer {
                         state,
                     });
                 }
-                // The reply is built in place: header, then the stream bytes appended to it.
                 let max = (m.size as usize).min(self.limits().max_data_xfer_size as usize);
-                let mut p = Vec::with_capacity(8 + max);
-                p.resize(8, 0);
+                let buf = std::mem::take(&mut self.spare);
                 let (mig, mut parts) = self.parts();
-                let n = mig.read_stream_into(&mut p, max, &mut parts)?;
-                // struct vfio_user_mig_data: argsz, size.
-                p[..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
-                p[4..8].copy_from_slice(&(n as u32).to_le_bytes());
-                Ok(Reply::bytes(p))
+                Ok(Reply::bytes(mig.mig_data_reply(buf, max, &mut parts)?))
             }
             Request::MigDataWrite(data) => {
                 if !allowed.mig_data_write {
@@ -483,29 +489,7 @@ impl DeviceServer {
     fn region_info(&self, r: RegionInfo) -> Result<Reply, RequestError> {
         let (info, caps, mut fds) = match r.index {
             V1_REGION_INDEX if self.mig.v1.is_some() => {
-                let info = RegionInfo {
-                    argsz: 0,
-                    flags: REGION_FLAG_READ | REGION_FLAG_WRITE,
-                    index: r.index,
-                    cap_offset: 0,
-                    size: V1_WINDOW_OFFSET + V1_WINDOW_SIZE as u64,
-                    offset: 0,
-                };
-                let ordering = vfud::MigrationOrdering {
-                    flags: self.ordering_flags(),
-                    reserved: 0,
-                };
-                let caps = vec![
-                    RegionCap::Type {
-                        region_type: v1::REGION_TYPE_MIGRATION,
-                        subtype: v1::REGION_SUBTYPE_MIGRATION,
-                    },
-                    RegionCap::Other {
-                        id: vfud::REGION_CAP_MIGRATION_ORDERING,
-                        version: 1,
-                        data: encode(&ordering),
-                    },
-                ];
+                let (info, caps) = crate::migration::v1::region_info(self.ordering_flags());
                 (info, caps, Vec::new())
             }
             8 => (

@@ -168,12 +168,14 @@ pub(crate) struct Loop {
     pub(crate) listener: Option<UnixListener>,
     control: Option<UnixListener>,
     pub(crate) controls: HashMap<Token, (UnixStream, FrameReader)>,
-    next_control: usize,
+    pub(crate) next_control: usize,
     registered: HashMap<RawFd, Token>,
     pub(crate) outgoing: Option<OutgoingHandover>,
     pub(crate) stats: Option<HandoverStats>,
     /// Counters for `vfud status`.
     pub(crate) counters: crate::stats::Stats,
+    /// Set in a supervised device process ([`crate::supervisor`]).
+    pub(crate) sup: Option<crate::supervisor::Supervised>,
 }
 
 /// Serve on already bound sockets. `listener` may be absent for a process started with
@@ -182,6 +184,18 @@ pub fn serve_listener(
     device: Box<dyn Device>,
     listener: Option<UnixListener>,
     control: Option<UnixListener>,
+    settings: &ServerSettings,
+    shutdown: &ShutdownHandle,
+) -> io::Result<Outcome> {
+    serve_inner(device, listener, control, None, settings, shutdown)
+}
+
+/// [`serve_listener`], optionally as a supervised device process.
+pub(crate) fn serve_inner(
+    device: Box<dyn Device>,
+    listener: Option<UnixListener>,
+    control: Option<UnixListener>,
+    sup: Option<crate::supervisor::Supervised>,
     settings: &ServerSettings,
     shutdown: &ShutdownHandle,
 ) -> io::Result<Outcome> {
@@ -198,6 +212,9 @@ pub fn serve_listener(
         lp.register(c.as_raw_fd(), CONTROL_LISTENER)?;
         lp.control = Some(c);
     }
+    if let Some(s) = sup {
+        lp.adopt_supervision(s)?;
+    }
     let mut events = Events::with_capacity(64);
     tracing::info!(device = name, "serving");
     while !shutdown.is_triggered() {
@@ -208,6 +225,7 @@ pub fn serve_listener(
             true => Some(Duration::ZERO),
             false => deadline.map(|d| d.saturating_duration_since(Instant::now())),
         };
+        let timeout = lp.supervise_timeout(timeout);
         match lp.poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -233,6 +251,7 @@ pub fn serve_listener(
             lp.server.run_deferred();
             lp.flush_requests();
         });
+        lp.supervise_turn(!events.is_empty() || lp.server.work_pending());
         if lp.outgoing.is_some() && lp.handover_step() {
             tracing::info!(device = name, "device handed over; this process lets go");
             lp.server.release_after_handover();
@@ -261,6 +280,7 @@ impl Loop {
             outgoing: None,
             stats: None,
             counters: crate::stats::Stats::default(),
+            sup: None,
         })
     }
 
@@ -305,6 +325,7 @@ impl Loop {
     pub(crate) fn set_client(&mut self, c: Connection) -> io::Result<()> {
         self.register(c.raw_fd(), CLIENT)?;
         self.client = Some(c);
+        self.journal_new_stream();
         Ok(())
     }
 
@@ -403,15 +424,20 @@ impl Loop {
                     if !quiet && c.error(&h, nix::errno::Errno::E2BIG).is_err() {
                         return self.disconnect("send failed");
                     }
+                    self.journal_handled();
                     continue;
                 }
-                Ok(None) => return,
+                Ok(None) => return self.journal_idle(),
                 Err(ProtocolError::Disconnected) => return self.disconnect("closed by peer"),
                 Err(e) => return self.disconnect(&format!("broken frame: {e}")),
+            };
+            let Some(frame) = self.journal_take(frame) else {
+                continue;
             };
             if self.process_frame(frame).is_err() {
                 return self.disconnect("send failed");
             }
+            self.journal_handled();
             self.flush_requests();
         }
     }
@@ -448,16 +474,25 @@ impl Loop {
             }
         };
         let len = frame.payload.len();
+        let snapshot = self.needs_snapshot(&h, &frame.payload);
         let result = Request::decode(h.cmd, &frame.payload, frame.fds, &self.server.limits())
             .map_err(crate::error::RequestError::from)
             .and_then(|req| self.server.handle(req, len));
         self.counters.record(h.cmd, result.is_ok());
+        if snapshot && result.is_ok() {
+            self.checkpoint_now();
+        }
+        self.journal_handled();
         let Some(c) = self.client.as_ref() else {
             return Ok(());
         };
         let sent = match result {
             Ok(_) if no_reply => Ok(()),
-            Ok(reply) => c.reply(&h, &reply),
+            Ok(reply) => {
+                let sent = c.reply(&h, &reply);
+                self.server.recycle(reply.payload);
+                sent
+            }
             Err(e) => {
                 let why = crate::error::chain(&e);
                 tracing::debug!(msg_id = h.msg_id, cmd = h.cmd, errno = ?e.errno(), "request failed: {why}");

@@ -25,6 +25,7 @@ pub mod migration;
 pub mod mmap;
 pub mod pci;
 pub mod stats;
+pub mod supervisor;
 pub mod testing;
 
 pub use device::{

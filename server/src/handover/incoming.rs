@@ -142,6 +142,7 @@ impl Loop {
             "device taken over, running"
         );
         super::send(self.control_stream(t)?, kind::RUNNING, &[], &[])?;
+        self.supervised_adopted();
         // The client may have sent requests while nobody read the socket.
         self.read_client();
         Ok(())

@@ -208,7 +208,9 @@ impl MigrationSession {
                     state_version: parts.migratable()?.save()?.version,
                     model: self.model.to_string(),
                 };
-                self.saver = Some(Saver::new(&header, parts.function.bars()));
+                // From STOP nothing can change while saving: no pages to remember.
+                let track = from == Running;
+                self.saver = Some(Saver::new(&header, parts.function.bars(), track));
             }
             (PreCopy, Running) | (StopCopy, Stop) => self.saver = None,
             (PreCopy, StopCopy) | (Running, Stop) => parts.migratable()?.quiesce(),
@@ -255,6 +257,23 @@ impl MigrationSession {
         let mut v = Vec::new();
         self.read_stream_into(&mut v, max, parts)?;
         Ok(v)
+    }
+
+    /// The MIG_DATA_READ reply built in place in `buf` (a reused buffer): the
+    /// `struct vfio_user_mig_data` header (argsz, size), then up to `max` stream bytes.
+    pub fn mig_data_reply(
+        &mut self,
+        mut buf: Vec<u8>,
+        max: usize,
+        parts: &mut Parts<'_>,
+    ) -> Result<Vec<u8>, RequestError> {
+        buf.clear();
+        buf.reserve(8 + max);
+        buf.resize(8, 0);
+        let n = self.read_stream_into(&mut buf, max, parts)?;
+        buf[..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
+        buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+        Ok(buf)
     }
 
     /// Append up to `max` bytes of the outgoing stream to `dst`; returns how many.
@@ -337,6 +356,10 @@ impl MigrationSession {
         let r = self.apply_restore(&mut loader, parts);
         if r.is_err() {
             loader.rollback(parts.function.bars());
+        } else {
+            // The loader holds the BARs' previous contents (up to their size): freeing that
+            // is slow (unmapping every page) and has nothing to do with the downtime.
+            std::thread::spawn(move || drop(loader));
         }
         r
     }

@@ -9,7 +9,8 @@
 //! `data_size` gives its size; the next read of `pending_bytes` after `data_size` marks the
 //! chunk consumed.
 
-use vfud_protocol::messages::feature::v1;
+use vfud_protocol::messages::feature::{v1, vfud};
+use vfud_protocol::messages::region::{RegionCap, RegionInfo, REGION_FLAG_READ, REGION_FLAG_WRITE};
 use vfud_protocol::messages::MigState;
 
 use super::session::{MigrationSession, Parts};
@@ -38,6 +39,39 @@ impl V1Region {
         }
         &mut self.window
     }
+}
+
+/// REGION_INFO of the v1 migration region: its size, the migration type capability and
+/// vfud's ordering capability (the same 8 bytes as DEVICE_FEATURE 0x4002).
+pub fn region_info(ordering_flags: u32) -> (RegionInfo, Vec<RegionCap>) {
+    let info = RegionInfo {
+        argsz: 0,
+        flags: REGION_FLAG_READ | REGION_FLAG_WRITE,
+        index: V1_REGION_INDEX,
+        cap_offset: 0,
+        size: V1_WINDOW_OFFSET + V1_WINDOW_SIZE as u64,
+        offset: 0,
+    };
+    let mut ordering = Vec::new();
+    vfud_protocol::wire::put(
+        &mut ordering,
+        &vfud::MigrationOrdering {
+            flags: ordering_flags,
+            reserved: 0,
+        },
+    );
+    let caps = vec![
+        RegionCap::Type {
+            region_type: v1::REGION_TYPE_MIGRATION,
+            subtype: v1::REGION_SUBTYPE_MIGRATION,
+        },
+        RegionCap::Other {
+            id: vfud::REGION_CAP_MIGRATION_ORDERING,
+            version: 1,
+            data: ordering,
+        },
+    ];
+    (info, caps)
 }
 
 fn v1_err(msg: impl Into<String>) -> RequestError {

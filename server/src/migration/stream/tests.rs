@@ -43,7 +43,7 @@ fn loader(model: &str) -> Loader {
 }
 
 fn whole_stream(b: &[Option<SharedMemory>; 6]) -> Vec<u8> {
-    let mut s = Saver::new(&header(), b);
+    let mut s = Saver::new(&header(), b, true);
     let mut f = final_state;
     let mut out = Vec::new();
     loop {
@@ -77,7 +77,7 @@ fn stream_round_trips_and_stages_memory() {
 #[test]
 fn precopy_reports_shrinking_initial_and_growing_dirty_bytes() {
     let b = bars();
-    let mut s = Saver::new(&header(), &b);
+    let mut s = Saver::new(&header(), &b, true);
     let start = s.initial_bytes();
     assert!(start >= 64 * 1024);
     let first = s.read(16 * 1024, &b, None).unwrap();
