@@ -173,3 +173,50 @@ pub fn wait_for_path(p: &Path, timeout: Duration) -> bool {
     }
     false
 }
+
+/// `vfud migrate --handover --json --from FROM --to TO`; panics with its output on failure.
+pub fn handover(from: &Path, to: &Path) {
+    let out = Command::new(vfud_bin())
+        .args(["migrate", "--handover", "--json", "--from"])
+        .arg(from)
+        .arg("--to")
+        .arg(to)
+        .stdin(Stdio::null())
+        .output()
+        .expect("vfud migrate --handover");
+    assert!(
+        out.status.success(),
+        "handover {} -> {} failed: {}{}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `vfud serve --device SPEC --incoming CTL`, returned once CTL exists.
+pub fn serve_incoming(spec: &str, ctl: &Path) -> KillOnDrop {
+    let child = serve_command()
+        .arg("--device")
+        .arg(spec)
+        .arg("--incoming")
+        .arg(ctl)
+        .spawn()
+        .expect("spawn vfud serve --incoming");
+    assert!(
+        wait_for_path(ctl, Duration::from_secs(10)),
+        "no {}",
+        ctl.display()
+    );
+    KillOnDrop(child)
+}

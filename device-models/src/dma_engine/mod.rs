@@ -43,7 +43,7 @@
 //!
 //! # Migration
 //! The device declares config-before-data: restoring a job in flight needs bus mastering on
-//! and, with MSI-X, its completion vector programmed in the restored config; a load without
+//! and, with MSI-X, its completion vector present among the restored config's MSI-X vectors; a load without
 //! them is refused (the migration fails cleanly).
 
 mod job;
@@ -437,7 +437,7 @@ impl Migratable for DmaEngine {
                 return invalid("a job in flight, but bus mastering is off in the restored config");
             }
             if regs.control & CONTROL_IRQ_ENABLE != 0 && !cfg.vector_programmed(regs.irq_vector) {
-                return invalid("a job in flight, but its MSI-X vector is not programmed");
+                return invalid("a job in flight, but its MSI-X vector does not exist");
             }
         }
         self.regs = regs;
