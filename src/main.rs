@@ -187,7 +187,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         };
         let control = match control_path {
             Some(p) => Some(
-                vfud_server::event_loop::bind_socket(p, args.socket_mode)
+                vfud_server::event_loop::bind_socket(p, Some(0o600))
                     .with_context(|| format!("binding control socket {}", p.display()))?,
             ),
             None => None,

@@ -459,10 +459,18 @@ fn skippable(h: &Header) -> bool {
         && Command::try_from(h.cmd).is_ok()
 }
 
-/// Wait until `sock` is writable (used when a non-blocking socket's buffer is full).
-fn wait_writable(sock: BorrowedFd<'_>) -> Result<(), ProtocolError> {
+/// How long one message may take to send. A peer that does not read for this long is
+/// treated as gone ([`ProtocolError::Timeout`]), so a client that stops reading cannot hold a
+/// server's loop (or its memory) for longer than this, however slowly it drains the socket.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Wait until `sock` is writable (used when a non-blocking socket's buffer is full), at
+/// most until `deadline`.
+fn wait_writable(sock: BorrowedFd<'_>, deadline: std::time::Instant) -> Result<(), ProtocolError> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
     let mut p = [PollFd::new(sock, PollFlags::POLLOUT)];
-    match poll(&mut p, PollTimeout::from(5000u16)) {
+    match poll(&mut p, PollTimeout::from(ms)) {
         Ok(0) => Err(ProtocolError::Timeout),
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(e) => Err(e.into()),
@@ -498,6 +506,7 @@ pub fn send_chunks(
     let total: usize = chunks.iter().map(|c| c.len()).sum();
     let mut sent = 0usize;
     let mut first = true;
+    let deadline = std::time::Instant::now() + SEND_TIMEOUT;
     while sent < total {
         // Build iovecs for what is left.
         let mut skip = sent;
@@ -517,7 +526,7 @@ pub fn send_chunks(
                 sent += n;
                 first = false;
             }
-            Err(Errno::EAGAIN) => wait_writable(sock)?,
+            Err(Errno::EAGAIN) => wait_writable(sock, deadline)?,
             Err(Errno::EINTR) => {}
             Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(ProtocolError::Disconnected),
             Err(e) => return Err(e.into()),

@@ -66,7 +66,7 @@ pub struct DeviceServer {
     pub(crate) dma: DmaTable,
     pub(crate) socket_dma: SocketDma,
     pub(crate) mig: MigrationSession,
-    offer: ServerOffer,
+    pub(crate) offer: ServerOffer,
     pub(crate) negotiated: Option<Negotiated>,
     pub(crate) work: bool,
     socket_dma_warned: bool,
@@ -149,6 +149,8 @@ impl DeviceServer {
     /// Forget everything that belonged to the client, keeping device state (spec "Client
     /// Disconnection"). Socket DMA in flight fails; the device sees that when it next runs.
     pub fn client_gone(&mut self) {
+        // Dirty logging belongs to the client that started it (and its bitmaps to its maps).
+        self.dma.stop_logging();
         self.dma.unmap_all();
         self.function.irqs_mut().disable_all();
         self.negotiated = None;
@@ -304,9 +306,13 @@ impl DeviceServer {
         let allowed = permits(state);
         let busy = |what| RequestError::Busy { what, state };
         match req {
+            Request::Version(_) if self.negotiated.is_some() => Err(RequestError::invalid(
+                "VERSION was already negotiated on this connection",
+            )),
             Request::Version(v) => {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
                 self.dma.set_max_maps(n.max_dma_maps as usize);
+                self.dma.set_max_report(n.max_data_xfer_size as usize);
                 // DMA requests must fit what the client receives: the smaller of both limits.
                 let send_max = Limits::from_negotiated(&n).max_data_xfer_size;
                 self.socket_dma.set_max_xfer(send_max as usize);

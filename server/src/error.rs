@@ -34,6 +34,16 @@ pub enum DmaError {
     /// The client disconnected while a socket DMA was in flight.
     #[error("client unavailable for socket DMA")]
     ClientUnavailable,
+    /// A DMA_MAP whose address, size or file offset is not page-aligned (`pgsizes` is 4 KiB).
+    #[error("DMA map {iova:#x}+{size:#x} at file offset {offset:#x} is not 4 KiB-aligned")]
+    Unaligned {
+        /// Start IOVA.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// File offset.
+        offset: u64,
+    },
     /// The mapping failed (mmap of the client's fd).
     #[error("cannot map DMA region: {0}")]
     MapFailed(String),
@@ -70,6 +80,24 @@ pub enum DmaError {
     /// `max_dma_maps` reached.
     #[error("too many DMA mappings (max {0})")]
     TooManyMappings(usize),
+    /// The client shrank the file behind an fd-backed mapping; the mapping now reads as
+    /// zeroes and discards writes (see `dma::sigbus`).
+    #[error("the client truncated the file behind the mapping at IOVA {0:#x}")]
+    Revoked(u64),
+    /// Dirty bitmaps would exceed [`crate::dma::MAX_DIRTY_BITMAP_BYTES`].
+    #[error("dirty logging would need {bytes} bytes of bitmap, above the per-client limit")]
+    BitmapBudget {
+        /// Bytes that would be needed.
+        bytes: usize,
+    },
+    /// A DMA_LOGGING_REPORT bitmap larger than `max_data_xfer_size`.
+    #[error("dirty report of {bytes} bytes exceeds max_data_xfer_size {max}")]
+    ReportTooLarge {
+        /// Bitmap bytes asked for.
+        bytes: u64,
+        /// The negotiated limit.
+        max: usize,
+    },
     /// Socket DMA is under way: the request was sent (or is queued behind the in-flight
     /// limit) and the data is not here yet. The device keeps its progress and returns; it is
     /// run again when the client's reply arrives. Never an error reply to the client.
@@ -87,7 +115,11 @@ impl DmaError {
             DmaError::Protection { .. } => Errno::EPERM,
             DmaError::Pending => Errno::EAGAIN,
             DmaError::LoggingActive => Errno::EBUSY,
-            DmaError::BadReport(_) | DmaError::LoggingInactive => Errno::EINVAL,
+            DmaError::BitmapBudget { .. } => Errno::ENOMEM,
+            DmaError::ReportTooLarge { .. } => Errno::E2BIG,
+            DmaError::BadReport(_) | DmaError::LoggingInactive | DmaError::Unaligned { .. } => {
+                Errno::EINVAL
+            }
             _ => Errno::EFAULT,
         }
     }

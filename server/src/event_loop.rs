@@ -14,8 +14,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,8 +109,10 @@ pub enum Outcome {
 }
 
 /// Bind `path`, removing a stale socket file only when nothing listens on it. The socket is
-/// bound and listening under a temporary name and renamed into place once its mode is set,
-/// so a client that sees the path can connect, and never to a socket with the wrong mode.
+/// bound and listening in a private directory (mode 0700) next to `path`, given its mode
+/// there, and then renamed into place: a client that sees the path can connect at once, and
+/// nobody can reach the socket while it still has the default mode (with `mode` 0600 it is
+/// never accessible to other users, not even briefly).
 pub fn bind_socket(path: &Path, mode: Option<u32>) -> io::Result<UnixListener> {
     if path.exists() {
         match UnixStream::connect(path) {
@@ -125,21 +128,22 @@ pub fn bind_socket(path: &Path, mode: Option<u32>) -> io::Result<UnixListener> {
             }
         }
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
+    let mut dir = path.as_os_str().to_owned();
+    dir.push(format!(".{}.tmp", std::process::id()));
+    let dir = PathBuf::from(dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let placed = UnixListener::bind(&tmp).and_then(|l| {
+        if let Some(m) = mode {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m))?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
     let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    let placed = mode
-        .map_or(Ok(()), |m| {
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m))
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(l)
+    let _ = std::fs::remove_dir(&dir);
+    placed
 }
 
 /// Serve `device` on `opts.socket_path` until `shutdown` triggers.
@@ -198,22 +202,8 @@ pub(crate) fn serve_inner(
     let server = DeviceServer::new(device, settings.clone())
         .map_err(|e| io::Error::other(crate::error::chain(&e)))?;
     let name = server.description().name;
-    let poll = Poll::new()?;
-    shutdown.register(Arc::new(Waker::new(poll.registry(), WAKER)?));
-    let mut lp = Loop {
-        poll,
-        server,
-        client: None,
-        listener: None,
-        control: None,
-        controls: HashMap::new(),
-        next_control: 0,
-        registered: HashMap::new(),
-        outgoing: None,
-        stats: None,
-        counters: crate::stats::Stats::default(),
-        sup: None,
-    };
+    let mut lp = Loop::new(server)?;
+    shutdown.register(Arc::new(Waker::new(lp.poll.registry(), WAKER)?));
     if let Some(l) = listener {
         lp.set_listener(l)?;
     }
@@ -241,23 +231,26 @@ pub(crate) fn serve_inner(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        for ev in events.iter() {
-            match ev.token() {
-                LISTENER => lp.accept_clients()?,
+        let tokens: Vec<Token> = events.iter().map(|ev| ev.token()).collect();
+        for token in tokens {
+            lp.contained("event", |lp| match token {
+                LISTENER => lp.accept_clients(),
                 CLIENT => lp.read_client(),
                 WAKER => {}
                 INTX_UNMASK => lp.server.intx_unmask_event(),
-                CONTROL_LISTENER => lp.accept_controls()?,
+                CONTROL_LISTENER => lp.accept_controls(),
                 Token(t) if t >= CONTROL_BASE => lp.read_control(Token(t)),
                 Token(t) if t >= DEVICE_BASE => lp.server.device_event((t - DEVICE_BASE) as u32),
                 _ => {}
+            });
+        }
+        lp.contained("device work", |lp| {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                lp.server.device_timer();
             }
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            lp.server.device_timer();
-        }
-        lp.server.run_deferred();
-        lp.flush_requests();
+            lp.server.run_deferred();
+            lp.flush_requests();
+        });
         lp.supervise_turn(!events.is_empty() || lp.server.work_pending());
         if lp.outgoing.is_some() && lp.handover_step() {
             tracing::info!(device = name, "device handed over; this process lets go");
@@ -269,7 +262,48 @@ pub(crate) fn serve_inner(
     Ok(Outcome::Shutdown)
 }
 
+/// Most control connections open at once (each may buffer a frame of up to 16 MiB).
+const MAX_CONTROLS: usize = 8;
+
 impl Loop {
+    /// A loop around `server` with nothing registered yet.
+    pub(crate) fn new(server: DeviceServer) -> io::Result<Self> {
+        Ok(Loop {
+            poll: Poll::new()?,
+            server,
+            client: None,
+            listener: None,
+            control: None,
+            controls: HashMap::new(),
+            next_control: 0,
+            registered: HashMap::new(),
+            outgoing: None,
+            stats: None,
+            counters: crate::stats::Stats::default(),
+            sup: None,
+        })
+    }
+
+    /// Run one step of the loop with panics contained: a bug that a client's input reaches
+    /// costs that client its connection (the device keeps serving the next one) instead of
+    /// killing the thread — and with it, in a multi-device process, nothing else either.
+    fn contained(&mut self, what: &str, f: impl FnOnce(&mut Self)) {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(self))) {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(
+                device = self.server.description().name,
+                "internal error during {what} (contained): {msg}"
+            );
+            if self.client.is_some() {
+                self.disconnect("internal error");
+            }
+        }
+    }
+
     pub(crate) fn register(&self, fd: RawFd, t: Token) -> io::Result<()> {
         self.poll
             .registry()
@@ -322,14 +356,16 @@ impl Loop {
         Ok(())
     }
 
-    fn accept_clients(&mut self) -> io::Result<()> {
+    /// Accept pending connections. Failures (e.g. out of fds under a connection flood) are
+    /// logged, never fatal: the device keeps serving and accepts again on the next event.
+    fn accept_clients(&mut self) {
+        let name = self.server.description().name;
         loop {
             let Some(listener) = &self.listener else {
-                return Ok(());
+                return;
             };
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let name = self.server.description().name;
                     if self.client.is_some() {
                         tracing::warn!(
                             device = name,
@@ -337,13 +373,20 @@ impl Loop {
                         );
                         continue;
                     }
-                    self.set_client(Connection::new(stream)?)?;
-                    tracing::info!(device = name, "client connected");
-                    self.counters.client_connected();
+                    match Connection::new(stream).and_then(|c| self.set_client(c)) {
+                        Ok(()) => {
+                            tracing::info!(device = name, "client connected");
+                            self.counters.client_connected();
+                        }
+                        Err(e) => tracing::warn!(device = name, "client not adopted: {e}"),
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(device = name, "accept failed: {e}");
+                    return;
+                }
             }
         }
     }
@@ -466,22 +509,35 @@ impl Loop {
         sent
     }
 
-    fn accept_controls(&mut self) -> io::Result<()> {
+    /// Accept control connections, at most [`MAX_CONTROLS`] at once; failures are logged.
+    fn accept_controls(&mut self) {
         let Some(l) = &self.control else {
-            return Ok(());
+            return;
         };
         loop {
             match l.accept() {
+                Ok((_, _)) if self.controls.len() >= MAX_CONTROLS => {
+                    tracing::warn!("refusing a control connection: {MAX_CONTROLS} already open");
+                }
                 Ok((s, _)) => {
-                    s.set_nonblocking(true)?;
                     let t = Token(CONTROL_BASE + self.next_control);
                     self.next_control += 1;
-                    self.register(s.as_raw_fd(), t)?;
-                    self.controls.insert(t, (s, FrameReader::new()));
+                    let adopted = s
+                        .set_nonblocking(true)
+                        .and_then(|()| self.register(s.as_raw_fd(), t));
+                    match adopted {
+                        Ok(()) => {
+                            self.controls.insert(t, (s, FrameReader::new()));
+                        }
+                        Err(e) => tracing::warn!("control connection not adopted: {e}"),
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!("accept on the control socket failed: {e}");
+                    return;
+                }
             }
         }
     }

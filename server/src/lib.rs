@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod dma;
 pub mod error;
 pub mod event_loop;
+pub mod fuzzing;
 pub mod handover;
 pub mod irq;
 pub mod migration;

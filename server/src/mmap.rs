@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use memmap2::MmapRaw;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::error::DeviceError;
@@ -24,11 +25,16 @@ pub struct SharedMemory {
 impl SharedMemory {
     /// Create `len` bytes of zeroed shared memory named `name` (visible in /proc/PID/fd).
     pub fn new(name: &str, len: usize) -> Result<Self, DeviceError> {
-        let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC)
+        let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
             .map_err(|e| DeviceError::Other(format!("memfd_create: {e}")))?;
         let file = File::from(fd);
         file.set_len(len as u64)
             .map_err(|e| DeviceError::Other(format!("memfd size: {e}")))?;
+        // The client gets this fd (GET_REGION_INFO): seal its size so that a client cannot
+        // shrink it under our mapping (SIGBUS) or grow it to waste memory.
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals))
+            .map_err(|e| DeviceError::Other(format!("memfd seals: {e}")))?;
         let map = MmapRaw::map_raw(&file).map_err(|e| DeviceError::Other(format!("mmap: {e}")))?;
         Ok(Self { file, map, len })
     }

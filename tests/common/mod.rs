@@ -3,6 +3,7 @@
 
 pub mod dma_engine;
 pub mod foreign;
+pub mod hostile;
 pub mod qemu;
 pub mod tracer;
 

@@ -2,6 +2,7 @@
 
 use vm_memory::{Bytes, MemoryRegionAddress};
 
+use super::sigbus::Guard;
 use super::socket::SocketDma;
 use super::{Backing, DmaTable, Iova};
 use crate::error::DmaError;
@@ -37,10 +38,13 @@ impl<'a> GuestMem<'a> {
             });
         }
         match &m.backing {
-            Backing::Mmap(r) => r
-                .read_slice(buf, MemoryRegionAddress(iova.0 - m.iova))
-                .map_err(|e| DmaError::MapFailed(e.to_string())),
-            Backing::Socket(_) => self.socket()?.read(iova.0, buf),
+            Backing::Mmap { guard, region } => {
+                region
+                    .read_slice(buf, MemoryRegionAddress(iova.0 - m.iova))
+                    .map_err(|e| DmaError::MapFailed(e.to_string()))?;
+                revoked(guard, iova)
+            }
+            Backing::Socket => self.socket()?.read(iova.0, buf),
         }
     }
 
@@ -54,16 +58,16 @@ impl<'a> GuestMem<'a> {
             });
         }
         match &m.backing {
-            Backing::Mmap(r) => r
-                .write_slice(data, MemoryRegionAddress(iova.0 - m.iova))
-                .map_err(|e| DmaError::MapFailed(e.to_string())),
-            Backing::Socket(bm) => {
-                let off = (iova.0 - m.iova) as usize;
-                self.socket()?.write(iova.0, data)?;
-                vm_memory::bitmap::Bitmap::mark_dirty(bm, off, data.len());
-                Ok(())
+            Backing::Mmap { guard, region } => {
+                region
+                    .write_slice(data, MemoryRegionAddress(iova.0 - m.iova))
+                    .map_err(|e| DmaError::MapFailed(e.to_string()))?;
+                revoked(guard, iova)?;
             }
+            Backing::Socket => self.socket()?.write(iova.0, data)?,
         }
+        m.mark_dirty(iova.0 - m.iova, data.len());
+        Ok(())
     }
 
     /// Whether every write so far has reached guest memory: `Ok` at once for fd-backed
@@ -86,5 +90,14 @@ impl<'a> GuestMem<'a> {
     /// Write a little-endian u32.
     pub fn write_u32(&mut self, iova: Iova, v: u32) -> Result<(), DmaError> {
         self.write(iova, &v.to_le_bytes())
+    }
+}
+
+/// Fail an access whose mapping a truncation of the client's file revoked (see
+/// [`super::sigbus`]): the bytes it moved were not guest memory.
+fn revoked(guard: &Guard, iova: Iova) -> Result<(), DmaError> {
+    match guard.revoked() {
+        true => Err(DmaError::Revoked(iova.0)),
+        false => Ok(()),
     }
 }

@@ -122,10 +122,22 @@ impl DeviceServer {
         };
         let boxed = |e: RequestError| HandoverError::Request(Box::new(e));
         if let Some(n) = &info.negotiated {
+            // The peer's limits are client input: never above what this server offers.
+            let o = &self.offer;
+            if n.max_msg_fds > o.max_msg_fds
+                || n.max_data_xfer_size > o.max_data_xfer_size
+                || n.max_dma_maps > o.max_dma_maps
+            {
+                return Err(protocol(format!(
+                    "handover limits {n:?} exceed what this server offers"
+                )));
+            }
             self.dma.set_max_maps(n.max_dma_maps as usize);
+            self.dma.set_max_report(n.max_data_xfer_size as usize);
             let send_max = vfud_protocol::codec::Limits::from_negotiated(n).max_data_xfer_size;
             self.socket_dma.set_max_xfer(send_max as usize);
         }
+
         self.negotiated = info.negotiated.clone();
         for m in &info.maps {
             let map = DmaMap {

@@ -70,7 +70,9 @@ impl MigrationSession {
             FEATURE_MIG_DATA_SIZE => self.data_size(parts.function).to_le_bytes().to_vec(),
             FEATURE_DMA_LOGGING_START => {
                 let ctl = DmaLoggingControl::decode(&f.data)?;
-                let page = parts.dma.start_logging(ctl.page_size)?;
+                let ranges: Vec<(u64, u64)> =
+                    ctl.ranges.iter().map(|r| (r.iova, r.length)).collect();
+                let page = parts.dma.start_logging(ctl.page_size, &ranges)?;
                 DmaLoggingControl {
                     page_size: page,
                     ranges: ctl.ranges,

@@ -1,0 +1,6 @@
+//! The incoming side of the handover control protocol, into a real device (dma-engine).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let dev = vfud_devices::create("dma-engine").expect("dma-engine");
+    vfud_server::fuzzing::handover_control(dev, data);
+});
