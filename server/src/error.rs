@@ -251,6 +251,23 @@ pub enum MigrationError {
     V1(String),
 }
 
+/// A saved image (config space, MSI-X table) whose size does not fit this device.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} of {got} bytes, the device has {want}")]
+pub struct ImageSizeError {
+    /// Which image.
+    pub what: &'static str,
+    /// Its size.
+    pub got: usize,
+    /// The device's.
+    pub want: usize,
+}
+
+/// An unknown crash policy name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown crash policy {0:?}: use restore or reset")]
+pub struct PolicyError(pub String);
+
 /// A live handover that failed on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {

@@ -410,7 +410,7 @@ impl MigrationSession {
         };
         function
             .restore(&image, staged.msix.as_deref())
-            .map_err(mismatch)?;
+            .map_err(|e| mismatch(e.to_string()))?;
         let view_wanted = self.config_before_data || self.client_config != ClientConfig::AfterData;
         let Parts {
             device, function, ..

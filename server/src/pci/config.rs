@@ -224,13 +224,13 @@ impl ConfigSpace {
     }
 
     /// Replace the image, keeping read-only bits as built (restored bytes are peer input).
-    pub fn restore(&mut self, image: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, image: &[u8]) -> Result<(), crate::error::ImageSizeError> {
         if image.len() != self.bytes.len() {
-            return Err(format!(
-                "config image of {} bytes, expected {}",
-                image.len(),
-                self.bytes.len()
-            ));
+            return Err(crate::error::ImageSizeError {
+                what: "config image",
+                got: image.len(),
+                want: self.bytes.len(),
+            });
         }
         for (o, v) in image.iter().enumerate() {
             let rw = self.wmask[o] | self.w1c[o];

@@ -240,7 +240,11 @@ impl PciFunction {
     /// gating in line with the restored COMMAND register. Vector masks are not taken from
     /// the table: the client's SET_IRQS (replayed on the destination, or carried by a
     /// handover) say which vectors are masked, as they did before the migration.
-    pub fn restore(&mut self, config: &[u8], msix: Option<&[u8]>) -> Result<(), String> {
+    pub fn restore(
+        &mut self,
+        config: &[u8],
+        msix: Option<&[u8]>,
+    ) -> Result<(), crate::error::ImageSizeError> {
         self.config.restore(config)?;
         if let Some(m) = msix {
             self.msix.restore(m)?;

@@ -137,13 +137,13 @@ impl MsixTable {
     }
 
     /// Replace the table from [`Self::image`] bytes (peer input: the size must match).
-    pub fn restore(&mut self, image: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, image: &[u8]) -> Result<(), crate::error::ImageSizeError> {
         if image.len() as u64 != self.len_bytes() {
-            return Err(format!(
-                "MSI-X table of {} bytes, the device has {}",
-                image.len(),
-                self.len_bytes()
-            ));
+            return Err(crate::error::ImageSizeError {
+                what: "MSI-X table",
+                got: image.len(),
+                want: self.len_bytes() as usize,
+            });
         }
         for (e, b) in self.entries.iter_mut().zip(image.chunks_exact(16)) {
             let mut a = [0u8; 16];

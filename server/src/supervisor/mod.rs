@@ -20,6 +20,7 @@
 pub mod journal;
 mod process;
 
+use crate::error::HandoverError;
 pub use process::serve_device_process;
 pub(crate) use process::Supervised;
 
@@ -51,12 +52,12 @@ pub enum Policy {
 }
 
 impl std::str::FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::error::PolicyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "restore" => Ok(Self::Restore),
             "reset" => Ok(Self::Reset),
-            _ => Err(format!("unknown crash policy {s:?}: use restore or reset")),
+            _ => Err(crate::error::PolicyError(s.to_string())),
         }
     }
 }
@@ -87,14 +88,15 @@ pub fn encode_snapshot(info: &SessionInfo, stream: &[u8]) -> Result<Vec<u8>, ser
 }
 
 /// Split a snapshot payload into its session description and checkpoint stream.
-pub fn decode_snapshot(p: &[u8]) -> Result<(SessionInfo, &[u8]), String> {
+pub fn decode_snapshot(p: &[u8]) -> Result<(SessionInfo, &[u8]), HandoverError> {
+    let short = || HandoverError::Protocol("snapshot truncated".into());
     let n = p
         .get(..4)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map(u32::from_le_bytes)
-        .ok_or("snapshot too short")? as usize;
-    let json = p.get(4..4 + n).ok_or("snapshot truncated")?;
-    let info = serde_json::from_slice(json).map_err(|e| format!("snapshot session: {e}"))?;
+        .ok_or_else(short)? as usize;
+    let json = p.get(4..4 + n).ok_or_else(short)?;
+    let info = serde_json::from_slice(json)?;
     Ok((info, &p[4 + n..]))
 }
 
