@@ -9,7 +9,37 @@ pub mod dma_engine;
 pub mod nvme;
 pub mod uart16550;
 
-use vfud_server::Device;
+use vfud_server::{Device, DeviceError};
+
+/// Why a `--device` spec does not make a device.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// No model of that name.
+    #[error("unknown device {name:?}; available: {available}")]
+    UnknownModel {
+        /// The name given.
+        name: String,
+        /// The registry's names.
+        available: String,
+    },
+    /// An option without `=`.
+    #[error("device option {0:?} is not key=value")]
+    NotKeyValue(String),
+    /// An option the model does not take.
+    #[error("device {model} has no option {key:?}")]
+    UnknownOption {
+        /// The model.
+        model: String,
+        /// The option.
+        key: String,
+    },
+    /// An option whose value does not parse or fit.
+    #[error("option {0}")]
+    BadValue(String),
+    /// The model refused to start (a backend file or socket, a size).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
 
 /// Options of a `--device NAME,key=value,...` spec.
 #[derive(Debug, Default)]
@@ -24,14 +54,14 @@ impl<'a> Options<'a> {
     }
 
     /// The value of `key` as a number (decimal, or hex with `0x`).
-    pub fn number(&self, key: &str) -> Result<Option<u64>, String> {
+    pub fn number(&self, key: &str) -> Result<Option<u64>, SpecError> {
         self.get(key)
             .map(|v| {
                 let r = match v.strip_prefix("0x") {
                     Some(h) => u64::from_str_radix(h, 16),
                     None => v.parse(),
                 };
-                r.map_err(|_| format!("option {key}={v} is not a number"))
+                r.map_err(|_| SpecError::BadValue(format!("{key}={v} is not a number")))
             })
             .transpose()
     }
@@ -40,7 +70,7 @@ impl<'a> Options<'a> {
 impl Options<'_> {
     /// The value of `key` as a byte count: a number with an optional binary suffix
     /// (`K`, `M`, `G`, `T`: 1024-based), e.g. `64M`.
-    pub fn bytes(&self, key: &str) -> Result<Option<u64>, String> {
+    pub fn bytes(&self, key: &str) -> Result<Option<u64>, SpecError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -51,7 +81,7 @@ impl Options<'_> {
             Some((i, 'T' | 't')) => (&v[..i], 40),
             _ => (v, 0),
         };
-        let bad = || format!("option {key}={v} is not a size (e.g. 4096, 64M, 1G)");
+        let bad = || SpecError::BadValue(format!("{key}={v} is not a size (e.g. 4096, 64M, 1G)"));
         let n: u64 = num.parse().map_err(|_| bad())?;
         n.checked_mul(1 << shift).map(Some).ok_or_else(bad)
     }
@@ -66,7 +96,7 @@ pub struct Model {
     /// Options it takes, with a line of help each.
     pub options: &'static [(&'static str, &'static str)],
     /// Build the device from its options (already checked against `options`).
-    pub create: fn(&Options<'_>) -> Result<Box<dyn Device>, String>,
+    pub create: fn(&Options<'_>) -> Result<Box<dyn Device>, SpecError>,
 }
 
 /// Every device model vfud serves.
@@ -92,17 +122,22 @@ pub const MODELS: &[Model] = &[
             let slice = o
                 .number("slice")?
                 .unwrap_or(u64::from(dma_engine::DEFAULT_SLICE));
-            let slice = u32::try_from(slice).map_err(|_| "slice is too large".to_string())?;
+            let slice = u32::try_from(slice)
+                .map_err(|_| SpecError::BadValue("slice is too large".into()))?;
             let engine = dma_engine::DmaEngine::with_slice(slice);
             let engine = match o.get("crash-test") {
                 None | Some("off") => engine,
                 Some("on") => engine.with_crash_test(),
-                Some(v) => return Err(format!("option crash-test={v}: give on or off")),
+                Some(v) => {
+                    return Err(SpecError::BadValue(format!(
+                        "crash-test={v}: give on or off"
+                    )))
+                }
             };
             Ok(Box::new(match o.get("msix") {
                 None | Some("on") => engine,
                 Some("off") => engine.without_msix(),
-                Some(v) => return Err(format!("option msix={v}: give on or off")),
+                Some(v) => return Err(SpecError::BadValue(format!("msix={v}: give on or off"))),
             }))
         },
     },
@@ -128,7 +163,7 @@ pub const MODELS: &[Model] = &[
             let shadow = match o.get("shadow") {
                 None | Some("on") => true,
                 Some("off") => false,
-                Some(v) => return Err(format!("option shadow={v}: give on or off")),
+                Some(v) => return Err(SpecError::BadValue(format!("shadow={v}: give on or off"))),
             };
             let dev = nvme::Nvme::from_options(
                 o.get("backing").map(Into::into),
@@ -162,20 +197,23 @@ pub fn model(name: &str) -> Option<&'static Model> {
 }
 
 /// Construct a device from `NAME[,key=value...]`, e.g. `uart16550,backend=socket:/tmp/u.sock`.
-pub fn create(spec: &str) -> Result<Box<dyn Device>, String> {
+pub fn create(spec: &str) -> Result<Box<dyn Device>, SpecError> {
     let mut parts = spec.split(',');
     let name = parts.next().unwrap_or_default();
-    let m = model(name).ok_or_else(|| {
-        let names: Vec<_> = MODELS.iter().map(|m| m.name).collect();
-        format!("unknown device {name:?}; available: {}", names.join(", "))
+    let m = model(name).ok_or_else(|| SpecError::UnknownModel {
+        name: name.to_string(),
+        available: MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
     })?;
     let mut opts = Options::default();
     for p in parts {
         let (k, v) = p
             .split_once('=')
-            .ok_or_else(|| format!("device option {p:?} is not key=value"))?;
+            .ok_or_else(|| SpecError::NotKeyValue(p.to_string()))?;
         if !m.options.iter().any(|(o, _)| *o == k) {
-            return Err(format!("device {name} has no option {k:?}"));
+            return Err(SpecError::UnknownOption {
+                model: name.to_string(),
+                key: k.to_string(),
+            });
         }
         opts.pairs.push((k, v));
     }
@@ -217,6 +255,7 @@ mod tests {
         create(spec)
             .err()
             .unwrap_or_else(|| panic!("{spec} was accepted"))
+            .to_string()
     }
 
     #[test]

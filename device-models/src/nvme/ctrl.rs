@@ -296,37 +296,47 @@ impl Ctrl {
     }
 
     /// Check a state received from a peer.
-    pub fn validate(&self, io_queues: u16) -> Result<(), String> {
+    pub fn validate(&self, io_queues: u16) -> Result<(), vfud_server::DeviceError> {
         let n = usize::from(io_queues) + 1;
         if self.sqs.len() != n || self.cqs.len() != n {
-            return Err(format!(
+            return Err(vfud_server::DeviceError::InvalidState(format!(
                 "{} queue slots, this controller has {n}",
                 self.sqs.len()
-            ));
+            )));
         }
         let max = spec::MAX_QUEUE_ENTRIES as u16;
         for cq in self.cqs.iter().flatten() {
             if cq.size < 2 || cq.size > max || cq.head >= cq.size || cq.tail >= cq.size {
-                return Err("completion queue with impossible size or pointers".into());
+                return Err(vfud_server::DeviceError::InvalidState(
+                    "completion queue with impossible size or pointers".into(),
+                ));
             }
             if usize::from(cq.iv) > n {
-                return Err("completion queue with an interrupt vector out of range".into());
+                return Err(vfud_server::DeviceError::InvalidState(
+                    "completion queue with an interrupt vector out of range".into(),
+                ));
             }
         }
         for sq in self.sqs.iter().flatten() {
             if sq.size < 2 || sq.size > max || sq.head >= sq.size || sq.tail >= sq.size {
-                return Err("submission queue with impossible size or pointers".into());
+                return Err(vfud_server::DeviceError::InvalidState(
+                    "submission queue with impossible size or pointers".into(),
+                ));
             }
             if self
                 .cqs
                 .get(usize::from(sq.cqid))
                 .is_none_or(|c| c.is_none())
             {
-                return Err("submission queue bound to a missing completion queue".into());
+                return Err(vfud_server::DeviceError::InvalidState(
+                    "submission queue bound to a missing completion queue".into(),
+                ));
             }
         }
         if self.ready() && (self.sqs[0].is_none() || self.cqs[0].is_none()) {
-            return Err("controller ready without an admin queue".into());
+            return Err(vfud_server::DeviceError::InvalidState(
+                "controller ready without an admin queue".into(),
+            ));
         }
         Ok(())
     }

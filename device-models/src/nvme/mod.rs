@@ -95,9 +95,11 @@ struct Saved {
 
 impl Nvme {
     /// A controller with `io_queues` I/O queue pairs over `ns`.
-    pub fn new(ns: Namespace, io_queues: u16) -> Result<Self, String> {
+    pub fn new(ns: Namespace, io_queues: u16) -> Result<Self, DeviceError> {
         if io_queues == 0 || io_queues > MAX_QUEUES {
-            return Err(format!("queues={io_queues}: give 1 to {MAX_QUEUES}"));
+            return Err(DeviceError::Other(format!(
+                "queues={io_queues}: give 1 to {MAX_QUEUES}"
+            )));
         }
         Ok(Self {
             ctrl: Ctrl::new(io_queues),
@@ -116,9 +118,10 @@ impl Nvme {
         size: Option<u64>,
         queues: Option<u64>,
         shadow: bool,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DeviceError> {
         let q = queues.unwrap_or(u64::from(DEFAULT_QUEUES));
-        let q = u16::try_from(q).map_err(|_| format!("queues={q} is too many"))?;
+        let q =
+            u16::try_from(q).map_err(|_| DeviceError::Other(format!("queues={q} is too many")))?;
         let mut n = Self::new(Namespace::open(backing, size)?, q)?;
         n.offer_dbbuf = shadow;
         Ok(n)
@@ -278,9 +281,7 @@ impl Migratable for Nvme {
                 self.ns.blocks()
             ));
         }
-        if let Err(m) = s.ctrl.validate(self.io_queues) {
-            return invalid(m);
-        }
+        s.ctrl.validate(self.io_queues)?;
         if s.inflight.len() > engine::MAX_IN_FLIGHT {
             return invalid("too many commands in flight".into());
         }
@@ -361,7 +362,7 @@ impl HostIo for Nvme {
         let fd = fds
             .pop()
             .ok_or_else(|| DeviceError::Other("no fd".into()))?;
-        self.ns = Namespace::adopt(fd, blocks).map_err(DeviceError::InvalidState)?;
+        self.ns = Namespace::adopt(fd, blocks)?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use nix::fcntl::{fallocate, FallocateFlags};
+use vfud_server::DeviceError;
 
 /// Logical block size (LBADS 12).
 pub const LBA_SIZE: u64 = 4096;
@@ -28,12 +29,12 @@ pub struct Namespace {
 impl Namespace {
     /// Open (creating it sparse if needed) `path`; `size` grows a smaller file to that size.
     /// Without `size` an existing file keeps its size and a new one gets [`DEFAULT_SIZE`].
-    pub fn open(path: Option<PathBuf>, size: Option<u64>) -> Result<Self, String> {
+    pub fn open(path: Option<PathBuf>, size: Option<u64>) -> Result<Self, DeviceError> {
         if let Some(s) = size {
             if s < LBA_SIZE {
-                return Err(format!(
+                return Err(DeviceError::Other(format!(
                     "size={s} is smaller than one {LBA_SIZE}-byte block"
-                ));
+                )));
             }
         }
         let file = match &path {
@@ -43,26 +44,28 @@ impl Namespace {
                 .create(true)
                 .truncate(false)
                 .open(p)
-                .map_err(|e| format!("backing file {}: {e}", p.display()))?,
+                .map_err(|e| DeviceError::io(format!("backing file {}", p.display()), e))?,
             None => {
                 let fd = nix::sys::memfd::memfd_create(
                     c"vfud-nvme",
                     nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
                 )
-                .map_err(|e| format!("memfd for the namespace: {e}"))?;
+                .map_err(|e| DeviceError::io("memfd for the namespace", e.into()))?;
                 File::from(fd)
             }
         };
-        let meta = file.metadata().map_err(|e| e.to_string())?;
+        let meta = file
+            .metadata()
+            .map_err(|e| DeviceError::io("backing file", e))?;
         if !meta.is_file() {
-            return Err("backing must be a regular file".into());
+            return Err(DeviceError::Other("backing must be a regular file".into()));
         }
         let len = meta.len();
         let want = size.unwrap_or(if len == 0 { DEFAULT_SIZE } else { len });
         if len < want {
             // set_len makes a sparse file: no blocks are written.
             file.set_len(want)
-                .map_err(|e| format!("sizing the backing file: {e}"))?;
+                .map_err(|e| DeviceError::io("sizing the backing file", e))?;
         }
         Ok(Self {
             file,
@@ -72,14 +75,17 @@ impl Namespace {
     }
 
     /// Adopt an open file handed over by another vfud process.
-    pub fn adopt(fd: OwnedFd, blocks: u64) -> Result<Self, String> {
+    pub fn adopt(fd: OwnedFd, blocks: u64) -> Result<Self, DeviceError> {
         let file = File::from(fd);
-        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| DeviceError::io("handed-over namespace file", e))?
+            .len();
         if len < blocks * LBA_SIZE {
-            return Err(format!(
+            return Err(DeviceError::InvalidState(format!(
                 "handed-over namespace file has {len} bytes, need {}",
                 blocks * LBA_SIZE
-            ));
+            )));
         }
         Ok(Self {
             file,

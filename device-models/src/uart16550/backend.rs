@@ -33,19 +33,20 @@ pub enum Backend {
 
 impl Backend {
     /// Parse `socket:PATH`, `file:PATH`, `stdout` or `null`.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, DeviceError> {
         if let Some(p) = spec.strip_prefix("socket:") {
             let path = PathBuf::from(p);
             if path.exists() {
                 if UnixStream::connect(&path).is_ok() {
-                    return Err(format!("{p} is in use"));
+                    return Err(DeviceError::Other(format!("{p} is in use")));
                 }
-                std::fs::remove_file(&path).map_err(|e| format!("{p}: {e}"))?;
+                std::fs::remove_file(&path).map_err(|e| DeviceError::io(p.to_string(), e))?;
             }
-            let listener = UnixListener::bind(&path).map_err(|e| format!("{p}: {e}"))?;
+            let listener =
+                UnixListener::bind(&path).map_err(|e| DeviceError::io(p.to_string(), e))?;
             listener
                 .set_nonblocking(true)
-                .map_err(|e| format!("{p}: {e}"))?;
+                .map_err(|e| DeviceError::io(p.to_string(), e))?;
             Ok(Backend::Socket {
                 listener,
                 path,
@@ -56,16 +57,16 @@ impl Backend {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|e| format!("{p}: {e}"))?;
+                .map_err(|e| DeviceError::io(p.to_string(), e))?;
             Ok(Backend::File(f))
         } else if spec == "stdout" {
             Ok(Backend::Stdout)
         } else if spec == "null" {
             Ok(Backend::Null)
         } else {
-            Err(format!(
+            Err(DeviceError::Other(format!(
                 "unknown UART backend {spec:?}: use socket:PATH, file:PATH or stdout"
-            ))
+            )))
         }
     }
 }
