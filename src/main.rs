@@ -176,7 +176,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     }
     let mut threads = Vec::new();
     for (i, spec) in args.devices.iter().enumerate() {
-        let device = vfud_devices::create(spec).map_err(anyhow::Error::msg)?;
+        let device = vfud_devices::create(spec)?;
         let path = args.sockets.get(i).cloned();
         let (listener, owns_path) = match &path {
             Some(p) => {

@@ -88,7 +88,7 @@ pub fn device_process(a: &DeviceProcessArgs) -> Result<()> {
     // and a client is better off seeing EOF than a server nobody watches.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
         .context("parent-death signal")?;
-    let device = vfud_devices::create(&a.device).map_err(anyhow::Error::msg)?;
+    let device = vfud_devices::create(&a.device)?;
     let link = UnixStream::from(
         std::io::stdin()
             .as_fd()
@@ -122,7 +122,7 @@ pub fn run(
     let mut threads = Vec::new();
     let mut statuses = Vec::new();
     for (spec, path) in devices.iter().zip(sockets) {
-        let mut probe = vfud_devices::create(spec).map_err(anyhow::Error::msg)?;
+        let mut probe = vfud_devices::create(spec)?;
         if probe.migration().is_none() {
             bail!("{spec}: --supervise needs a device that can save its state (Migratable)");
         }
