@@ -178,19 +178,21 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     for (i, spec) in args.devices.iter().enumerate() {
         let device = vfud_devices::create(spec)?;
         let path = args.sockets.get(i).cloned();
-        let (listener, owns_path) = match &path {
-            Some(p) => {
-                let a = passed.acquire(p, args.socket_mode)?;
-                (Some(a.listener), a.owns_path)
-            }
-            None => (None, false),
-        };
+        // The control socket first: once the client socket's path exists, everything this
+        // device serves is ready.
         let control = match control_path {
             Some(p) => Some(
                 vfud_server::event_loop::bind_socket(p, Some(0o600))
                     .with_context(|| format!("binding control socket {}", p.display()))?,
             ),
             None => None,
+        };
+        let (listener, owns_path) = match &path {
+            Some(p) => {
+                let a = passed.acquire(p, args.socket_mode)?;
+                (Some(a.listener), a.owns_path)
+            }
+            None => (None, false),
         };
         let settings = ServeOptions::new(path.clone().unwrap_or_default()).settings;
         let shutdown = shutdown.clone();

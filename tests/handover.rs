@@ -94,9 +94,10 @@ impl Setup {
     /// The old process: `spec` on the shared device socket, with control socket `ctl`.
     fn old(&self, spec: &str, ctl: &Path) -> Proc {
         let (sock, ctl_s) = (self.sock.to_str().unwrap(), ctl.to_str().unwrap());
+        // The device socket appears last (after the control socket): wait for it.
         serve(
             &["--device", spec, "--socket", sock, "--control", ctl_s],
-            ctl,
+            &self.sock,
         )
     }
 

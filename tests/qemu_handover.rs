@@ -372,7 +372,7 @@ fn guest_tty_streams_survive_three_live_handovers() {
             "--control",
             ctl[0].to_str().expect("utf-8 path"),
         ],
-        &ctl[0],
+        &dev_sock,
     );
     assert!(
         common::wait_for_path(&host_sock, Duration::from_secs(5)),
