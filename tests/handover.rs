@@ -315,3 +315,64 @@ fn uart_host_connection_and_bytes_survive_handovers() {
     }
     assert_eq!(input, b"in1in2");
 }
+
+#[test]
+fn a_dma_engine_job_in_flight_finishes_in_the_new_process_exactly_once() {
+    const LEN: u32 = 64 << 20;
+    let s = Setup::new();
+    let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
+    // 64 KiB per event-loop turn: the 64 MiB job is still running when the handover stops it.
+    let mut a = s.old("dma-engine,slice=65536", &a_ctl);
+    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    let ram = File::from(
+        nix::sys::memfd::memfd_create(c"ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+    );
+    ram.set_len(u64::from(LEN)).unwrap();
+    let data: Vec<u8> = (0..LEN).map(|i| (i.wrapping_mul(31) >> 7) as u8).collect();
+    ram.write_all_at(&data, 0).unwrap();
+    c.dma_map(
+        DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        0,
+        0x10_0000,
+        u64::from(LEN),
+        Some(ram.as_fd()),
+    )
+    .unwrap();
+    c.region_write(7, 4, &[0x06, 0x00]).unwrap();
+    let irq = common::eventfd();
+    c.set_irq_eventfds(IRQ_INDEX_MSIX, 0, &[irq.as_fd()])
+        .unwrap();
+    c.region_write_u32(0, reg::CONTROL, CONTROL_IRQ_ENABLE)
+        .unwrap();
+    let _b = s.new_process("dma-engine", &b_ctl);
+    for (o, v) in [
+        (reg::SRC_LO, 0x10_0000),
+        (reg::SRC_HI, 0),
+        (reg::LEN, LEN),
+        (reg::OPCODE, Opcode::Crc32 as u32),
+        (reg::DOORBELL, 1),
+    ] {
+        c.region_write_u32(0, o, v).unwrap();
+    }
+    let out = handover(&a_ctl, &b_ctl);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
+    let t = Instant::now();
+    while c.region_read_u32(0, reg::STATUS).unwrap() & STATUS_DONE == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the job never finished"
+        );
+    }
+    assert_eq!(
+        c.region_read_u32(0, reg::RESULT).unwrap(),
+        crc32fast::hash(&data)
+    );
+    assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 1);
+    assert_eq!(fired(&irq, 2000), 1, "one completion interrupt");
+    assert_eq!(fired(&irq, 200), 0, "and only one");
+}

@@ -107,3 +107,26 @@ fn fifo_longer_than_sixteen_is_refused_on_load() {
 }
 
 vfud_server::migration_roundtrip_tests!(Box::new(Uart16550::new(Backend::Null)));
+
+#[test]
+fn nothing_runs_between_stop_and_running() {
+    use vfud_server::vfud_protocol_reexport::MigState;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.sock");
+    let backend = Backend::parse(&format!("socket:{}", path.display())).unwrap();
+    let mut b = bench_with(backend);
+    let mut host = UnixStream::connect(&path).unwrap();
+    b.server().device_event(TOKEN_LISTENER);
+    b.set_state(MigState::Stop).unwrap();
+    host.write_all(b"late").unwrap();
+    // The event fires while stopped: the device must not take the bytes in (they would be
+    // neither in a saved state nor left for the new owner).
+    b.server().device_event(TOKEN_CONN);
+    let saved = b.device_state();
+    let st: UartState = saved.decode(STATE_VERSION).unwrap();
+    assert!(st.regs.rx_fifo.is_empty() && st.input.is_empty(), "{st:?}");
+    // Back to RUNNING, the missed event is replayed.
+    b.set_state(MigState::Running).unwrap();
+    let got: Vec<u8> = (0..4).map(|_| rd(&mut b, RBR)).collect();
+    assert_eq!(got, b"late");
+}
