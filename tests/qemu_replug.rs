@@ -41,7 +41,7 @@ const UART_BOUND: &str = "ttyS4 at I/O";
 fn guest_script() -> String {
     format!(
         r#"{PCI_GUEST_LIB}
-uart_tty() {{ d=$(find_pci 0x5646 0x0002) && [ -d "$d/tty" ] && ls "$d/tty" | head -n 1; }}
+uart_tty() {{ d=$(find_pci_sub 0x5646 0x0002) && [ -d "$d/tty" ] && ls "$d/tty" | head -n 1; }}
 dma_bars() {{
   d=$(find_pci 0x5646 0x0001) || return 1
   # Memory decoding and bus mastering: no driver binds the engine, so the script enables it

@@ -79,6 +79,15 @@ find_pci() {
   done
   return 1
 }
+# The function whose subsystem ids are $1 $2 (vfud's UART is 5646:0002 in both BAR modes).
+find_pci_sub() {
+  for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/subsystem_vendor")" = "$1" ] && [ "$(cat "$d/subsystem_device")" = "$2" ]; then
+      echo "$d"; return 0
+    fi
+  done
+  return 1
+}
 report_pci() {
   n=$1 d=$2
   drv=none; [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
