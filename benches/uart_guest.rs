@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::qemu::{
-    guest_values, parse_utc_ns, QemuOpts, PCI_GUEST_LIB, TRACE_TIMESTAMPS, UART_KERNEL_ARG,
-    VFIO_USER_ROUND_TRIP_EVENTS,
+    guest_values, parse_utc_ns, vfio_user_round_trips, QemuOpts, PCI_GUEST_LIB, TRACE_TIMESTAMPS,
+    UART_KERNEL_ARG, VFIO_USER_ROUND_TRIP_EVENTS,
 };
 use common::Vfud;
 
@@ -132,7 +132,9 @@ fn receive(s: &mut UnixStream, expected: &[u8], what: &str) -> (u64, u64) {
     let mut first = 0;
     s.set_read_timeout(Some(PHASE_TIMEOUT)).expect("timeout");
     while got.len() < expected.len() {
-        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        let n = s
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: read: {e}"));
         assert!(n > 0, "{what}: EOF after {} bytes", got.len());
         if got.is_empty() {
             first = now_ns();
@@ -153,7 +155,11 @@ fn md5(data: &[u8]) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .expect("md5sum");
-    c.stdin.take().expect("stdin").write_all(data).expect("md5sum input");
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(data)
+        .expect("md5sum input");
     let out = c.wait_with_output().expect("md5sum");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -162,11 +168,13 @@ fn md5(data: &[u8]) -> String {
         .to_string()
 }
 
-/// vfio-user traffic in a window of the trace: messages QEMU sent, and how many replies it got.
+/// vfio-user traffic in a window of the trace: messages QEMU sent, how many replies it got,
+/// and the median time QEMU waited for one.
 #[derive(Default, Clone, Copy)]
 struct Traffic {
     sent: u64,
     replies: u64,
+    median_wait: Duration,
 }
 
 fn traffic(trace: &str, from_ns: u64, to_ns: u64) -> Traffic {
@@ -186,6 +194,13 @@ fn traffic(trace: &str, from_ns: u64, to_ns: u64) -> Traffic {
             _ => {}
         }
     }
+    let mut waits: Vec<Duration> = vfio_user_round_trips(trace)
+        .iter()
+        .filter(|r| r.sent_ns >= from_ns && r.replied_ns <= to_ns)
+        .map(|r| r.latency())
+        .collect();
+    waits.sort();
+    t.median_wait = waits.get(waits.len() / 2).copied().unwrap_or_default();
     t
 }
 
@@ -215,10 +230,7 @@ fn main() {
     let vfud = Vfud::start_in(dir, &spec);
     let mut vfud_host = UnixStream::connect(&host_sock).expect("connect to the UART backend");
 
-    let chardev = format!(
-        "socket,id=ps,path={},server=on,wait=off",
-        ps_sock.display()
-    );
+    let chardev = format!("socket,id=ps,path={},server=on,wait=off", ps_sock.display());
     let mut opts = QemuOpts::new()
         .device(&vfud.socket)
         .kernel_arg(UART_KERNEL_ARG)
@@ -266,7 +278,11 @@ fn main() {
     let want_md5 = md5(&expected);
     for name in ["vfud", "qemu"] {
         assert_eq!(get(&format!("rx_len_{name}")), n.to_string(), "{name}");
-        assert_eq!(get(&format!("rx_md5_{name}")), want_md5, "{name} host → guest");
+        assert_eq!(
+            get(&format!("rx_md5_{name}")),
+            want_md5,
+            "{name} host → guest"
+        );
     }
     let _ = qemu.quit();
     let trace = qemu.trace_log();
@@ -319,21 +335,22 @@ fn main() {
         );
     }
     println!();
-    println!("| vfud direction | interrupts | QEMU → vfud messages / byte | of which round trips / byte | posted / byte |");
-    println!("|---|---|---|---|---|");
+    println!("| vfud direction | interrupts | QEMU → vfud messages / byte | of which round trips / byte | posted / byte | median round trip |");
+    println!("|---|---|---|---|---|---|");
     for (dir, p) in [("guest → host", &vf.0), ("host → guest", &vf.1)] {
         let irqs = p.irqs.map_or("?".into(), |i| i.to_string());
         if a.trace {
             let t = traffic(&trace, p.window.0, p.window.1);
             let per = |x: u64| x as f64 / n as f64;
             println!(
-                "| {dir} | {irqs} | {:.3} | {:.3} | {:.3} |",
+                "| {dir} | {irqs} | {:.3} | {:.3} | {:.3} | {:.1?} |",
                 per(t.sent),
                 per(t.replies),
-                per(t.sent.saturating_sub(t.replies))
+                per(t.sent.saturating_sub(t.replies)),
+                t.median_wait
             );
         } else {
-            println!("| {dir} | {irqs} | — | — | — |");
+            println!("| {dir} | {irqs} | — | — | — | — |");
         }
     }
     println!(
