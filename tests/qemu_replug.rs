@@ -34,8 +34,8 @@ const DMA_ID: &str = "0x4d444656";
 const MARKER: &str = "0x600dcafe";
 /// Deadline for `vfud qemu-migrate`.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(50);
-/// The kernel's line when the 8250 driver binds the vfud UART.
-const UART_BOUND: &str = "ttyS4 at I/O";
+/// The kernel's line when the 8250 driver binds the vfud UART (registers in a memory BAR).
+const UART_BOUND: &str = "ttyS4 at MMIO";
 
 /// The guest: set up the dma-engine if there is one, then tick every 0.2 s.
 fn guest_script() -> String {
