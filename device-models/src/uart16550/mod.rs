@@ -41,10 +41,11 @@
 //! [`FLUSH_SIZE`] bytes, and at most [`FLUSH_TICK`] after a byte was written. If the host
 //! falls behind, THR stays full at [`OUTPUT_HIGH_WATER`], so the guest sees flow control
 //! instead of lost bytes. Host input is read in 4 KiB chunks into a buffer and moved into the
-//! 16-byte FIFO a FIFO-full at a time: outside a service window whenever the FIFO has room,
-//! inside one only when the window ends. The 8250 receive loop drains a full FIFO with one
-//! RBR and one LSR read per byte, and each batch is one interrupt, so a fast host cannot keep
-//! the guest in its interrupt handler while its tty layer's buffers overflow.
+//! 16-byte FIFO as it drains: outside a service window whenever the FIFO has room, inside one
+//! for at most [`RX_BATCH`] more bytes (a byte arrives as soon as one is read, so the 8250
+//! receive loop, one RBR and one LSR read per byte, keeps going), then not until the window
+//! ends. Each batch is one interrupt, and a fast host cannot keep the guest in its interrupt
+//! handler while its tty layer's buffers overflow.
 //!
 //! # Host backend (`backend=` option)
 //! - `socket:PATH`: vfud listens on PATH; one host client at a time reads what the guest
@@ -80,6 +81,9 @@ pub const FLUSH_SIZE: usize = 4096;
 pub const FLUSH_TICK: Duration = Duration::from_millis(1);
 /// A service window with no register access for this long ends (see the module docs).
 pub const SERVICE_GRACE: Duration = Duration::from_millis(2);
+/// Bytes moved into the receive FIFO during one service window: the 8250 driver's receive
+/// loop takes at most 256 characters per call (`serial8250_rx_chars`).
+pub const RX_BATCH: usize = 256;
 
 pub(crate) const TOKEN_LISTENER: u32 = 0;
 pub(crate) const TOKEN_CONN: u32 = 1;
@@ -135,6 +139,8 @@ pub struct Uart16550 {
     input_eof: bool,
     /// While the driver services an interrupt: when the window ends if the UART is left alone.
     service_until: Option<Instant>,
+    /// Bytes moved into the FIFO during the current service window.
+    window_rx: usize,
 }
 
 impl Uart16550 {
@@ -149,6 +155,7 @@ impl Uart16550 {
             input: VecDeque::new(),
             input_eof: false,
             service_until: None,
+            window_rx: 0,
         }
     }
 
@@ -185,21 +192,23 @@ impl Uart16550 {
         self.refill();
     }
 
-    /// Move host input into the FIFO while there is room (never inside a service window);
-    /// read more from the backend.
+    /// Move host input into the FIFO while there is room (inside a service window, up to
+    /// [`RX_BATCH`] bytes); read more from the backend.
     fn refill(&mut self) {
-        if self.service_until.is_some() {
-            return;
-        }
         let cap = self.regs.fifo_cap();
+        let in_window = self.service_until.is_some();
         loop {
-            while self.regs.rx_fifo.len() < cap {
+            while self.regs.rx_fifo.len() < cap && !(in_window && self.window_rx >= RX_BATCH) {
                 match self.input.pop_front() {
-                    Some(b) => self.regs.rx_fifo.push_back(b),
+                    Some(b) => {
+                        self.regs.rx_fifo.push_back(b);
+                        self.window_rx += usize::from(in_window);
+                    }
                     None => break,
                 }
             }
-            if self.regs.rx_fifo.len() >= cap || self.input_eof {
+            let budget_spent = in_window && self.window_rx >= RX_BATCH;
+            if self.regs.rx_fifo.len() >= cap || budget_spent || self.input_eof {
                 return;
             }
             let before = self.input.len();
@@ -253,6 +262,9 @@ impl Uart16550 {
                 if iir == IIR_NO_INT {
                     self.end_service();
                 } else {
+                    if self.service_until.is_none() {
+                        self.window_rx = 0;
+                    }
                     self.service_until = Some(Instant::now() + SERVICE_GRACE);
                 }
                 iir | fifo
