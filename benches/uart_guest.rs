@@ -169,12 +169,13 @@ fn md5(data: &[u8]) -> String {
 }
 
 /// vfio-user traffic in a window of the trace: messages QEMU sent, how many replies it got,
-/// and the median time QEMU waited for one.
+/// the median time QEMU waited for one and the time it waited in all.
 #[derive(Default, Clone, Copy)]
 struct Traffic {
     sent: u64,
     replies: u64,
     median_wait: Duration,
+    total_wait: Duration,
 }
 
 fn traffic(trace: &str, from_ns: u64, to_ns: u64) -> Traffic {
@@ -200,6 +201,7 @@ fn traffic(trace: &str, from_ns: u64, to_ns: u64) -> Traffic {
         .map(|r| r.latency())
         .collect();
     waits.sort();
+    t.total_wait = waits.iter().sum();
     t.median_wait = waits.get(waits.len() / 2).copied().unwrap_or_default();
     t
 }
@@ -335,22 +337,24 @@ fn main() {
         );
     }
     println!();
-    println!("| vfud direction | interrupts | QEMU → vfud messages / byte | of which round trips / byte | posted / byte | median round trip |");
-    println!("|---|---|---|---|---|---|");
+    println!("| vfud direction | interrupts | QEMU → vfud messages / byte | of which round trips / byte | posted / byte | median round trip | share of the phase spent waiting for vfud |");
+    println!("|---|---|---|---|---|---|---|");
     for (dir, p) in [("guest → host", &vf.0), ("host → guest", &vf.1)] {
         let irqs = p.irqs.map_or("?".into(), |i| i.to_string());
         if a.trace {
             let t = traffic(&trace, p.window.0, p.window.1);
             let per = |x: u64| x as f64 / n as f64;
             println!(
-                "| {dir} | {irqs} | {:.3} | {:.3} | {:.3} | {:.1?} |",
+                "| {dir} | {irqs} | {:.3} | {:.3} | {:.3} | {:.1?} | {:.0} % |",
                 per(t.sent),
                 per(t.replies),
                 per(t.sent.saturating_sub(t.replies)),
-                t.median_wait
+                t.median_wait,
+                100.0 * t.total_wait.as_nanos() as f64
+                    / (p.window.1.saturating_sub(p.window.0)).max(1) as f64
             );
         } else {
-            println!("| {dir} | {irqs} | — | — | — | — |");
+            println!("| {dir} | {irqs} | — | — | — | — | — |");
         }
     }
     println!(
