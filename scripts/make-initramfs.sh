@@ -7,6 +7,7 @@
 #   env VFUD_GUEST_MODULES="name ..."  (optional) also copies those kernel modules and their
 #                   modules.dep dependencies into /modules and /init insmods them, in order,
 #                   before /test.sh (soft deps are not followed: list them explicitly first).
+#   env VFUD_GUEST_TOOLS=1  (optional) adds fio and mkfs.ext4 (scripts/provision-guest-tools.sh).
 # The guest's /init mounts proc, sysfs, devtmpfs, devpts, runs /test.sh, prints
 # "VFUD-GUEST-EXIT <status>" and powers off (poweroff -f).
 set -euo pipefail
@@ -24,6 +25,11 @@ cp -a "$GUEST_DIR/kit/." "$S/"
 mkdir -p "$S"/{dev,proc,sys,tmp,run,sbin,usr/bin,usr/sbin,extra}
 mknod -m 600 "$S/dev/console" c 5 1 2>/dev/null || true   # console for /init before devtmpfs
 install -m 755 "$TEST" "$S/test.sh"
+if [[ ${VFUD_GUEST_TOOLS:-} == 1 ]]; then
+  [[ -f $VFUD_ENV/guest-tools/.vfud-provisioned ]] || die "guest tools missing: run scripts/provision-guest-tools.sh"
+  cp -a "$VFUD_ENV/guest-tools/." "$S/"
+  rm -f "$S/.vfud-provisioned"
+fi
 for f in "$@"; do cp -a "$f" "$S/extra/"; done
 
 # Optional kernel modules with their dependencies, in load order (modules.dep lists a

@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# shellcheck source-path=SCRIPTDIR
+source scripts/lib.sh
+need_pkgs systemd   # systemd-socket-activate, for tests/activation.rs
 cargo test --workspace

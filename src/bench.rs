@@ -10,6 +10,7 @@
 //! | scenario | vfud | baseline | goal |
 //! |---|---|---|---|
 //! | `region-rtt` | 4-byte REGION_READ/WRITE with reply on dma-engine BAR0, `vfud serve` in another process; median and p99, client and server on two CPUs and on one | raw AF_UNIX ping-pong of the same request/reply sizes with a peer process (and, for information, a peer that sleeps in `epoll_wait` as an event loop does) | ratio ≤ 1.05 |
+//! | `supervised-rtt` | the same round trip against dma-engine under `vfud serve --supervise` (request journal, checkpoints) | the same requests under plain `vfud serve`, blocks alternating | ratio ≤ 1.02 |
 //! | `posted-writes` | NO_REPLY REGION_WRITE stream and REGION_WRITE_MULTI batches, ended by one replied read | raw one-way stream of the same messages, ended the same way | ≥ 1 M writes/s |
 //! | `mig-data` | MIG_DATA_READ of a 256 MiB device state in 1 MiB chunks | raw request/1 MiB-reply ping-pong | ratio ≥ 0.7 |
 //! | `dma-mmap` | device reads/writes of fd-mapped guest RAM through `GuestMem` | `memcpy` between the same memfd pages and the same buffer | ratio ≥ 0.8 |
@@ -47,6 +48,7 @@ mod msix2048;
 mod raw;
 mod region;
 mod scale;
+mod supervised;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -103,6 +105,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "region-rtt",
         what: "4-byte REGION_READ/WRITE round trip vs raw socket ping-pong",
         run: region::round_trip,
+    },
+    Scenario {
+        name: "supervised-rtt",
+        what: "region round trip under `serve --supervise` vs plain `serve`",
+        run: supervised::round_trip,
     },
     Scenario {
         name: "posted-writes",

@@ -1,11 +1,20 @@
 //! `vfud migrate`: the migration driver on the command line, with a progress bar and a report.
+//!
+//! Exit status: 0 when the device moved; 1 when the migration failed and the source device
+//! runs again with its state; [`EXIT_SOURCE_NOT_RESTORED`] when it failed *and* the source
+//! could not be returned to RUNNING. With `--json` a failure prints a JSON report too, whose
+//! `source_restored` says which.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use vfud::driver::{self, Endpoint, GuestRam, Options, Progress, Report, VmHooks};
+use vfud::driver::{self, Endpoint, GuestRam, MigrateError, Options, Progress, Report, VmHooks};
+
+/// Exit status when a migration failed and the source device could not be returned to RUNNING
+/// (distinct from 1, "failed, source running with its state").
+pub const EXIT_SOURCE_NOT_RESTORED: i32 = 3;
 
 /// Arguments of `vfud migrate`.
 #[derive(clap::Args, Debug)]
@@ -75,7 +84,7 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(r)?);
     } else {
         println!(
-            "migrated over {} in {:.1} ms: {} pre-copy rounds, {} device bytes ({} during stop-copy), {} RAM bytes, downtime {:.2} ms{}",
+            "migrated over {} in {:.1} ms: {} pre-copy rounds, {} device bytes ({} during stop-copy), {} RAM bytes, downtime {:.2} ms, {}",
             r.channel,
             r.total_ms,
             r.rounds,
@@ -83,8 +92,21 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
             r.stop_copy_bytes,
             r.ram_bytes,
             r.downtime_ms,
-            if r.config_before_data { ", config before data" } else { "" }
+            if r.config_before_data { "config restored before device data" } else { "config restored after device data" }
         );
+        let mut quirks = Vec::new();
+        if !r.ordering_advertised {
+            quirks.push("no ordering feature (0x4002): no ordering requirement assumed");
+        }
+        if r.rounds > 0 && !r.precopy_info {
+            quirks.push("no pre-copy estimate (0x4001)");
+        }
+        if r.padded_mig_data {
+            quirks.push("padded MIG_DATA_READ replies (padding ignored)");
+        }
+        if !quirks.is_empty() {
+            println!("source server: {}", quirks.join("; "));
+        }
     }
     Ok(())
 }
@@ -140,19 +162,13 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
     let mut client_idle = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while pause_ms.is_none() && std::time::Instant::now() < deadline {
-        if let Ok(s) = UnixStream::connect(to) {
-            let mut r = vfud_protocol::FrameReader::new();
-            if ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).is_ok() {
-                if let Ok(f) = ho::recv(&s, &mut r, Duration::from_secs(2)) {
-                    let st: serde_json::Value = serde_json::from_slice(&f.payload)?;
-                    client_idle = st["handover_client_idle"].as_bool().unwrap_or(false);
-                    if let (Some(first), Some(stopped)) = (
-                        st["handover_first_reply_at_ns"].as_u64(),
-                        st["handover_stopped_at_ns"].as_u64(),
-                    ) {
-                        pause_ms = Some(first.saturating_sub(stopped) as f64 / 1e6);
-                    }
-                }
+        if let Ok(st) = crate::status::query(to, Duration::from_secs(2)) {
+            client_idle = st["handover_client_idle"].as_bool().unwrap_or(false);
+            if let (Some(first), Some(stopped)) = (
+                st["handover_first_reply_at_ns"].as_u64(),
+                st["handover_stopped_at_ns"].as_u64(),
+            ) {
+                pause_ms = Some(first.saturating_sub(stopped) as f64 / 1e6);
             }
         }
         if pause_ms.is_none() {
@@ -187,6 +203,34 @@ fn handover(a: &MigrateArgs, from: &PathBuf, to: &PathBuf) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Report a failed migration. When the source could not be returned to RUNNING this says so
+/// and ends the process with [`EXIT_SOURCE_NOT_RESTORED`]; otherwise the error goes back to
+/// `main` (exit status 1) saying the source runs with its state.
+fn failed(e: MigrateError, json: bool) -> anyhow::Error {
+    let restored = e.source_restored();
+    if json {
+        let report = serde_json::json!({
+            "ok": false,
+            "error": format!("{e}"),
+            "source_restored": restored,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    }
+    if restored {
+        return anyhow::Error::new(e)
+            .context("migration failed; the source device is running with its state");
+    }
+    eprintln!(
+        "vfud: migration failed AND the source device could not be returned to RUNNING: {e:#}\n\
+         vfud: the source device may be stopped or in ERROR; it needs a reset (or its server a \
+         restart) before its VM can use it again"
+    );
+    std::process::exit(EXIT_SOURCE_NOT_RESTORED);
 }
 
 /// Run the command.
@@ -225,7 +269,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     let report = match (&a.from, &a.to, &a.to_file, &a.from_file) {
         (Some(from), None, Some(file), None) => {
             let mut src = connect(from)?;
-            driver::save_to_file(&mut src, file, &opts).context("snapshot")?
+            driver::save_to_file(&mut src, file, &opts).map_err(|e| failed(e, a.json))?
         }
         (None, Some(to), None, Some(file)) => {
             let mut dst = connect(to)?;
@@ -239,7 +283,10 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             if let Some(b) = &hooks.0 {
                 b.finish_and_clear();
             }
-            r.context("migration failed; the source device is running with its state")?
+            match r {
+                Ok(r) => r,
+                Err(e) => return Err(failed(e, a.json)),
+            }
         }
         _ => bail!("give --from and --to, --from and --to-file, or --from-file and --to"),
     };

@@ -12,9 +12,11 @@ use vfud_protocol::messages::region::{
 };
 use vfud_protocol::Client;
 
-const IRQ_NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
+/// Names of the PCI IRQ indices (INTx, MSI, MSI-X, ERR, REQ).
+pub(crate) const IRQ_NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
 
-fn region_name(i: u32) -> String {
+/// A region index as lspci-minded people say it (`BAR0`, `config`, `region 9`).
+pub(crate) fn region_name(i: u32) -> String {
     match i {
         0..=5 => format!("BAR{i}"),
         6 => "ROM".into(),
@@ -24,7 +26,8 @@ fn region_name(i: u32) -> String {
     }
 }
 
-fn flag_list(flags: u32, names: &[(u32, &str)]) -> String {
+/// The names of the bits set in `flags`, comma-separated, or `-`.
+pub(crate) fn flag_list(flags: u32, names: &[(u32, &str)]) -> String {
     let v: Vec<&str> = names
         .iter()
         .filter(|(b, _)| flags & b != 0)

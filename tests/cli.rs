@@ -130,21 +130,29 @@ fn bad_arguments_get_readable_errors_and_every_subcommand_has_help() {
         "qemu-migrate",
         "bench",
         "devices",
+        "trace",
+        "status",
+        "completions",
+        "man",
+        "guest",
     ] {
         let out = vfud(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Usage"), "{sub}");
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("Usage"),
-            "{sub}"
+            help.contains(&format!("Example:\n  vfud {sub}")),
+            "{sub} --help shows an example line: {help}"
         );
     }
+    let top = vfud(&["--help"]);
+    assert!(String::from_utf8_lossy(&top.stdout).contains("Example:\n  vfud serve"));
     let out = vfud(&["devices"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    let names: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with(' '))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert_eq!(names, ["dma-engine", "uart16550"], "{text}");
+    assert_eq!(
+        common::model_names(&text),
+        ["dma-engine", "uart16550"],
+        "{text}"
+    );
     assert!(text.contains("backend=…"), "options are listed: {text}");
 }

@@ -4,16 +4,16 @@
 
 mod common;
 
+use common::dma_engine::{r, run_op, w};
 use common::{eventfd as efd, memfd, wait_eventfd as fired};
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
 
 use common::Vfud;
 use nix::errno::Errno;
-use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE, STATUS_DONE, STATUS_ERROR};
+use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE};
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::messages::feature::{
     v1, vfud, DmaLoggingControl, DmaLoggingReport, FEATURE_MIGRATION, MIGRATION_PRE_COPY,
@@ -28,37 +28,6 @@ const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 const RAM_IOVA: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 1 << 20;
 const CHUNK: u32 = 1 << 20;
-
-fn w(c: &mut Client, off: u64, v: u32) {
-    c.region_write_u32(0, off, v).unwrap();
-}
-
-fn r(c: &mut Client, off: u64) -> u32 {
-    c.region_read_u32(0, off).unwrap()
-}
-
-fn run_op(c: &mut Client, op: Opcode, src: u64, dst: u64, len: u32, pattern: u32) -> u32 {
-    for (o, v) in [
-        (reg::SRC_LO, src as u32),
-        (reg::SRC_HI, (src >> 32) as u32),
-        (reg::DST_LO, dst as u32),
-        (reg::DST_HI, (dst >> 32) as u32),
-        (reg::LEN, len),
-        (reg::OPCODE, op as u32),
-        (reg::PATTERN, pattern),
-        (reg::DOORBELL, 1),
-    ] {
-        w(c, o, v);
-    }
-    for _ in 0..2000 {
-        let s = r(c, reg::STATUS);
-        if s & (STATUS_DONE | STATUS_ERROR) != 0 {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("operation did not finish");
-}
 
 /// Read the whole stop-copy stream from a source (ends in STOP_COPY).
 fn save(c: &mut Client) -> Vec<u8> {

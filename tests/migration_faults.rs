@@ -86,7 +86,8 @@ fn destination_killed_at_each_step_leaves_the_source_running() {
         };
         let r = driver::migrate(&mut src, &mut dst, &Options::default(), &mut hooks);
         assert!(hooks.killed, "{phase}");
-        assert!(r.is_err(), "{phase}: the migration must fail");
+        let e = r.expect_err("the migration must fail");
+        assert!(e.source_restored(), "{phase}: {e}");
         assert_source_intact(&mut src);
     }
 }
@@ -111,7 +112,7 @@ fn destination_killed_during_stop_copy_leaves_the_source_running() {
         &Options::default(),
         &mut KillOnStop(&mut b),
     );
-    assert!(r.is_err());
+    assert!(r.is_err_and(|e| e.source_restored()));
     assert_source_intact(&mut src);
 }
 
@@ -136,7 +137,17 @@ fn source_killed_before_stop_copy_resets_the_destination() {
         &Options::default(),
         &mut KillSource(&mut a),
     );
-    assert!(matches!(r, Err(MigrateError::Protocol { .. })), "{r:?}");
+    // The source died: the driver cannot return it to RUNNING and must not claim it did.
+    match &r {
+        Err(e @ MigrateError::SourceNotRestored { cause, .. }) => {
+            assert!(!e.source_restored());
+            assert!(
+                matches!(**cause, MigrateError::Protocol { .. }),
+                "{cause:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     // The destination was reset, not left in RESUMING with a partial stream.
     assert_eq!(dst.client.mig_state().unwrap(), MigState::Running);
     assert_eq!(

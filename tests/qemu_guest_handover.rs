@@ -8,12 +8,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::qemu::{guest_values, repo_root};
+use common::{serve_incoming, KillOnDrop};
 
 /// How long the guest runs jobs (busybox `date +%s` seconds).
 const LOOP_SECONDS: u32 = 8;
@@ -53,31 +54,6 @@ ok "kernel_warnings=$warnings"
 [ $bad = 0 ] && [ $warnings = 0 ]
 "#
     )
-}
-
-/// A process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `vfud serve --device dma-engine --incoming CTL`, once CTL exists.
-fn incoming(ctl: &Path) -> Proc {
-    let child = common::serve_command()
-        .args(["--device", "dma-engine", "--incoming"])
-        .arg(ctl)
-        .spawn()
-        .expect("spawn vfud serve --incoming");
-    assert!(
-        common::wait_for_path(ctl, Duration::from_secs(10)),
-        "no {}",
-        ctl.display()
-    );
-    Proc(child)
 }
 
 /// Wait until a console line contains `needle`; returns the console so far.
@@ -125,7 +101,7 @@ fn driver_jobs_survive_two_handovers() {
         .current_dir(repo_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    let mut guest = Proc(guest.spawn().expect("spawn vfud guest"));
+    let mut guest = KillOnDrop(guest.spawn().expect("spawn vfud guest"));
     let console = Arc::new(Mutex::new(String::new()));
     let reader = {
         let console = console.clone();
@@ -151,21 +127,8 @@ fn driver_jobs_survive_two_handovers() {
     let mut progress_at_last_handover = 0;
     for (i, at) in HANDOVER_AT.iter().enumerate() {
         std::thread::sleep((t0 + *at).saturating_duration_since(Instant::now()));
-        incoming_procs.push(incoming(&ctl[i + 1]));
-        let out = Command::new(common::vfud_bin())
-            .args(["migrate", "--handover", "--json", "--from"])
-            .arg(&ctl[i])
-            .arg("--to")
-            .arg(&ctl[i + 1])
-            .stdin(Stdio::null())
-            .output()
-            .expect("vfud migrate --handover");
-        assert!(
-            out.status.success(),
-            "handover {i} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        incoming_procs.push(serve_incoming("dma-engine", &ctl[i + 1]));
+        common::handover(&ctl[i], &ctl[i + 1]);
         progress_at_last_handover = last_progress(&console.lock().expect("console"));
         eprintln!(
             "[test] handover {i} done at {:.1?}, guest progress {progress_at_last_handover}",

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::dma_engine::{r, run_op, w, VecMemory};
 use common::{eventfd as efd, memfd, wait_eventfd as wait_efd};
 
 use std::fs::File;
@@ -18,7 +19,6 @@ use nix::sys::eventfd::EventFd;
 use vfud_devices::dma_engine::{
     reg, Opcode, CONTROL_IRQ_ENABLE, ID, STATUS_DONE, STATUS_ERROR, VERSION,
 };
-use vfud_protocol::client::DmaHandler;
 use vfud_protocol::header::{Command, Header};
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::messages::irq::*;
@@ -41,34 +41,6 @@ fn attached(v: &Vfud) -> (Client, File) {
     c.dma_map(RW, 0, RAM_IOVA, RAM_SIZE, Some(ram.as_fd()))
         .unwrap();
     (c, ram)
-}
-
-fn w(c: &mut Client, off: u64, v: u32) {
-    c.region_write_u32(BAR0, off, v).unwrap();
-}
-
-fn r(c: &mut Client, off: u64) -> u32 {
-    c.region_read_u32(BAR0, off).unwrap()
-}
-
-/// Program and start an operation, then poll STATUS until it leaves BUSY.
-fn run_op(c: &mut Client, op: Opcode, src: u64, dst: u64, len: u32, pattern: u32) -> u32 {
-    w(c, reg::SRC_LO, src as u32);
-    w(c, reg::SRC_HI, (src >> 32) as u32);
-    w(c, reg::DST_LO, dst as u32);
-    w(c, reg::DST_HI, (dst >> 32) as u32);
-    w(c, reg::LEN, len);
-    w(c, reg::OPCODE, op as u32);
-    w(c, reg::PATTERN, pattern);
-    w(c, reg::DOORBELL, 1);
-    for _ in 0..1000 {
-        let s = r(c, reg::STATUS);
-        if s & (STATUS_DONE | STATUS_ERROR) != 0 {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("operation did not complete");
 }
 
 #[test]
@@ -276,25 +248,6 @@ fn dma_outside_mappings_fails_with_error_status() {
     let s = run_op(&mut c, Opcode::Fill, 0, 0x10_0000, 16, 1);
     assert_eq!(s & STATUS_ERROR, STATUS_ERROR);
     assert_eq!(r(&mut c, reg::ERROR_CODE), Errno::EPERM as u32);
-}
-
-struct VecMemory(Arc<Mutex<Vec<u8>>>, u64);
-
-impl DmaHandler for VecMemory {
-    fn dma_read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let m = self.0.lock().unwrap();
-        let off = addr.checked_sub(self.1).ok_or(Errno::EFAULT)? as usize;
-        buf.copy_from_slice(m.get(off..off + buf.len()).ok_or(Errno::EFAULT)?);
-        Ok(())
-    }
-    fn dma_write(&mut self, addr: u64, data: &[u8]) -> Result<(), Errno> {
-        let mut m = self.0.lock().unwrap();
-        let off = addr.checked_sub(self.1).ok_or(Errno::EFAULT)? as usize;
-        m.get_mut(off..off + data.len())
-            .ok_or(Errno::EFAULT)?
-            .copy_from_slice(data);
-        Ok(())
-    }
 }
 
 #[test]

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod dma_engine;
+pub mod nvme;
 pub mod uart16550;
 
 use vfud_server::Device;
@@ -36,6 +37,26 @@ impl<'a> Options<'a> {
     }
 }
 
+impl Options<'_> {
+    /// The value of `key` as a byte count: a number with an optional binary suffix
+    /// (`K`, `M`, `G`, `T`: 1024-based), e.g. `64M`.
+    pub fn bytes(&self, key: &str) -> Result<Option<u64>, String> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let (num, shift) = match v.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&v[..i], 10),
+            Some((i, 'M' | 'm')) => (&v[..i], 20),
+            Some((i, 'G' | 'g')) => (&v[..i], 30),
+            Some((i, 'T' | 't')) => (&v[..i], 40),
+            _ => (v, 0),
+        };
+        let bad = || format!("option {key}={v} is not a size (e.g. 4096, 64M, 1G)");
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        n.checked_mul(1 << shift).map(Some).ok_or_else(bad)
+    }
+}
+
 /// One device model in the registry.
 pub struct Model {
     /// Name given to `--device`.
@@ -62,6 +83,10 @@ pub const MODELS: &[Model] = &[
                 "msix",
                 "on or off (default on); off lets QEMU 11.1 unplug it (qemu-migrate --replug)",
             ),
+            (
+                "crash-test",
+                "TESTING ONLY: on makes a write of 0xdeaddead to BAR0 0xffc panic the model",
+            ),
         ],
         create: |o| {
             let slice = o
@@ -69,11 +94,49 @@ pub const MODELS: &[Model] = &[
                 .unwrap_or(u64::from(dma_engine::DEFAULT_SLICE));
             let slice = u32::try_from(slice).map_err(|_| "slice is too large".to_string())?;
             let engine = dma_engine::DmaEngine::with_slice(slice);
+            let engine = match o.get("crash-test") {
+                None | Some("off") => engine,
+                Some("on") => engine.with_crash_test(),
+                Some(v) => return Err(format!("option crash-test={v}: give on or off")),
+            };
             Ok(Box::new(match o.get("msix") {
                 None | Some("on") => engine,
                 Some("off") => engine.without_msix(),
                 Some(v) => return Err(format!("option msix={v}: give on or off")),
             }))
+        },
+    },
+    Model {
+        name: "nvme",
+        help: "NVMe 1.4 controller, one namespace on a file, bound by Linux's stock nvme driver",
+        options: &[
+            (
+                "backing",
+                "namespace file, created sparse if missing (default: an anonymous memfd)",
+            ),
+            (
+                "size",
+                "namespace bytes; grows a smaller file (default: the file's size, or 64 MiB)",
+            ),
+            ("queues", "I/O queue pairs, 1-127 (default 4)"),
+            (
+                "shadow",
+                "on or off (default on): offer Doorbell Buffer Config (shadow doorbells)",
+            ),
+        ],
+        create: |o| {
+            let shadow = match o.get("shadow") {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(v) => return Err(format!("option shadow={v}: give on or off")),
+            };
+            let dev = nvme::Nvme::from_options(
+                o.get("backing").map(Into::into),
+                o.bytes("size")?,
+                o.number("queues")?,
+                shadow,
+            )?;
+            Ok(Box::new(dev))
         },
     },
     Model {
@@ -152,6 +215,15 @@ mod tests {
         assert_eq!(off.irqs.msi_vectors, on.irqs.msi_vectors);
     }
 
+    #[test]
+    fn nvme_size_takes_binary_suffixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ns.img");
+        let spec = format!("nvme,backing={},size=3M,queues=2", f.display());
+        create(&spec).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 3 << 20);
+    }
+
     fn refusal(spec: &str) -> String {
         create(spec)
             .err()
@@ -165,6 +237,9 @@ mod tests {
         assert!(refusal("dma-engine,slice").contains("key=value"));
         assert!(refusal("dma-engine,slice=lots").contains("not a number"));
         assert!(refusal("dma-engine,msix=maybe").contains("on or off"));
+        assert!(refusal("nvme,size=12Q").contains("not a size"));
+        assert!(refusal("nvme,queues=0").contains("1 to 127"));
+        assert!(refusal("nvme,shadow=maybe").contains("on or off"));
         assert!(refusal("uart16550,backend=null,bar=pio").contains("mem or io"));
     }
 

@@ -19,22 +19,35 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::error::ProtocolError;
-use crate::header::{Header, HEADER_SIZE};
-use crate::messages::version::{Negotiated, DEFAULT_MAX_DATA_XFER_SIZE};
+use crate::header::{Command, Header, MessageKind, HEADER_SIZE};
+use crate::messages::version::{Negotiated, DEFAULT_MAX_DATA_XFER_SIZE, MAX_MAX_DATA_XFER_SIZE};
 
 /// Most fds the kernel passes in one message (`SCM_MAX_FD`).
 pub const SCM_MAX_FD: usize = 253;
 /// Room for headers around a maximal data transfer (largest fixed part is 24 bytes + header).
 pub const MSG_OVERHEAD: usize = 64;
+/// Largest command [`FrameReader::read_message`] skips rather than failing the stream on: no
+/// negotiation can allow more than QEMU's 64 MiB transfer plus headers, so a larger `msg_size`
+/// means the stream is garbage, not that one request was too big.
+pub const MAX_SKIPPABLE_MSG_SIZE: u64 = MAX_MAX_DATA_XFER_SIZE + MSG_OVERHEAD as u64;
 
-/// Limits enforced on incoming messages.
+/// Limits of one side of a connection: what it accepts in incoming messages and how large a
+/// data transfer it initiates.
+///
+/// Build them with [`Limits::from_negotiated`] (the server's side) or [`Limits::client`] after
+/// VERSION; the two sides differ because each side's `max_data_xfer_size` is what *it* can
+/// receive (see [`Negotiated`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Most fds accepted in one message.
+    /// Most fds accepted in one incoming message.
     pub max_msg_fds: usize,
-    /// Largest data transfer (REGION_READ/WRITE count, MIG_DATA size, DMA count).
+    /// Largest data transfer this side puts in one message it initiates (the server's
+    /// DMA_READ/DMA_WRITE `count`, the client's REGION_READ/WRITE `count`): the peer's limit.
     pub max_data_xfer_size: u64,
-    /// Largest whole message, header included.
+    /// Largest data transfer accepted in an incoming request (REGION_READ/WRITE `count`,
+    /// MIG_DATA sizes at a server; DMA_READ/WRITE `count` at a client): this side's own limit.
+    pub max_recv_xfer_size: u64,
+    /// Largest whole incoming message, header included.
     pub max_msg_size: usize,
 }
 
@@ -46,29 +59,55 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Limits for a given fd count and transfer size.
+    /// Limits for a given fd count and one transfer size used in both directions.
     pub fn with_xfer(max_msg_fds: usize, max_data_xfer_size: u64) -> Self {
+        Self::directional(max_msg_fds, max_data_xfer_size, max_data_xfer_size)
+    }
+
+    /// Limits accepting transfers of `recv_xfer` and sending transfers of `send_xfer`; incoming
+    /// messages may be as large as the larger of the two plus headers (a reply to our own
+    /// transfer carries up to `send_xfer` bytes).
+    pub fn directional(max_msg_fds: usize, recv_xfer: u64, send_xfer: u64) -> Self {
         Self {
             max_msg_fds,
-            max_data_xfer_size,
-            max_msg_size: usize::try_from(max_data_xfer_size)
+            max_data_xfer_size: send_xfer,
+            max_recv_xfer_size: recv_xfer,
+            max_msg_size: usize::try_from(recv_xfer.max(send_xfer))
                 .unwrap_or(usize::MAX / 2)
                 .saturating_add(MSG_OVERHEAD)
                 .max(8192),
         }
     }
 
-    /// Limits after VERSION negotiation.
+    /// The server's limits after VERSION negotiation: it accepts what its reply stated, and
+    /// sends DMA transfers no larger than either side's limit — the client's by the spec, and
+    /// the server's own too because QEMU checks incoming DMA requests against the value the
+    /// server replied with (`proxy.c`, `max_xfer_size`).
     pub fn from_negotiated(n: &Negotiated) -> Self {
-        Self::with_xfer(n.max_msg_fds as usize, n.max_data_xfer_size)
+        Self::directional(
+            n.max_msg_fds as usize,
+            n.max_data_xfer_size,
+            n.max_data_xfer_size.min(n.client_max_data_xfer_size),
+        )
     }
 
-    /// Fail when a transfer exceeds `max_data_xfer_size`.
+    /// The client's limits after VERSION negotiation: it accepts what it proposed and sends
+    /// transfers up to the server's stated limit.
+    pub fn client(n: &Negotiated) -> Self {
+        Self::directional(
+            n.client_max_msg_fds as usize,
+            n.client_max_data_xfer_size,
+            n.max_data_xfer_size,
+        )
+    }
+
+    /// Fail when an incoming transfer exceeds this side's `max_data_xfer_size`
+    /// ([`Limits::max_recv_xfer_size`]).
     pub fn check_xfer(&self, size: u64) -> Result<(), ProtocolError> {
-        if size > self.max_data_xfer_size {
+        if size > self.max_recv_xfer_size {
             Err(ProtocolError::TransferTooLarge {
                 size,
-                max: self.max_data_xfer_size,
+                max: self.max_recv_xfer_size,
             })
         } else {
             Ok(())
@@ -107,6 +146,31 @@ pub struct FrameReader {
     fds: std::collections::VecDeque<(u64, Vec<OwnedFd>)>,
     /// Ancillary-data buffer, allocated once per reader rather than per `recvmsg`.
     cmsg: Vec<u8>,
+    /// An oversize command being discarded.
+    skip: Option<Skip>,
+}
+
+/// An oversize command whose bytes are being discarded as they arrive.
+#[derive(Debug)]
+struct Skip {
+    header: Header,
+    /// Bytes of it not yet discarded.
+    left: u64,
+    /// Stream offset just past its last byte.
+    end: u64,
+}
+
+/// What [`FrameReader::read_message`] found.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// A whole frame within the limits.
+    Frame(Frame),
+    /// A command whose `msg_size` exceeded [`Limits::max_msg_size`] but whose header was sane
+    /// (command type, a known command, `msg_size` at most [`MAX_SKIPPABLE_MSG_SIZE`]). Its
+    /// bytes have been discarded as they arrived — never buffered whole — and any fds that came
+    /// with it closed, so the stream is in step again. Answer it with an error reply
+    /// (`E2BIG`) unless it has `NO_REPLY`, and keep serving.
+    Oversize(Header),
 }
 
 /// Smallest receive buffer.
@@ -146,9 +210,11 @@ fn recv_with_fds(
     Ok(n)
 }
 
-/// Receive at least one byte: `Ok(None)` when the socket would block; EOF is
-/// [`ProtocolError::Disconnected`].
-fn recv_some(
+/// Receive at least one byte into `buf`, appending any descriptors to `fds` (`cmsg` is the
+/// caller's reusable ancillary-data buffer): `Ok(None)` when the socket would block; EOF is
+/// [`ProtocolError::Disconnected`]. Frame-level callers use [`FrameReader`]; this is for a
+/// proxy passing on bytes it can no longer cut into frames.
+pub fn recv_some(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
@@ -172,26 +238,122 @@ impl FrameReader {
         Self::default()
     }
 
-    /// Whether bytes or descriptors of a frame not yet returned are held here.
+    /// Whether bytes or descriptors of a frame not yet returned are held here, or an oversize
+    /// command is being discarded.
     pub fn in_progress(&self) -> bool {
-        self.end > self.start || !self.fds.is_empty()
+        self.end > self.start || !self.fds.is_empty() || self.skip.is_some()
+    }
+
+    /// Hand back every byte and descriptor received but not yet returned as a frame, leaving
+    /// the reader empty. After a malformed header the stream cannot be cut into frames any
+    /// more; a proxy (`vfud trace`) uses this to pass what it holds on untouched.
+    pub fn take_unparsed(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
+        let bytes = self.buf[self.start..self.end].to_vec();
+        self.consumed += bytes.len() as u64;
+        self.start = 0;
+        self.end = 0;
+        let fds = self.fds.drain(..).flat_map(|(_, v)| v).collect();
+        (bytes, fds)
+    }
+
+    /// Bytes read from the socket but not yet returned as a frame (the rest of a burst, or
+    /// the start of a frame still arriving). A supervised server mirrors them so a process
+    /// that replaces it after a crash can carry on mid-stream ([`FrameReader::prefill`]).
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Stream offset, counted from this reader's first byte, of the first pending byte
+    /// (the end of the last frame returned).
+    pub fn stream_offset(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Queue `bytes` as if they had been received before anything still in the socket: the
+    /// [`FrameReader::pending`] bytes of a reader in a process that died.
+    pub fn prefill(&mut self, bytes: &[u8]) {
+        self.buf.truncate(self.end);
+        self.buf.extend_from_slice(bytes);
+        self.end += bytes.len();
+        if self.buf.len() < READ_BUFFER {
+            self.buf.resize(READ_BUFFER, 0);
+        }
     }
 
     /// Return the next whole frame, reading from the socket only when the buffer holds none.
     /// `Ok(None)` when the socket would block. A malformed header is an error after which
-    /// the stream cannot be resynchronised: the caller should drop the connection.
+    /// the stream cannot be resynchronised: the caller should drop the connection. So is a
+    /// frame larger than [`Limits::max_msg_size`]; [`FrameReader::read_message`] instead skips
+    /// a sane one so that it can be answered.
     pub fn read_frame(
         &mut self,
         sock: BorrowedFd<'_>,
         limits: &Limits,
     ) -> Result<Option<Frame>, ProtocolError> {
+        match self.read(sock, limits, false)? {
+            Some(ReadOutcome::Frame(f)) => Ok(Some(f)),
+            // Not produced without `skip_oversize`.
+            Some(ReadOutcome::Oversize(h)) => Err(ProtocolError::MsgTooLarge {
+                size: h.msg_size,
+                max: limits.max_msg_size,
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`FrameReader::read_frame`], but a command too large for `limits` whose header is
+    /// otherwise sane is discarded in bounded steps and reported as [`ReadOutcome::Oversize`]
+    /// instead of failing the connection, so that a device is not lost to one bad write.
+    /// While it is being discarded this returns `Ok(None)` whenever the socket runs dry, and
+    /// [`FrameReader::in_progress`] is true.
+    pub fn read_message(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        limits: &Limits,
+    ) -> Result<Option<ReadOutcome>, ProtocolError> {
+        self.read(sock, limits, true)
+    }
+
+    fn read(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        limits: &Limits,
+        skip_oversize: bool,
+    ) -> Result<Option<ReadOutcome>, ProtocolError> {
         loop {
+            if self.skip.is_some() {
+                if let Some(h) = self.discard() {
+                    return Ok(Some(ReadOutcome::Oversize(h)));
+                }
+                if self.buf.is_empty() {
+                    self.buf.resize(READ_BUFFER, 0);
+                }
+                if !self.fill(sock)? {
+                    return Ok(None);
+                }
+                continue;
+            }
             let avail = self.end - self.start;
             let need = if avail >= HEADER_SIZE {
                 let h = Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_SIZE])
                     .map_err(|_| ProtocolError::MsgSizeTooSmall(0))?;
                 h.payload_len()?;
                 if h.msg_size as usize > limits.max_msg_size {
+                    if skip_oversize && skippable(&h) {
+                        tracing::debug!(
+                            msg_id = h.msg_id,
+                            cmd = h.cmd,
+                            size = h.msg_size,
+                            max = limits.max_msg_size,
+                            "discarding an oversize command"
+                        );
+                        self.skip = Some(Skip {
+                            header: h,
+                            left: h.msg_size.into(),
+                            end: self.consumed + u64::from(h.msg_size),
+                        });
+                        continue;
+                    }
                     return Err(ProtocolError::MsgTooLarge {
                         size: h.msg_size,
                         max: limits.max_msg_size,
@@ -199,7 +361,7 @@ impl FrameReader {
                 }
                 let total = h.msg_size as usize;
                 if avail >= total {
-                    return Ok(Some(self.take_frame(h, total)));
+                    return Ok(Some(ReadOutcome::Frame(self.take_frame(h, total))));
                 }
                 total
             } else {
@@ -216,17 +378,50 @@ impl FrameReader {
             } else if self.buf.is_empty() {
                 self.buf.resize(READ_BUFFER, 0);
             }
-            let mut fds = Vec::new();
-            let Some(n) = recv_some(sock, &mut self.buf[self.end..], &mut fds, &mut self.cmsg)?
-            else {
+            if !self.fill(sock)? {
                 return Ok(None);
-            };
-            self.end += n;
-            if !fds.is_empty() {
-                let last = self.consumed + (self.end - self.start) as u64 - 1;
-                self.fds.push_back((last, fds));
             }
         }
+    }
+
+    /// One `recvmsg` into the free end of the buffer; `false` when the socket would block.
+    fn fill(&mut self, sock: BorrowedFd<'_>) -> Result<bool, ProtocolError> {
+        let mut fds = Vec::new();
+        let Some(n) = recv_some(sock, &mut self.buf[self.end..], &mut fds, &mut self.cmsg)? else {
+            return Ok(false);
+        };
+        self.end += n;
+        if !fds.is_empty() {
+            let last = self.consumed + (self.end - self.start) as u64 - 1;
+            self.fds.push_back((last, fds));
+        }
+        Ok(true)
+    }
+
+    /// Drop buffered bytes of the command being skipped; when its last byte is gone, close the
+    /// fds that came with it and return its header.
+    fn discard(&mut self) -> Option<Header> {
+        let skip = self.skip.as_mut()?;
+        let n = ((self.end - self.start) as u64).min(skip.left);
+        self.start += n as usize;
+        self.consumed += n;
+        skip.left -= n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if skip.left > 0 {
+            return None;
+        }
+        let end = skip.end;
+        let header = skip.header;
+        self.skip = None;
+        while self.fds.front().is_some_and(|(off, _)| *off < end) {
+            if let Some((_, v)) = self.fds.pop_front() {
+                tracing::debug!(n = v.len(), "closing descriptors of an oversize command");
+            }
+        }
+        Some(header)
     }
 
     fn take_frame(&mut self, header: Header, total: usize) -> Frame {
@@ -254,6 +449,14 @@ impl FrameReader {
             fds,
         }
     }
+}
+
+/// Whether an oversize frame looks like a real command that was merely too large, rather than
+/// a stream gone out of step (see [`ReadOutcome::Oversize`]).
+fn skippable(h: &Header) -> bool {
+    u64::from(h.msg_size) <= MAX_SKIPPABLE_MSG_SIZE
+        && matches!(h.kind(), Ok(MessageKind::Command { .. }))
+        && Command::try_from(h.cmd).is_ok()
 }
 
 /// Wait until `sock` is writable (used when a non-blocking socket's buffer is full).
@@ -341,4 +544,37 @@ pub fn send_error(sock: BorrowedFd<'_>, req: &Header, errno: Errno) -> Result<()
 /// Convenience for callers holding any `AsFd`.
 pub fn borrow<T: AsFd>(t: &T) -> BorrowedFd<'_> {
     t.as_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::Command;
+
+    #[test]
+    fn skipping_a_60_mib_command_never_grows_the_buffer() {
+        let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let size = 60usize << 20;
+        let writer = std::thread::spawn(move || {
+            let h = Header::command(1, Command::RegionWrite, size - HEADER_SIZE, false);
+            let zeros = vec![0u8; 1 << 20];
+            send_chunks(tx.as_fd(), &[h.as_bytes()], &[]).unwrap();
+            let mut left = size - HEADER_SIZE;
+            while left > 0 {
+                let n = left.min(zeros.len());
+                send_chunks(tx.as_fd(), &[&zeros[..n]], &[]).unwrap();
+                left -= n;
+            }
+        });
+        let limits = Limits::with_xfer(1, 4096);
+        let mut r = FrameReader::new();
+        let outcome = loop {
+            if let Some(o) = r.read_message(rx.as_fd(), &limits).unwrap() {
+                break o;
+            }
+        };
+        writer.join().unwrap();
+        assert!(matches!(outcome, ReadOutcome::Oversize(h) if h.msg_size as usize == size));
+        assert!(r.buf.len() <= READ_BUFFER, "buffer grew to {}", r.buf.len());
+    }
 }

@@ -183,6 +183,32 @@ impl Command {
     ];
 }
 
+impl Command {
+    /// The spec's name without its `VFIO_USER_` prefix (`DEVICE_GET_REGION_INFO`), as tools
+    /// print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Version => "VERSION",
+            Command::DmaMap => "DMA_MAP",
+            Command::DmaUnmap => "DMA_UNMAP",
+            Command::DeviceGetInfo => "DEVICE_GET_INFO",
+            Command::DeviceGetRegionInfo => "DEVICE_GET_REGION_INFO",
+            Command::DeviceGetRegionIoFds => "DEVICE_GET_REGION_IO_FDS",
+            Command::DeviceGetIrqInfo => "DEVICE_GET_IRQ_INFO",
+            Command::DeviceSetIrqs => "DEVICE_SET_IRQS",
+            Command::RegionRead => "REGION_READ",
+            Command::RegionWrite => "REGION_WRITE",
+            Command::DmaRead => "DMA_READ",
+            Command::DmaWrite => "DMA_WRITE",
+            Command::DeviceReset => "DEVICE_RESET",
+            Command::RegionWriteMulti => "REGION_WRITE_MULTI",
+            Command::DeviceFeature => "DEVICE_FEATURE",
+            Command::MigDataRead => "MIG_DATA_READ",
+            Command::MigDataWrite => "MIG_DATA_WRITE",
+        }
+    }
+}
+
 impl TryFrom<u16> for Command {
     type Error = ProtocolError;
 

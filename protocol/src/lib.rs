@@ -16,6 +16,6 @@ pub mod messages;
 pub mod wire;
 
 pub use client::Client;
-pub use codec::{Frame, FrameReader, Limits};
+pub use codec::{Frame, FrameReader, Limits, ReadOutcome};
 pub use error::ProtocolError;
 pub use header::{Command, Header, MessageKind};

@@ -35,8 +35,12 @@ fn is_invalid(res: &Result<Request, ProtocolError>, want: &str) -> bool {
 // SET_IRQS
 
 fn irq_set(flags: u32, start: u32, count: u32, data: &[u8]) -> Vec<u8> {
+    irq_set_argsz(flags, start, count, data, 20 + data.len() as u32)
+}
+
+fn irq_set_argsz(flags: u32, start: u32, count: u32, data: &[u8], argsz: u32) -> Vec<u8> {
     let mut v = IrqSetHeader {
-        argsz: 20 + data.len() as u32,
+        argsz,
         flags,
         index: 2,
         start,
@@ -122,29 +126,40 @@ fn set_irqs_count_zero_is_only_the_trigger_none_disable_at_start_zero() {
 
 #[test]
 fn set_irqs_data_must_match_its_type() {
+    let res = SetIrqs::decode(
+        &irq_set(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_BOOL, 0, 3, &[1, 1]),
+        Vec::new(),
+    );
+    assert!(
+        matches!(res, Err(ProtocolError::InvalidField { field: "data", .. })),
+        "BOOL too short: {res:?}"
+    );
+    // Bytes after the data that `argsz` does not cover are refused.
     let cases: &[(&str, Vec<u8>)] = &[
         (
             "NONE with bytes",
-            irq_set(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, 0, 1, &[1]),
-        ),
-        (
-            "BOOL too short",
-            irq_set(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_BOOL, 0, 3, &[1, 1]),
+            irq_set_argsz(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, 0, 1, &[1], 20),
         ),
         (
             "BOOL too long",
-            irq_set(IRQ_SET_ACTION_MASK | IRQ_SET_DATA_BOOL, 0, 1, &[1, 1]),
+            irq_set_argsz(IRQ_SET_ACTION_MASK | IRQ_SET_DATA_BOOL, 0, 1, &[1, 1], 21),
         ),
         (
             "EVENTFD with bytes",
-            irq_set(IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD, 0, 1, &[0; 4]),
+            irq_set_argsz(
+                IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
+                0,
+                1,
+                &[0; 4],
+                20,
+            ),
         ),
     ];
     for (name, payload) in cases {
         let res = SetIrqs::decode(payload, Vec::new());
 
         assert!(
-            matches!(res, Err(ProtocolError::InvalidField { field: "data", .. })),
+            matches!(res, Err(ProtocolError::PayloadLength { .. })),
             "{name}: {res:?}"
         );
     }

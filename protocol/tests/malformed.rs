@@ -386,11 +386,20 @@ fn rows() -> Vec<Row> {
             errno: Errno::EINVAL,
         },
         Row {
-            name: "MIG_DATA_WRITE size 0 but 8 data bytes",
+            name: "MIG_DATA_WRITE size 0 with 8 bytes beyond argsz",
             limits: l,
             bytes: mig_write(0, &[7; 8]),
             eventfds: 0,
-            expect: |e| matches!(e, ProtocolError::InvalidField { field: "size", .. }),
+            expect: |e| {
+                matches!(
+                    e,
+                    ProtocolError::PayloadLength {
+                        got: 16,
+                        expected: 8,
+                        ..
+                    }
+                )
+            },
             errno: Errno::EINVAL,
         },
         Row {

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::errno::Errno;
-use vfud_protocol::codec::{send_error, send_message, Frame, FrameReader, Limits};
+use vfud_protocol::codec::{send_error, send_message, FrameReader, Limits, ReadOutcome};
 use vfud_protocol::{Header, ProtocolError};
 
 use crate::dispatch::{borrowed, Reply};
@@ -37,9 +37,10 @@ impl Connection {
         self.stream.as_raw_fd()
     }
 
-    /// The next complete frame, `None` when the socket has no more for now.
-    pub fn read_frame(&mut self, limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
-        self.reader.read_frame(self.stream.as_fd(), limits)
+    /// The next complete frame, or a command too large for the limits whose bytes were
+    /// skipped (to be answered with an error); `None` when the socket has no more for now.
+    pub fn read_message(&mut self, limits: &Limits) -> Result<Option<ReadOutcome>, ProtocolError> {
+        self.reader.read_message(self.stream.as_fd(), limits)
     }
 
     /// Whether part of a frame has been read.
@@ -73,6 +74,17 @@ impl Connection {
     /// A duplicate of the socket, to hand the connection to another process.
     pub fn dup(&self) -> io::Result<OwnedFd> {
         self.stream.as_fd().try_clone_to_owned()
+    }
+
+    /// The frame reader (a supervised server mirrors its pending bytes, see
+    /// [`crate::supervisor`]).
+    pub fn reader(&self) -> &FrameReader {
+        &self.reader
+    }
+
+    /// The frame reader, to prefill it with bytes a crashed process had read.
+    pub fn reader_mut(&mut self) -> &mut FrameReader {
+        &mut self.reader
     }
 
     /// Whether the client has sent bytes nobody read yet.

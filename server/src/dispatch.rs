@@ -6,14 +6,12 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use vfud_protocol::codec::{Frame, Limits};
 use vfud_protocol::messages::device::{DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET};
-use vfud_protocol::messages::feature::{v1, vfud};
 use vfud_protocol::messages::irq::IRQ_INDEX_COUNT;
 use vfud_protocol::messages::region::{
-    RegionCap, RegionInfo, RegionInfoReply, RegionIoFds, PCI_CONFIG_REGION_INDEX, PCI_NUM_REGIONS,
-    REGION_FLAG_READ, REGION_FLAG_WRITE,
+    RegionInfo, RegionInfoReply, RegionIoFds, PCI_CONFIG_REGION_INDEX, PCI_NUM_REGIONS,
 };
 use vfud_protocol::messages::version::{negotiate, Negotiated, ServerOffer};
-use vfud_protocol::messages::{DeviceInfo, MigData, MigState, Request};
+use vfud_protocol::messages::{DeviceInfo, MigState, Request};
 use vfud_protocol::wire::put;
 
 use crate::device::{BarIndex, Device, DeviceCtx, DeviceDescription};
@@ -21,7 +19,7 @@ use crate::dma::socket::Outgoing;
 use crate::dma::{DmaTable, GuestMem, SocketDma, SocketDmaCounters};
 use crate::error::{DeviceError, RequestError};
 use crate::migration::fsm::permits;
-use crate::migration::v1::{V1_REGION_INDEX, V1_WINDOW_OFFSET, V1_WINDOW_SIZE};
+use crate::migration::v1::V1_REGION_INDEX;
 use crate::migration::{MigrationSession, Parts};
 use crate::pci::{Access, BarTarget, PciFunction};
 
@@ -72,6 +70,9 @@ pub struct DeviceServer {
     pub(crate) negotiated: Option<Negotiated>,
     pub(crate) work: bool,
     socket_dma_warned: bool,
+    /// A large reply buffer handed back after sending, reused by the next MIG_DATA_READ so
+    /// megabyte replies do not allocate (and fault in) fresh pages every time.
+    spare: Vec<u8>,
 }
 
 impl DeviceServer {
@@ -93,6 +94,7 @@ impl DeviceServer {
             negotiated: None,
             work: false,
             socket_dma_warned: false,
+            spare: Vec::new(),
         })
     }
 
@@ -182,7 +184,10 @@ impl DeviceServer {
     }
 
     /// Call `f` with the device and a context over guest memory, interrupts and BAR memory.
-    fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn Device, &mut DeviceCtx<'_>) -> R) -> R {
+    pub(crate) fn with_device<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Device, &mut DeviceCtx<'_>) -> R,
+    ) -> R {
         let Self {
             device,
             function,
@@ -222,6 +227,13 @@ impl DeviceServer {
                 msg_id = frame.header.msg_id,
                 "unexpected reply from client dropped"
             );
+        }
+    }
+
+    /// Give back a sent reply's buffer for reuse (only large ones are kept).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() >= 64 * 1024 && buf.capacity() > self.spare.capacity() {
+            self.spare = buf;
         }
     }
 
@@ -295,7 +307,9 @@ impl DeviceServer {
             Request::Version(v) => {
                 let (reply, n) = negotiate(&v, &self.offer, request_len)?;
                 self.dma.set_max_maps(n.max_dma_maps as usize);
-                self.socket_dma.set_max_xfer(n.max_data_xfer_size as usize);
+                // DMA requests must fit what the client receives: the smaller of both limits.
+                let send_max = Limits::from_negotiated(&n).max_data_xfer_size;
+                self.socket_dma.set_max_xfer(send_max as usize);
                 tracing::info!(device = self.description().name, ?n, "client negotiated");
                 self.negotiated = Some(n);
                 Ok(Reply::bytes(reply.encode()))
@@ -387,8 +401,10 @@ impl DeviceServer {
                         state,
                     });
                 }
-                let data = self.read_stream(m.size as usize)?;
-                Ok(Reply::bytes(MigData::encode_with_data(&data)))
+                let max = (m.size as usize).min(self.limits().max_data_xfer_size as usize);
+                let buf = std::mem::take(&mut self.spare);
+                let (mig, mut parts) = self.parts();
+                Ok(Reply::bytes(mig.mig_data_reply(buf, max, &mut parts)?))
             }
             Request::MigDataWrite(data) => {
                 if !allowed.mig_data_write {
@@ -397,7 +413,7 @@ impl DeviceServer {
                         state,
                     });
                 }
-                self.mig.write_stream(&data)?;
+                self.mig.write_stream(&data, &self.function)?;
                 Ok(Reply::default())
             }
         }
@@ -458,7 +474,7 @@ impl DeviceServer {
     /// DEVICE_RESET: back to power-on state; the migration FSM returns to RUNNING and any
     /// migration and dirty logging are dropped.
     fn reset(&mut self) {
-        self.mig.reset();
+        self.mig.reset(&self.function);
         self.dma.stop_logging();
         self.function.reset();
         self.with_device(|d, cx| d.reset(cx));
@@ -467,29 +483,7 @@ impl DeviceServer {
     fn region_info(&self, r: RegionInfo) -> Result<Reply, RequestError> {
         let (info, caps, mut fds) = match r.index {
             V1_REGION_INDEX if self.mig.v1.is_some() => {
-                let info = RegionInfo {
-                    argsz: 0,
-                    flags: REGION_FLAG_READ | REGION_FLAG_WRITE,
-                    index: r.index,
-                    cap_offset: 0,
-                    size: V1_WINDOW_OFFSET + V1_WINDOW_SIZE as u64,
-                    offset: 0,
-                };
-                let ordering = vfud::MigrationOrdering {
-                    flags: self.ordering_flags(),
-                    reserved: 0,
-                };
-                let caps = vec![
-                    RegionCap::Type {
-                        region_type: v1::REGION_TYPE_MIGRATION,
-                        subtype: v1::REGION_SUBTYPE_MIGRATION,
-                    },
-                    RegionCap::Other {
-                        id: vfud::REGION_CAP_MIGRATION_ORDERING,
-                        version: 1,
-                        data: encode(&ordering),
-                    },
-                ];
+                let (info, caps) = crate::migration::v1::region_info(self.ordering_flags());
                 (info, caps, Vec::new())
             }
             8 => (
@@ -547,7 +541,7 @@ impl DeviceServer {
 
     /// Feed incoming stream bytes, for a live handover (RESUMING).
     pub fn handover_write(&mut self, data: &[u8]) -> Result<(), RequestError> {
-        self.mig.write_stream(data)
+        self.mig.write_stream(data, &self.function)
     }
 
     /// Pre-copy counts (initial, dirty) while in PRE_COPY.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use vfud_protocol::codec::{Frame, FrameReader};
+use vfud_protocol::codec::{Frame, FrameReader, ReadOutcome};
 use vfud_protocol::header::MessageKind;
 use vfud_protocol::messages::Request;
 use vfud_protocol::ProtocolError;
@@ -164,10 +164,14 @@ pub(crate) struct Loop {
     pub(crate) listener: Option<UnixListener>,
     control: Option<UnixListener>,
     pub(crate) controls: HashMap<Token, (UnixStream, FrameReader)>,
-    next_control: usize,
+    pub(crate) next_control: usize,
     registered: HashMap<RawFd, Token>,
     pub(crate) outgoing: Option<OutgoingHandover>,
     pub(crate) stats: Option<HandoverStats>,
+    /// Counters for `vfud status`.
+    pub(crate) counters: crate::stats::Stats,
+    /// Set in a supervised device process ([`crate::supervisor`]).
+    pub(crate) sup: Option<crate::supervisor::Supervised>,
 }
 
 /// Serve on already bound sockets. `listener` may be absent for a process started with
@@ -176,6 +180,18 @@ pub fn serve_listener(
     device: Box<dyn Device>,
     listener: Option<UnixListener>,
     control: Option<UnixListener>,
+    settings: &ServerSettings,
+    shutdown: &ShutdownHandle,
+) -> io::Result<Outcome> {
+    serve_inner(device, listener, control, None, settings, shutdown)
+}
+
+/// [`serve_listener`], optionally as a supervised device process.
+pub(crate) fn serve_inner(
+    device: Box<dyn Device>,
+    listener: Option<UnixListener>,
+    control: Option<UnixListener>,
+    sup: Option<crate::supervisor::Supervised>,
     settings: &ServerSettings,
     shutdown: &ShutdownHandle,
 ) -> io::Result<Outcome> {
@@ -195,6 +211,8 @@ pub fn serve_listener(
         registered: HashMap::new(),
         outgoing: None,
         stats: None,
+        counters: crate::stats::Stats::default(),
+        sup: None,
     };
     if let Some(l) = listener {
         lp.set_listener(l)?;
@@ -203,6 +221,9 @@ pub fn serve_listener(
         c.set_nonblocking(true)?;
         lp.register(c.as_raw_fd(), CONTROL_LISTENER)?;
         lp.control = Some(c);
+    }
+    if let Some(s) = sup {
+        lp.adopt_supervision(s)?;
     }
     let mut events = Events::with_capacity(64);
     tracing::info!(device = name, "serving");
@@ -214,6 +235,7 @@ pub fn serve_listener(
             true => Some(Duration::ZERO),
             false => deadline.map(|d| d.saturating_duration_since(Instant::now())),
         };
+        let timeout = lp.supervise_timeout(timeout);
         match lp.poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -236,6 +258,7 @@ pub fn serve_listener(
         }
         lp.server.run_deferred();
         lp.flush_requests();
+        lp.supervise_turn(!events.is_empty() || lp.server.work_pending());
         if lp.outgoing.is_some() && lp.handover_step() {
             tracing::info!(device = name, "device handed over; this process lets go");
             lp.server.release_after_handover();
@@ -268,6 +291,7 @@ impl Loop {
     pub(crate) fn set_client(&mut self, c: Connection) -> io::Result<()> {
         self.register(c.raw_fd(), CLIENT)?;
         self.client = Some(c);
+        self.journal_new_stream();
         Ok(())
     }
 
@@ -315,6 +339,7 @@ impl Loop {
                     }
                     self.set_client(Connection::new(stream)?)?;
                     tracing::info!(device = name, "client connected");
+                    self.counters.client_connected();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -341,15 +366,35 @@ impl Loop {
             let Some(c) = self.client.as_mut() else {
                 return;
             };
-            let frame = match c.read_frame(&limits) {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
+            let frame = match c.read_message(&limits) {
+                Ok(Some(ReadOutcome::Frame(f))) => f,
+                Ok(Some(ReadOutcome::Oversize(h))) => {
+                    // One bad write must not cost the device: its bytes were skipped, so
+                    // answer it and carry on (spec: the limits bound what a side receives).
+                    tracing::debug!(
+                        msg_id = h.msg_id,
+                        cmd = h.cmd,
+                        size = h.msg_size,
+                        "oversize message refused"
+                    );
+                    let quiet = matches!(h.kind(), Ok(MessageKind::Command { no_reply: true }));
+                    if !quiet && c.error(&h, nix::errno::Errno::E2BIG).is_err() {
+                        return self.disconnect("send failed");
+                    }
+                    self.journal_handled();
+                    continue;
+                }
+                Ok(None) => return self.journal_idle(),
                 Err(ProtocolError::Disconnected) => return self.disconnect("closed by peer"),
                 Err(e) => return self.disconnect(&format!("broken frame: {e}")),
+            };
+            let Some(frame) = self.journal_take(frame) else {
+                continue;
             };
             if self.process_frame(frame).is_err() {
                 return self.disconnect("send failed");
             }
+            self.journal_handled();
             self.flush_requests();
         }
     }
@@ -378,6 +423,7 @@ impl Loop {
             }
             Err(e) => {
                 tracing::debug!(msg_id = h.msg_id, "bad message type: {e}");
+                self.counters.record(h.cmd, false);
                 return self
                     .client
                     .as_ref()
@@ -385,15 +431,25 @@ impl Loop {
             }
         };
         let len = frame.payload.len();
+        let snapshot = self.needs_snapshot(&h, &frame.payload);
         let result = Request::decode(h.cmd, &frame.payload, frame.fds, &self.server.limits())
             .map_err(crate::error::RequestError::from)
             .and_then(|req| self.server.handle(req, len));
+        self.counters.record(h.cmd, result.is_ok());
+        if snapshot && result.is_ok() {
+            self.checkpoint_now();
+        }
+        self.journal_handled();
         let Some(c) = self.client.as_ref() else {
             return Ok(());
         };
         let sent = match result {
             Ok(_) if no_reply => Ok(()),
-            Ok(reply) => c.reply(&h, &reply),
+            Ok(reply) => {
+                let sent = c.reply(&h, &reply);
+                self.server.recycle(reply.payload);
+                sent
+            }
             Err(e) => {
                 let why = crate::error::chain(&e);
                 tracing::debug!(msg_id = h.msg_id, cmd = h.cmd, errno = ?e.errno(), "request failed: {why}");

@@ -23,6 +23,8 @@ pub mod irq;
 pub mod migration;
 pub mod mmap;
 pub mod pci;
+pub mod stats;
+pub mod supervisor;
 pub mod testing;
 
 pub use device::{

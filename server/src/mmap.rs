@@ -33,6 +33,22 @@ impl SharedMemory {
         Ok(Self { file, map, len })
     }
 
+    /// Map `len` bytes of an existing memfd (one another process created and passed on).
+    pub fn from_fd(fd: OwnedFd, len: usize) -> Result<Self, DeviceError> {
+        let file = File::from(fd);
+        let have = file
+            .metadata()
+            .map_err(|e| DeviceError::Other(format!("memfd size: {e}")))?
+            .len();
+        if have < len as u64 {
+            return Err(DeviceError::Other(format!(
+                "shared memory of {have} bytes, {len} needed"
+            )));
+        }
+        let map = MmapRaw::map_raw(&file).map_err(|e| DeviceError::Other(format!("mmap: {e}")))?;
+        Ok(Self { file, map, len })
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -67,6 +83,22 @@ impl SharedMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
         };
+        Ok(())
+    }
+
+    /// Append `n` bytes at `offset` to `out` (no zero-fill of the destination first: the
+    /// migration saver streams device memory this way).
+    pub fn append_to(&self, offset: u64, n: usize, out: &mut Vec<u8>) -> Result<(), DeviceError> {
+        let off = self.check(offset, n)?;
+        out.reserve(n);
+        let len = out.len();
+        // SAFETY: `check` proved the source range lies inside the mapping; `reserve` made
+        // room for `n` more bytes in `out`, which is a distinct allocation. `set_len` covers
+        // exactly the bytes just copied in.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), out.as_mut_ptr().add(len), n);
+            out.set_len(len + n);
+        }
         Ok(())
     }
 

@@ -28,6 +28,7 @@ pub struct Channel {
     window: u64,
     window_size: u64,
     ordering: u32,
+    ordering_advertised: bool,
 }
 
 fn read_u64(c: &mut Client, region: u32, off: u64) -> Result<u64, ProtocolError> {
@@ -41,21 +42,23 @@ impl Channel {
     pub fn open(c: &mut Client, force_v1: bool) -> Result<Self, MigrateError> {
         if !force_v1 {
             if let Ok(flags) = c.migration_flags() {
+                // A server that rejects vfud's feature (any foreign one) has no ordering
+                // requirement.
                 let ordering = c
                     .feature_get(vfud::FEATURE_MIGRATION_ORDERING, &[], 8)
                     .ok()
                     .and_then(|d| {
                         d.get(..4)
                             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    })
-                    .unwrap_or(0);
+                    });
                 return Ok(Self {
                     kind: ChannelKind::V2,
                     precopy: flags & MIGRATION_PRE_COPY != 0,
                     region: 0,
                     window: 0,
                     window_size: 0,
-                    ordering,
+                    ordering: ordering.unwrap_or(0),
+                    ordering_advertised: ordering.is_some(),
                 });
             }
         }
@@ -77,19 +80,13 @@ impl Channel {
             if !is_mig {
                 continue;
             }
-            let ordering = info
-                .caps
-                .iter()
-                .find_map(|cap| match cap {
-                    RegionCap::Other { id, data, .. }
-                        if *id == vfud::REGION_CAP_MIGRATION_ORDERING =>
-                    {
-                        data.get(..4)
-                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    }
-                    _ => None,
-                })
-                .unwrap_or(0);
+            let ordering = info.caps.iter().find_map(|cap| match cap {
+                RegionCap::Other { id, data, .. } if *id == vfud::REGION_CAP_MIGRATION_ORDERING => {
+                    data.get(..4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                }
+                _ => None,
+            });
             let window =
                 read_u64(c, i, v1::OFF_DATA_OFFSET).map_err(|source| MigrateError::Protocol {
                     step: "v1 data_offset",
@@ -101,7 +98,8 @@ impl Channel {
                 region: i,
                 window,
                 window_size: info.info.size.saturating_sub(window),
-                ordering,
+                ordering: ordering.unwrap_or(0),
+                ordering_advertised: ordering.is_some(),
             });
         }
         Err(MigrateError::NotMigratable)
@@ -110,6 +108,11 @@ impl Channel {
     /// The device's `vfud::ORDERING_*` flags.
     pub fn ordering(&self, _c: &mut Client) -> u32 {
         self.ordering
+    }
+
+    /// Whether the device answered vfud's ordering feature (or carries its v1 capability).
+    pub fn ordering_advertised(&self) -> bool {
+        self.ordering_advertised
     }
 
     /// Whether PRE_COPY is offered.
@@ -180,7 +183,8 @@ impl Channel {
         }
     }
 
-    /// Pre-copy initial and dirty byte counts (v2 with vfud's feature; `None` otherwise).
+    /// Pre-copy initial and dirty byte counts (v2 with vfud's feature; `None` otherwise, e.g.
+    /// from a foreign server that rejects feature 0x4001).
     pub fn precopy_info(&self, c: &mut Client) -> Option<(u64, u64)> {
         if self.kind != ChannelKind::V2 {
             return None;

@@ -6,13 +6,25 @@
 //!    logging of guest RAM started and RAM copied;
 //! 2. iterate: read source data until a short read, write it to the destination, copy RAM
 //!    pages dirtied meanwhile, repeat until the data left is small or the round limit is hit;
-//! 3. stop (the VM's vCPUs pause): source →STOP_COPY, read until the empty read, final RAM sync;
-//! 4. non-iterable state: PCI config and interrupt setup restored on the destination after
-//!    the data — before it when the device advertises config-before-data — with SET_IRQS sent
-//!    while the destination is still RESUMING (vfud defers them);
+//! 3. stop (the VM's vCPUs pause): the VMM's view of config space is captured (see
+//!    [`vm::ConfigView`]) — only now, so the destination gets the values the guest last
+//!    wrote — then source →STOP_COPY, read until the empty read, final RAM sync;
+//! 4. non-iterable state: PCI config (the view captured at the stop) and interrupt setup
+//!    restored on the destination while it is RESUMING, with SET_IRQS sent before RUNNING
+//!    (vfud validates them at once and applies them at RUNNING). Without config-before-data
+//!    the device data was written as it was read and config follows it; with it, the driver
+//!    holds the device data (pre-copy rounds included) until the stop, then writes config
+//!    first and the data after — the price is that all of it crosses inside the downtime;
 //! 5. destination →RUNNING, source →STOP.
 //!
-//! Any failure returns the source to RUNNING with its state and resets the destination.
+//! Any failure returns the source to RUNNING with its state and resets the destination; when
+//! the source cannot be returned to RUNNING the error says so
+//! ([`MigrateError::SourceNotRestored`]).
+//!
+//! Foreign servers (libvfio-user's, for one) are driven the same way: a server that rejects
+//! vfud's DEVICE_FEATUREs 0x4001/0x4002 is taken to have no ordering requirement and no
+//! pre-copy estimate (the [`Report`] says so), padded MIG_DATA_READ replies are accepted, and
+//! no region is touched on a source in STOP_COPY.
 //! The driver reaches the device through v2 (DEVICE_FEATURE + MIG_DATA) or, when that is
 //! absent, the v1 migration region — see [`channel`].
 
@@ -50,6 +62,23 @@ pub enum MigrateError {
     /// Source and destination RAM layouts differ.
     #[error("source and destination guest RAM differ in layout")]
     RamMismatch,
+    /// The migration failed, and returning the source device to RUNNING failed too: the device
+    /// may be stopped, in ERROR, or gone. Its state is not known to be intact.
+    #[error("{cause}; the source device could NOT be returned to RUNNING ({rollback})")]
+    SourceNotRestored {
+        /// Why the migration failed.
+        #[source]
+        cause: Box<MigrateError>,
+        /// Why the rollback failed.
+        rollback: String,
+    },
+}
+
+impl MigrateError {
+    /// False only when the source could not be returned to RUNNING after the failure.
+    pub fn source_restored(&self) -> bool {
+        !matches!(self, MigrateError::SourceNotRestored { .. })
+    }
 }
 
 /// Attach a step name to protocol errors.
@@ -125,6 +154,16 @@ pub struct Report {
     pub total_ms: f64,
     /// From stopping the source to the destination running.
     pub downtime_ms: f64,
+    /// Whether the source answered vfud's ordering feature (0x4002, or the v1 region's
+    /// capability). A foreign server that rejects it is treated as having no ordering
+    /// requirement.
+    pub ordering_advertised: bool,
+    /// Whether the source answered vfud's pre-copy estimate (0x4001) in every round. Without
+    /// it pre-copy stops after one round.
+    pub precopy_info: bool,
+    /// Whether the source padded its MIG_DATA_READ replies (libvfio-user does); the padding
+    /// was ignored.
+    pub padded_mig_data: bool,
 }
 
 /// Callbacks into the VM that owns the device: keep it busy during pre-copy, pause its vCPUs
@@ -134,7 +173,10 @@ pub trait VmHooks {
     fn tick(&mut self, _src: &mut Endpoint) {}
     /// The VM's vCPUs stop.
     fn stop(&mut self, _src: &mut Endpoint) {}
-    /// The VM resumes; `on_destination` is false after a failed migration.
+    /// The VM resumes; `on_destination` is false after a failed migration whose source device
+    /// was returned to RUNNING. Not called when that failed
+    /// ([`MigrateError::SourceNotRestored`]): whether to resume a VM whose device is not
+    /// running is the caller's decision.
     fn resume(&mut self, _on_destination: bool) {}
     /// Progress update.
     fn progress(&mut self, _p: &Progress) {}
@@ -164,13 +206,31 @@ pub fn migrate(
         }
         Err(e) => {
             tracing::warn!("migration failed: {e}; returning the source to RUNNING");
-            if let Ok(ch) = Channel::open(&mut src.client, opts.force_v1) {
-                let _ = ch.set_state(&mut src.client, MigState::Running);
-            }
+            let rollback = Channel::open(&mut src.client, opts.force_v1)
+                .map_err(|e| match e {
+                    MigrateError::Protocol { source, .. } => source,
+                    other => ProtocolError::UnexpectedReply(other.to_string()),
+                })
+                .and_then(|ch| ch.set_state(&mut src.client, MigState::Running));
+            // Best effort: logging may never have started, and a destination that died needs
+            // no reset.
             let _ = src.client.dma_logging_stop();
             let _ = dst.client.device_reset();
-            hooks.resume(false);
-            Err(e)
+            match rollback {
+                Ok(()) => {
+                    hooks.resume(false);
+                    Err(e)
+                }
+                Err(rollback) => {
+                    tracing::error!(
+                        "the source device could not be returned to RUNNING: {rollback}"
+                    );
+                    Err(MigrateError::SourceNotRestored {
+                        cause: Box::new(e),
+                        rollback: rollback.to_string(),
+                    })
+                }
+            }
         }
     }
 }
@@ -193,6 +253,19 @@ fn run(
     let ordering = ch.ordering(&mut src.client);
     let config_first = ordering & vfud::ORDERING_CONFIG_BEFORE_DATA != 0;
     report.config_before_data = config_first;
+    report.ordering_advertised = ch.ordering_advertised();
+    if !report.ordering_advertised {
+        tracing::info!("source did not answer vfud's ordering feature: no ordering requirement");
+    }
+    // One MIG_DATA_READ may carry no more than either side accepts.
+    let chunk = {
+        let n = src.client.negotiated();
+        let limit = n.max_data_xfer_size.min(n.client_max_data_xfer_size);
+        u32::try_from(limit)
+            .unwrap_or(u32::MAX)
+            .min(opts.chunk)
+            .max(1)
+    };
     let mut p = Progress {
         phase: "setup",
         ..Progress::default()
@@ -206,9 +279,9 @@ fn run(
     // Setup (QEMU's load_setup / save_setup).
     dch.set_state(&mut dst.client, MigState::Resuming)
         .step("destination to RESUMING")?;
-    if config_first {
-        vm::restore_config(&mut src.client, &mut dst.client).step("config before data")?;
-    }
+    // A config-before-data device gets its config (final only at the stop) before any of its
+    // data: hold the data until then.
+    let mut held: Option<Vec<Vec<u8>>> = config_first.then(Vec::new);
     let ram = vm::RamSync::start(src, dst)?;
     p.ram_bytes = ram.copied;
     // `max_rounds: 0` asks for plain stop-and-copy.
@@ -217,13 +290,23 @@ fn run(
         ch.set_state(&mut src.client, MigState::PreCopy)
             .step("source to PRE_COPY")?;
         p.phase = "precopy";
+        report.precopy_info = true;
         loop {
             hooks.tick(src);
-            let n = pump(&ch, &dch, src, dst, opts.chunk, &mut fault)?;
+            let n = pump(&ch, &dch, src, dst, chunk, &mut fault, held.as_mut())?;
             p.device_bytes += n;
             p.ram_bytes += ram.sync(src, dst)?;
             p.round += 1;
-            let (initial, dirty) = ch.precopy_info(&mut src.client).unwrap_or((0, 0));
+            let info = if report.precopy_info {
+                ch.precopy_info(&mut src.client)
+            } else {
+                None
+            };
+            if info.is_none() && report.precopy_info {
+                report.precopy_info = false;
+                tracing::info!("source gives no pre-copy estimate (0x4001): one round only");
+            }
+            let (initial, dirty) = info.unwrap_or((0, 0));
             p.remaining = initial + dirty;
             hooks.progress(&p);
             if (initial == 0 && dirty <= opts.stop_threshold) || p.round >= opts.max_rounds {
@@ -231,15 +314,19 @@ fn run(
             }
         }
     }
-    // Stop-copy: the VM stops.
+    // Stop-copy: the VM stops. Its vCPUs can no longer touch config space, so the VMM's view
+    // is final: capture it now, while every server still serves region access (libvfio-user
+    // refuses it in STOP_COPY). Nothing below touches a source region.
     hooks.stop(src);
     let stopped = Instant::now();
     p.phase = "stop-copy";
+    let config = vm::ConfigView::capture(&mut src.client).step("capture config")?;
+    src.config = Some(config.clone());
     ch.set_state(&mut src.client, MigState::StopCopy)
         .step("source to STOP_COPY")?;
     let mut stop_bytes = 0;
     loop {
-        let n = pump(&ch, &dch, src, dst, opts.chunk, &mut fault)?;
+        let n = pump(&ch, &dch, src, dst, chunk, &mut fault, held.as_mut())?;
         if n == 0 {
             break;
         }
@@ -251,9 +338,13 @@ fn run(
     // Non-iterable state: config (unless sent first) and interrupts, while RESUMING.
     p.phase = "restore";
     hooks.progress(&p);
-    if !config_first {
-        vm::restore_config(&mut src.client, &mut dst.client).step("restore config")?;
+    config.restore(&mut dst.client).step("restore config")?;
+    dst.config = Some(config);
+    for data in held.take().unwrap_or_default() {
+        dch.write(&mut dst.client, &data)
+            .step("write migration data after config")?;
     }
+    report.padded_mig_data = src.client.saw_padded_mig_data();
     dst.irqs = src.irqs.try_clone().map_err(MigrateError::Ram)?;
     dst.irqs.replay(&mut dst.client).step("replay SET_IRQS")?;
     dch.set_state(&mut dst.client, MigState::Running)
@@ -285,6 +376,7 @@ fn pump(
     dst: &mut Endpoint,
     chunk: u32,
     fault: &mut Fault,
+    mut held: Option<&mut Vec<Vec<u8>>>,
 ) -> Result<u64, MigrateError> {
     let mut total = 0u64;
     loop {
@@ -301,10 +393,15 @@ fn pump(
             }
         }
         fault.offset += data.len() as u64;
-        dch.write(&mut dst.client, &data)
-            .step("write migration data")?;
-        total += data.len() as u64;
-        if data.len() < chunk as usize && ch.kind == ChannelKind::V2 {
+        let n = data.len();
+        match held.as_deref_mut() {
+            Some(h) => h.push(data),
+            None => dch
+                .write(&mut dst.client, &data)
+                .step("write migration data")?,
+        }
+        total += n as u64;
+        if n < chunk as usize && ch.kind == ChannelKind::V2 {
             // A short read means nothing more for now (spec "VFIO_USER_MIG_DATA_READ").
             return Ok(total);
         }
@@ -334,9 +431,22 @@ pub fn save_to_file(
         }
         Ok::<(), MigrateError>(())
     })();
-    let _ = ch.set_state(&mut src.client, MigState::Running);
-    r?;
+    let back = ch.set_state(&mut src.client, MigState::Running);
+    r.map_err(|cause| match &back {
+        Err(e) => MigrateError::SourceNotRestored {
+            cause: Box::new(cause),
+            rollback: e.to_string(),
+        },
+        Ok(()) => cause,
+    })?;
     std::fs::write(path, &out)?;
+    back.map_err(|e| MigrateError::SourceNotRestored {
+        cause: Box::new(MigrateError::Protocol {
+            step: "snapshot written, source back to RUNNING",
+            source: e,
+        }),
+        rollback: "the device stayed stopped after saving its state".into(),
+    })?;
     Ok(Report {
         channel: format!("{:?}", ch.kind).to_lowercase(),
         device_bytes: out.len() as u64,

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::messages::feature::{DmaLoggingControl, DmaLoggingReport};
 use vfud_protocol::messages::irq::{IRQ_INDEX_INTX, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD};
+use vfud_protocol::messages::region::PCI_CONFIG_REGION_INDEX;
 use vfud_protocol::messages::IrqAction;
 use vfud_protocol::{Client, ProtocolError};
 
@@ -235,6 +236,9 @@ pub struct Endpoint {
     pub ram: Option<GuestRam>,
     /// Interrupt setup.
     pub irqs: IrqSetup,
+    /// The VMM's view of the device's config space: on a source, captured when its VM stopped
+    /// during a migration; on a destination, what was restored to it.
+    pub config: Option<ConfigView>,
 }
 
 impl Endpoint {
@@ -244,6 +248,7 @@ impl Endpoint {
             client: Client::connect_negotiated(path)?,
             ram: None,
             irqs: IrqSetup::default(),
+            config: None,
         })
     }
 
@@ -357,27 +362,70 @@ impl RamSync {
     }
 }
 
-/// Restore PCI config space on the destination as the source has it: every dword that
-/// differs, the command register last (QEMU's `vfio_pci_load_config` order).
-pub fn restore_config(src: &mut Client, dst: &mut Client) -> Result<(), ProtocolError> {
-    let (info, _) = src.region_info(7)?;
-    let len = info.info.size.min(4096) as u32;
-    let read_all = |c: &mut Client| -> Result<Vec<u8>, ProtocolError> {
-        let mut v = Vec::with_capacity(len as usize);
-        let mut off = 0;
-        while off < len {
-            v.extend(c.region_read(7, off.into(), 256.min(len - off))?);
-            off += 256;
-        }
-        Ok(v)
-    };
-    let s = read_all(src)?;
-    let d = read_all(dst)?;
-    for off in (0x08..s.len()).step_by(4) {
-        if s[off..off + 4] != d[off..off + 4] {
-            dst.region_write(7, off as u64, &s[off..off + 4])?;
-        }
+/// The VMM's view of a device's PCI config space (region 7): the bytes the VMM read from it,
+/// as QEMU keeps its own emulated copy (`pdev->config`, kept current by every guest config
+/// access it forwards).
+///
+/// Why a view rather than reading the device when the state is saved: QEMU saves config space
+/// from that copy (`hw/vfio/pci.c vfio_pci_save_config`: `VMSTATE_PCI_DEVICE` plus MSI-X), after
+/// the final stop-copy data, without touching the device; and libvfio-user servers refuse
+/// region access — and GET_REGION_INFO — while the device is in STOP_COPY. The driver, playing
+/// the VMM, therefore captures its view at the moment the guest can no longer change config:
+/// right after the VM's vCPUs stop ([`super::VmHooks::stop`]) and before the device enters
+/// STOP_COPY, a point where every server still serves region reads. Guest-visible config cannot
+/// change after that, so the destination still gets the final values.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigView {
+    bytes: Vec<u8>,
+}
+
+impl ConfigView {
+    /// Read the device's whole config space (at most 4 KiB, in 256-byte reads).
+    pub fn capture(c: &mut Client) -> Result<Self, ProtocolError> {
+        let (info, _) = c.region_info(PCI_CONFIG_REGION_INDEX)?;
+        let len = info.info.size.min(4096) as u32;
+        Ok(Self {
+            bytes: read_config(c, len)?,
+        })
     }
-    dst.region_write(7, 4, &s[4..6])?;
-    Ok(())
+
+    /// The captured bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Bring `dst`'s config space to this view: every dword that differs from the 8th byte on
+    /// (IDs and revision are the device's own), the command register last (QEMU's
+    /// `vfio_pci_load_config` order).
+    pub fn restore(&self, dst: &mut Client) -> Result<(), ProtocolError> {
+        let s = &self.bytes;
+        if s.len() < 8 {
+            return Err(ProtocolError::UnexpectedReply(
+                "config space view shorter than 8 bytes".into(),
+            ));
+        }
+        let d = read_config(dst, s.len() as u32)?;
+        for off in (0x08..s.len().min(d.len()) & !3).step_by(4) {
+            if s[off..off + 4] != d[off..off + 4] {
+                dst.region_write(PCI_CONFIG_REGION_INDEX, off as u64, &s[off..off + 4])?;
+            }
+        }
+        dst.region_write(PCI_CONFIG_REGION_INDEX, 4, &s[4..6])
+    }
+}
+
+fn read_config(c: &mut Client, len: u32) -> Result<Vec<u8>, ProtocolError> {
+    let mut v = Vec::with_capacity(len as usize);
+    let mut off = 0;
+    while off < len {
+        v.extend(c.region_read(PCI_CONFIG_REGION_INDEX, off.into(), 256.min(len - off))?);
+        off += 256;
+    }
+    Ok(v)
+}
+
+/// Restore PCI config space on the destination as the source has it now (a capture followed
+/// by [`ConfigView::restore`]).
+pub fn restore_config(src: &mut Client, dst: &mut Client) -> Result<(), ProtocolError> {
+    ConfigView::capture(src)?.restore(dst)
 }

@@ -1,7 +1,10 @@
 //! Shared test support: start `vfud serve` processes on temporary sockets and connect to them.
 #![allow(dead_code)]
 
+pub mod dma_engine;
+pub mod foreign;
 pub mod qemu;
+pub mod tracer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -117,6 +120,15 @@ impl Drop for Vfud {
     }
 }
 
+/// The model names in `vfud devices` output (options are the indented lines).
+pub fn model_names(devices_output: &str) -> Vec<&str> {
+    devices_output
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
 /// Zeroed memfd of `size` bytes, e.g. guest RAM to DMA-map.
 pub fn memfd(size: u64) -> std::fs::File {
     let fd = nix::sys::memfd::memfd_create(c"vfud-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
@@ -159,4 +171,51 @@ pub fn wait_for_path(p: &Path, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
+}
+
+/// `vfud migrate --handover --json --from FROM --to TO`; panics with its output on failure.
+pub fn handover(from: &Path, to: &Path) {
+    let out = Command::new(vfud_bin())
+        .args(["migrate", "--handover", "--json", "--from"])
+        .arg(from)
+        .arg("--to")
+        .arg(to)
+        .stdin(Stdio::null())
+        .output()
+        .expect("vfud migrate --handover");
+    assert!(
+        out.status.success(),
+        "handover {} -> {} failed: {}{}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `vfud serve --device SPEC --incoming CTL`, returned once CTL exists.
+pub fn serve_incoming(spec: &str, ctl: &Path) -> KillOnDrop {
+    let child = serve_command()
+        .arg("--device")
+        .arg(spec)
+        .arg("--incoming")
+        .arg(ctl)
+        .spawn()
+        .expect("spawn vfud serve --incoming");
+    assert!(
+        wait_for_path(ctl, Duration::from_secs(10)),
+        "no {}",
+        ctl.display()
+    );
+    KillOnDrop(child)
 }

@@ -199,7 +199,15 @@ pub struct DmaEngine {
     /// vfio-user client aborts when it unplugs a device with MSI-X, so a device that
     /// `vfud qemu-migrate --replug` must move goes without).
     msix: bool,
+    /// Testing only (`crash-test=on`): writing [`CRASH_MAGIC`] to [`CRASH_TEST_REG`] panics,
+    /// to exercise crash recovery (`vfud serve --supervise`).
+    crash_test: bool,
 }
+
+/// Testing only: with `crash-test=on`, a write of [`CRASH_MAGIC`] here makes the model panic.
+pub const CRASH_TEST_REG: u64 = 0xffc;
+/// Testing only: the value that panics the model at [`CRASH_TEST_REG`].
+pub const CRASH_MAGIC: u32 = 0xdead_dead;
 
 impl Default for DmaEngine {
     fn default() -> Self {
@@ -219,7 +227,15 @@ impl DmaEngine {
             regs: Registers::default(),
             slice: slice.max(CHUNK as u32),
             msix: true,
+            crash_test: false,
         }
+    }
+
+    /// Testing only: the same device, but a write of [`CRASH_MAGIC`] to [`CRASH_TEST_REG`]
+    /// panics (a stand-in for a buggy model, for crash-recovery tests).
+    pub fn with_crash_test(mut self) -> Self {
+        self.crash_test = true;
+        self
     }
 
     /// The same device without the MSI-X capability (MSI and INTx stay).
@@ -334,6 +350,9 @@ impl Device for DmaEngine {
         }
         let off = access_u32(offset, data.len())?;
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        if self.crash_test && off == CRASH_TEST_REG && v == CRASH_MAGIC {
+            panic!("dma-engine: crash-test register written: panicking on purpose");
+        }
         let r = &mut self.regs;
         match off {
             reg::CONTROL => r.control = v & CONTROL_IRQ_ENABLE,

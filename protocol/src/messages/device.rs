@@ -2,7 +2,7 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{check_argsz, decode_fixed};
+use super::{check_argsz, decode_argsz};
 use crate::error::ProtocolError;
 
 /// Device flag: the device supports DEVICE_RESET.
@@ -28,9 +28,10 @@ pub struct DeviceInfo {
 const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 16);
 
 impl DeviceInfo {
-    /// Decode a request: `argsz` must leave room for the reply.
+    /// Decode a request: `argsz` must leave room for the reply; a longer payload is accepted up to
+    /// `argsz` and its tail ignored (see `decode_argsz`).
     pub fn decode_request(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let i: DeviceInfo = decode_fixed(payload, "DEVICE_GET_INFO")?;
+        let (i, _tail): (DeviceInfo, _) = decode_argsz(payload, "DEVICE_GET_INFO")?;
         check_argsz(i.argsz, core::mem::size_of::<Self>())?;
         Ok(i)
     }

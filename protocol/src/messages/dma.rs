@@ -2,7 +2,7 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{check_argsz, decode_fixed};
+use super::{check_argsz, decode_argsz, decode_fixed};
 use crate::error::ProtocolError;
 use crate::wire::{put, WireReader};
 
@@ -35,9 +35,10 @@ pub struct DmaMap {
 const _: () = assert!(core::mem::size_of::<DmaMap>() == 32);
 
 impl DmaMap {
-    /// Decode and check flags, size and address overflow.
+    /// Decode and check flags, size and address overflow. A payload longer than the struct is
+    /// accepted up to `argsz`, the tail ignored.
     pub fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let m: DmaMap = decode_fixed(payload, "DMA_MAP")?;
+        let (m, _tail): (DmaMap, _) = decode_argsz(payload, "DMA_MAP")?;
         check_argsz(m.argsz, core::mem::size_of::<Self>())?;
         if m.flags & !(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) != 0 {
             return Err(ProtocolError::invalid(
@@ -78,9 +79,9 @@ impl DmaUnmap {
         self.flags & DMA_UNMAP_FLAG_ALL != 0
     }
 
-    /// Decode and check the flag rules.
+    /// Decode and check the flag rules (a tail up to `argsz` is ignored).
     pub fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let u: DmaUnmap = decode_fixed(payload, "DMA_UNMAP")?;
+        let (u, _tail): (DmaUnmap, _) = decode_argsz(payload, "DMA_UNMAP")?;
         check_argsz(u.argsz, core::mem::size_of::<Self>())?;
         if u.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
             return Err(ProtocolError::invalid(

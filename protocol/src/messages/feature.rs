@@ -209,7 +209,8 @@ pub struct DmaLoggingControl {
 }
 
 impl DmaLoggingControl {
-    /// Decode, bounding `num_ranges` by the bytes present.
+    /// Decode, bounding `num_ranges` by the bytes present. Bytes after the ranges are ignored,
+    /// as every command carrying `argsz` tolerates a tail (see `decode_argsz`).
     pub fn decode(data: &[u8]) -> Result<Self, ProtocolError> {
         let mut r = WireReader::new(data, "DMA_LOGGING_START");
         let h: DmaLoggingControlHeader = r.read()?;
@@ -217,7 +218,7 @@ impl DmaLoggingControl {
             return Err(ProtocolError::invalid("page_size", "not a power of two"));
         }
         let n = h.num_ranges as usize;
-        if r.remaining() != n * 16 {
+        if r.remaining() < n.saturating_mul(16) {
             return Err(ProtocolError::PayloadLength {
                 what: "DMA_LOGGING_START",
                 got: data.len(),
@@ -299,26 +300,52 @@ pub struct MigData {
 const _: () = assert!(core::mem::size_of::<MigData>() == 8);
 
 impl MigData {
-    /// Decode a MIG_DATA_READ request.
+    /// Decode a MIG_DATA_READ request: the 8-byte struct, then an ignored tail up to `argsz`.
     pub fn decode_read(payload: &[u8]) -> Result<Self, ProtocolError> {
-        super::decode_fixed(payload, "MIG_DATA_READ")
+        super::decode_argsz(payload, "MIG_DATA_READ").map(|(m, _tail)| m)
     }
 
-    /// Decode a payload with data (MIG_DATA_WRITE request, MIG_DATA_READ reply).
+    /// Decode a MIG_DATA_WRITE request: the data is the first `size` bytes after the struct;
+    /// anything after them is an ignored tail, allowed up to `argsz` (see `decode_argsz`).
     pub fn decode_write(payload: &[u8]) -> Result<&[u8], ProtocolError> {
-        let mut r = WireReader::new(payload, "MIG_DATA");
-        let h: MigData = r.read()?;
-        let data = r.rest();
-        if h.size as usize != data.len() {
-            return Err(ProtocolError::invalid(
-                "size",
-                format!("size {} but {} data bytes", h.size, data.len()),
-            ));
-        }
+        let h = read_mig_data(payload)?;
+        let data = data_prefix(&h, &payload[8..])?;
+        super::check_tail("MIG_DATA_WRITE", payload.len(), 8 + data.len(), h.argsz)?;
         Ok(data)
     }
 
-    /// Encode with data.
+    /// Decode a MIG_DATA_READ reply to a request of `requested` bytes: `(data, padding bytes)`.
+    ///
+    /// The data is the first `size` bytes. libvfio-user servers pad every reply to the requested
+    /// size (`argsz` and `size` say how much is data; the message carries `requested` bytes), so
+    /// bytes after the data are accepted as padding as long as the whole payload is no longer
+    /// than the `8 + requested` bytes the request allowed. vfud's own server never pads (see
+    /// [`MigData::encode_with_data`]).
+    pub fn decode_read_reply(
+        payload: &[u8],
+        requested: u32,
+    ) -> Result<(&[u8], usize), ProtocolError> {
+        let h = read_mig_data(payload)?;
+        if h.size > requested {
+            return Err(ProtocolError::invalid(
+                "size",
+                format!("reply carries {} bytes for {requested} requested", h.size),
+            ));
+        }
+        let data = data_prefix(&h, &payload[8..])?;
+        if payload.len() > 8 + requested as usize {
+            return Err(ProtocolError::PayloadLength {
+                what: "MIG_DATA_READ reply",
+                got: payload.len(),
+                expected: 8 + requested as usize,
+            });
+        }
+        Ok((data, payload.len() - 8 - data.len()))
+    }
+
+    /// Encode with data: exactly `8 + data.len()` bytes with `argsz = 8 + size`. vfud's server
+    /// answers MIG_DATA_READ in this spec-exact form and never pads to the requested size (the
+    /// spec's reply is `argsz, size, data`, `argsz` "including the size of the data").
     pub fn encode_with_data(data: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + data.len());
         put(
@@ -331,6 +358,21 @@ impl MigData {
         out.extend_from_slice(data);
         out
     }
+}
+
+/// The 8-byte MIG_DATA struct at the start of `payload`.
+fn read_mig_data(payload: &[u8]) -> Result<MigData, ProtocolError> {
+    WireReader::new(payload, "MIG_DATA").read()
+}
+
+/// The first `h.size` bytes of `rest`, or an error when fewer are present.
+fn data_prefix<'a>(h: &MigData, rest: &'a [u8]) -> Result<&'a [u8], ProtocolError> {
+    rest.get(..h.size as usize).ok_or_else(|| {
+        ProtocolError::invalid(
+            "size",
+            format!("size {} but {} data bytes", h.size, rest.len()),
+        )
+    })
 }
 
 /// vfud's own DEVICE_FEATURE indices and region capability. The kernel numbers its features

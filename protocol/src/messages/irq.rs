@@ -4,7 +4,7 @@ use std::os::fd::OwnedFd;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{check_argsz, decode_fixed};
+use super::{check_argsz, check_tail, decode_argsz};
 use crate::error::ProtocolError;
 use crate::wire::{put, WireReader};
 
@@ -63,9 +63,9 @@ pub struct IrqInfo {
 const _: () = assert!(core::mem::size_of::<IrqInfo>() == 16);
 
 impl IrqInfo {
-    /// Decode a request.
+    /// Decode a request (a tail up to `argsz` is ignored).
     pub fn decode_request(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let i: IrqInfo = decode_fixed(payload, "DEVICE_GET_IRQ_INFO")?;
+        let (i, _tail): (IrqInfo, _) = decode_argsz(payload, "DEVICE_GET_IRQ_INFO")?;
         check_argsz(i.argsz, core::mem::size_of::<Self>())?;
         Ok(i)
     }
@@ -133,7 +133,8 @@ impl SetIrqs {
         self.count == 0
     }
 
-    /// Decode and check the flag, count and fd rules that need no device knowledge.
+    /// Decode and check the flag, count and fd rules that need no device knowledge. Bytes after
+    /// the data are ignored when `argsz` covers them.
     pub fn decode(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Self, ProtocolError> {
         let mut r = WireReader::new(payload, "DEVICE_SET_IRQS");
         let h: IrqSetHeader = r.read()?;
@@ -154,32 +155,37 @@ impl SetIrqs {
             return Err(ProtocolError::invalid("start", "start + count overflows"));
         }
         let rest = r.rest();
+        // Bytes after the data the flags call for are an ignored tail, allowed up to `argsz`
+        // (spec: `argsz` is the size of the whole request payload; see `decode_argsz`).
+        let tail = |data_len: usize| {
+            check_tail(
+                "DEVICE_SET_IRQS",
+                payload.len(),
+                core::mem::size_of::<IrqSetHeader>() + data_len,
+                h.argsz,
+            )
+        };
         let data = match h.flags & DATA_MASK {
             IRQ_SET_DATA_NONE => {
-                if !rest.is_empty() || !fds.is_empty() {
-                    return Err(ProtocolError::invalid(
-                        "data",
-                        "DATA_NONE with a payload or fds",
-                    ));
+                if !fds.is_empty() {
+                    return Err(ProtocolError::invalid("data", "DATA_NONE with fds"));
                 }
+                tail(0)?;
                 IrqData::None
             }
             IRQ_SET_DATA_BOOL => {
-                if rest.len() != h.count as usize || !fds.is_empty() {
+                let n = h.count as usize;
+                if rest.len() < n || !fds.is_empty() {
                     return Err(ProtocolError::invalid(
                         "data",
                         format!("DATA_BOOL needs {} bytes, got {}", h.count, rest.len()),
                     ));
                 }
-                IrqData::Bool(rest.iter().map(|b| *b != 0).collect())
+                tail(n)?;
+                IrqData::Bool(rest[..n].iter().map(|b| *b != 0).collect())
             }
             IRQ_SET_DATA_EVENTFD => {
-                if !rest.is_empty() {
-                    return Err(ProtocolError::invalid(
-                        "data",
-                        "DATA_EVENTFD with a payload",
-                    ));
-                }
+                tail(0)?;
                 if !fds.is_empty() && fds.len() != h.count as usize {
                     return Err(ProtocolError::invalid(
                         "data",

@@ -233,7 +233,8 @@ impl Request {
     }
 }
 
-/// Decode helper shared by the fixed-size request structs that start with `argsz`.
+/// Decode a fixed-size struct that must fill the payload exactly (replies, and requests without
+/// `argsz`).
 pub(crate) fn decode_fixed<T>(payload: &[u8], what: &'static str) -> Result<T, ProtocolError>
 where
     T: zerocopy::FromBytes + zerocopy::KnownLayout + zerocopy::Immutable,
@@ -244,6 +245,54 @@ where
     Ok(v)
 }
 
+/// A request struct whose first field is `argsz`.
+pub(crate) trait Argsz {
+    /// The `argsz` the peer sent.
+    fn argsz(&self) -> u32;
+}
+
+/// Decode the fixed part of a request that carries `argsz`, accepting a longer payload.
+///
+/// Why: the spec defines the *request* size by `msg_size`, not by `argsz` (QEMU
+/// `docs/interop/vfio-user.rst`, "Message sizes"), and libvfio-user's client sends `argsz`
+/// bytes of request (e.g. 64 bytes of GET_REGION_INFO after the server said the caps need 64),
+/// while libvfio-user's server accepts any request at least as long as the struct. vfud does the
+/// same, bounded: bytes after the fixed part are ignored as long as the payload is no longer than
+/// `argsz` (and the frame limit already bounds the whole message). Returns the struct and the
+/// bytes after it, so a command with trailing data (SET_IRQS, MIG_DATA_WRITE) can take its data
+/// and check the rest with [`check_tail`].
+pub(crate) fn decode_argsz<'a, T>(
+    payload: &'a [u8],
+    what: &'static str,
+) -> Result<(T, &'a [u8]), ProtocolError>
+where
+    T: zerocopy::FromBytes + zerocopy::KnownLayout + zerocopy::Immutable + Argsz,
+{
+    let mut r = WireReader::new(payload, what);
+    let v = r.read::<T>()?;
+    check_tail(what, payload.len(), core::mem::size_of::<T>(), v.argsz())?;
+    Ok((v, r.rest()))
+}
+
+/// Accept a payload of `len` bytes whose meaningful part is `used` bytes: anything after it is
+/// an ignored tail, allowed only up to `argsz` (see [`decode_argsz`]).
+pub(crate) fn check_tail(
+    what: &'static str,
+    len: usize,
+    used: usize,
+    argsz: u32,
+) -> Result<(), ProtocolError> {
+    if len <= used || len <= argsz as usize {
+        Ok(())
+    } else {
+        Err(ProtocolError::PayloadLength {
+            what,
+            got: len,
+            expected: used.max(argsz as usize),
+        })
+    }
+}
+
 /// Check that a request's `argsz` covers at least the fixed struct.
 pub(crate) fn check_argsz(argsz: u32, needed: usize) -> Result<(), ProtocolError> {
     if (argsz as usize) < needed {
@@ -252,3 +301,24 @@ pub(crate) fn check_argsz(argsz: u32, needed: usize) -> Result<(), ProtocolError
         Ok(())
     }
 }
+
+/// Implement [`Argsz`] for request structs whose first field is `argsz`.
+macro_rules! impl_argsz {
+    ($($t:ty),*) => {
+        $(impl Argsz for $t {
+            fn argsz(&self) -> u32 {
+                self.argsz
+            }
+        })*
+    };
+}
+impl_argsz!(
+    DmaMap,
+    DmaUnmap,
+    DeviceInfo,
+    RegionInfo,
+    RegionIoFds,
+    IrqInfo,
+    irq::IrqSetHeader,
+    feature::MigData
+);

@@ -3,7 +3,7 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{check_argsz, decode_fixed};
+use super::{check_argsz, decode_argsz, decode_fixed};
 use crate::error::ProtocolError;
 use crate::wire::{put, WireReader};
 
@@ -168,9 +168,10 @@ pub struct RegionInfoReply {
 }
 
 impl RegionInfo {
-    /// Decode a request.
+    /// Decode a request. libvfio-user's client sends `argsz` bytes (64 when asking again for
+    /// the caps); the tail up to `argsz` is ignored.
     pub fn decode_request(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let i: RegionInfo = decode_fixed(payload, "DEVICE_GET_REGION_INFO")?;
+        let (i, _tail): (RegionInfo, _) = decode_argsz(payload, "DEVICE_GET_REGION_INFO")?;
         check_argsz(i.argsz, core::mem::size_of::<Self>())?;
         Ok(i)
     }
@@ -302,9 +303,9 @@ pub struct IoFdSubRegion {
 const _: () = assert!(core::mem::size_of::<IoFdSubRegion>() == 40);
 
 impl RegionIoFds {
-    /// Decode a request.
+    /// Decode a request (a tail up to `argsz` is ignored).
     pub fn decode_request(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let i: RegionIoFds = decode_fixed(payload, "DEVICE_GET_REGION_IO_FDS")?;
+        let (i, _tail): (RegionIoFds, _) = decode_argsz(payload, "DEVICE_GET_REGION_IO_FDS")?;
         check_argsz(i.argsz, core::mem::size_of::<Self>())?;
         Ok(i)
     }

@@ -80,6 +80,13 @@ pub trait Migratable {
         false
     }
 
+    /// Largest saved state the device accepts (bytes of its serialized struct). A stream
+    /// that carries more is refused as it arrives, so a peer cannot make the destination
+    /// buffer more than the device declares.
+    fn max_state_size(&self) -> usize {
+        1 << 20
+    }
+
     /// The device is about to stop for migration (RUNNING→STOP, PRE_COPY→STOP_COPY): take in
     /// whatever backend input is already waiting, so the saved state holds it. Idempotent.
     fn quiesce(&mut self) {}

@@ -123,7 +123,8 @@ impl DeviceServer {
         let boxed = |e: RequestError| HandoverError::Request(Box::new(e));
         if let Some(n) = &info.negotiated {
             self.dma.set_max_maps(n.max_dma_maps as usize);
-            self.socket_dma.set_max_xfer(n.max_data_xfer_size as usize);
+            let send_max = vfud_protocol::codec::Limits::from_negotiated(n).max_data_xfer_size;
+            self.socket_dma.set_max_xfer(send_max as usize);
         }
         self.negotiated = info.negotiated.clone();
         for m in &info.maps {

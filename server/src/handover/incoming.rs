@@ -56,7 +56,7 @@ impl Loop {
             kind::COMMAND => match serde_json::from_slice::<ControlCommand>(&f.payload)? {
                 ControlCommand::Status => {
                     let st = self.stats.unwrap_or_default();
-                    let ev = json!({
+                    let mut ev = json!({
                         "event": "status",
                         "device": name,
                         "state": format!("{:?}", self.server.mig_state()),
@@ -66,6 +66,10 @@ impl Loop {
                         "handover_first_reply_at_ns": st.first_reply_at_ns,
                         "handover_client_idle": st.client_idle,
                     });
+                    let more = self.counters.report(&self.server, self.client.is_some());
+                    if let (Some(o), serde_json::Value::Object(more)) = (ev.as_object_mut(), more) {
+                        o.extend(more);
+                    }
                     Ok(super::send_json(self.control_stream(t)?, kind::EVENT, &ev)?)
                 }
                 ControlCommand::Handover { to, max_rounds } => {
@@ -138,6 +142,7 @@ impl Loop {
             "device taken over, running"
         );
         super::send(self.control_stream(t)?, kind::RUNNING, &[], &[])?;
+        self.supervised_adopted();
         // The client may have sent requests while nobody read the socket.
         self.read_client();
         Ok(())

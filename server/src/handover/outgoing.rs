@@ -13,8 +13,11 @@ use super::{kind, Hello};
 use crate::error::chain;
 use crate::event_loop::{Loop, CLIENT};
 
-/// Pre-copy slice per loop turn.
-const SLICE: usize = 4 << 20;
+/// Pre-copy bytes per loop turn: small, so a client request waits behind at most this much
+/// stream work while the device is still being served.
+const PRECOPY_SLICE: usize = 256 << 10;
+/// Stop-copy chunk: the client waits for the whole stop anyway, so move big pieces.
+const STOP_SLICE: usize = 4 << 20;
 
 /// An outgoing handover in progress.
 pub(crate) struct OutgoingHandover {
@@ -86,7 +89,7 @@ impl Loop {
         };
         if !o.draining {
             // Pre-copy while still serving the client: a bounded slice per loop turn.
-            let data = match self.server.handover_read(SLICE) {
+            let data = match self.server.handover_read(PRECOPY_SLICE) {
                 Ok(d) => d,
                 Err(e) => {
                     return self.abort_handover(format!("reading device state: {}", chain(&e)))
@@ -101,7 +104,7 @@ impl Loop {
                 }
                 o.bytes += data.len() as u64;
             }
-            if data.len() < SLICE {
+            if data.len() < PRECOPY_SLICE {
                 o.rounds += 1;
                 let (initial, dirty) = self.server.precopy_info().unwrap_or((0, 0));
                 o.draining = (initial == 0 && dirty <= 256 * 1024) || o.rounds >= o.max_rounds;
@@ -130,7 +133,7 @@ impl Loop {
         }
         let mut stop_bytes = 0u64;
         loop {
-            let data = match self.server.handover_read(SLICE) {
+            let data = match self.server.handover_read(STOP_SLICE) {
                 Ok(d) => d,
                 Err(e) => {
                     return self.abort_handover(format!("reading device state: {}", chain(&e)))

@@ -424,11 +424,16 @@ impl Interrupts {
             out.extend(st.pending.iter().map(|p| u8::from(*p)));
         }
         out.push(u8::from(self.intx_level));
+        // MSI-X vector masks: a client may mask a vector through the table rather than
+        // SET_IRQS, which a VMM does not replay. INTx's automask is not carried: the
+        // destination's VMM starts with the line handled.
+        let msix = &self.idx[IRQ_INDEX_MSIX as usize].masked;
+        out.extend(msix.iter().map(|m| u8::from(*m)));
         out
     }
 
-    /// Restore pending bits saved by [`Interrupts::save_pending`]; they are delivered when the
-    /// vectors are assigned and unmasked.
+    /// Restore state saved by [`Interrupts::save_pending`]: pending bits (delivered when the
+    /// vectors are assigned and unmasked), the INTx level and MSI-X masks.
     pub fn restore_pending(&mut self, b: &[u8]) -> Result<(), IrqError> {
         let bad = |m: &str| IrqError::BadState(m.to_string());
         let mut off = 0usize;
@@ -451,13 +456,23 @@ impl Interrupts {
             off += 4 + n;
         }
         let level = *b.get(off).ok_or_else(|| bad("truncated"))? != 0;
-        if off + 1 != b.len() {
+        off += 1;
+        let n = self.idx[IRQ_INDEX_MSIX as usize].masked.len();
+        let masks = b.get(off..off + n).ok_or_else(|| bad("truncated"))?;
+        if off + n != b.len() {
             return Err(bad("trailing bytes"));
         }
         for (st, bits) in self.idx.iter_mut().zip(all) {
             st.pending = bits;
         }
         self.intx_level = level;
+        for (m, v) in self.idx[IRQ_INDEX_MSIX as usize]
+            .masked
+            .iter_mut()
+            .zip(masks)
+        {
+            *m = *v != 0;
+        }
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use vfud_protocol::messages::feature::vfud;
 use vfud_protocol::messages::{MigState, SetIrqs};
 
 use super::fsm::{self, permits};
-use super::stream::{FinalState, Loader, Saver, StreamHeader};
+use super::stream::{FinalState, Loader, Saver, Shape, StreamHeader};
 use super::v1::V1Region;
 use crate::device::{Device, Migratable};
 use crate::dma::DmaTable;
@@ -119,8 +119,12 @@ impl MigrationSession {
         self.saver.as_ref()
     }
 
-    /// DEVICE_RESET: back to RUNNING, dropping any migration in progress.
-    pub fn reset(&mut self) {
+    /// DEVICE_RESET: back to RUNNING, dropping any migration in progress (device memory an
+    /// unfinished restore overwrote is put back first).
+    pub fn reset(&mut self, function: &PciFunction) {
+        if let Some(l) = &mut self.loader {
+            l.rollback(function.bars());
+        }
         let v1 = self.v1.is_some();
         *self = Self::new(self.model, self.migratable, self.config_before_data, v1);
     }
@@ -204,12 +208,27 @@ impl MigrationSession {
                     state_version: parts.migratable()?.save()?.version,
                     model: self.model.to_string(),
                 };
-                self.saver = Some(Saver::new(&header, parts.function.bars()));
+                // From STOP nothing can change while saving: no pages to remember.
+                let track = from == Running;
+                self.saver = Some(Saver::new(&header, parts.function.bars(), track));
             }
             (PreCopy, Running) | (StopCopy, Stop) => self.saver = None,
             (PreCopy, StopCopy) | (Running, Stop) => parts.migratable()?.quiesce(),
             (Stop, Resuming) => {
-                self.loader = Some(Loader::new(self.model));
+                let f = &*parts.function;
+                let mut bars = [0u64; 6];
+                for (b, mem) in bars.iter_mut().zip(f.bars()) {
+                    *b = mem.as_ref().map_or(0, |m| m.len() as u64);
+                }
+                let shape = Shape {
+                    model: self.model.to_string(),
+                    bars,
+                    config_len: f.config().len(),
+                    irq_len: f.irqs().save_pending().len(),
+                    msix_len: f.msix().len_bytes() as usize,
+                    max_device_state: parts.migratable()?.max_state_size(),
+                };
+                self.loader = Some(Loader::new(shape));
                 // The incoming VM brings its own interrupt setup (replayed as deferred
                 // SET_IRQS); whatever this side had before must not linger.
                 parts.function.irqs_mut().disable_all();
@@ -235,6 +254,35 @@ impl MigrationSession {
         max: usize,
         parts: &mut Parts<'_>,
     ) -> Result<Vec<u8>, RequestError> {
+        let mut v = Vec::new();
+        self.read_stream_into(&mut v, max, parts)?;
+        Ok(v)
+    }
+
+    /// The MIG_DATA_READ reply built in place in `buf` (a reused buffer): the
+    /// `struct vfio_user_mig_data` header (argsz, size), then up to `max` stream bytes.
+    pub fn mig_data_reply(
+        &mut self,
+        mut buf: Vec<u8>,
+        max: usize,
+        parts: &mut Parts<'_>,
+    ) -> Result<Vec<u8>, RequestError> {
+        buf.clear();
+        buf.reserve(8 + max);
+        buf.resize(8, 0);
+        let n = self.read_stream_into(&mut buf, max, parts)?;
+        buf[..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
+        buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+        Ok(buf)
+    }
+
+    /// Append up to `max` bytes of the outgoing stream to `dst`; returns how many.
+    pub fn read_stream_into(
+        &mut self,
+        dst: &mut Vec<u8>,
+        max: usize,
+        parts: &mut Parts<'_>,
+    ) -> Result<usize, RequestError> {
         let stop_copy = self.state == MigState::StopCopy;
         let saver = self.saver.as_mut().ok_or(MigrationError::NoStream)?;
         let Parts {
@@ -258,13 +306,20 @@ impl MigrationSession {
         } else {
             None
         };
-        Ok(saver.read(max, function.bars(), f)?)
+        Ok(saver.read_into(dst, max, function.bars(), f)?)
     }
 
-    /// Incoming stream bytes (RESUMING).
-    pub fn write_stream(&mut self, data: &[u8]) -> Result<(), RequestError> {
+    /// Incoming stream bytes (RESUMING); device memory goes straight into `function`'s BARs
+    /// (rolled back if the restore fails).
+    pub fn write_stream(
+        &mut self,
+        data: &[u8],
+        function: &PciFunction,
+    ) -> Result<(), RequestError> {
         let loader = self.loader.as_mut().ok_or(MigrationError::NoStream)?;
-        loader.write(data).map_err(MigrationError::Stream)?;
+        loader
+            .write(data, function.bars())
+            .map_err(MigrationError::Stream)?;
         self.data_seen |= !data.is_empty();
         Ok(())
     }
@@ -294,10 +349,27 @@ impl MigrationSession {
         }
     }
 
-    /// Leaving RESUMING: apply the staged stream, or change nothing.
+    /// Leaving RESUMING: apply the staged stream, or change nothing (device memory written
+    /// while the stream arrived is rolled back).
     fn finish_restore(&mut self, parts: &mut Parts<'_>) -> Result<(), RequestError> {
+        let mut loader = self.loader.take().ok_or(MigrationError::NoStream)?;
+        let r = self.apply_restore(&mut loader, parts);
+        if r.is_err() {
+            loader.rollback(parts.function.bars());
+        } else {
+            // The loader holds the BARs' previous contents (up to their size): freeing that
+            // is slow (unmapping every page) and has nothing to do with the downtime.
+            std::thread::spawn(move || drop(loader));
+        }
+        r
+    }
+
+    fn apply_restore(
+        &mut self,
+        loader: &mut Loader,
+        parts: &mut Parts<'_>,
+    ) -> Result<(), RequestError> {
         let mismatch = |m: String| RequestError::from(MigrationError::Mismatch(m));
-        let loader = self.loader.take().ok_or(MigrationError::NoStream)?;
         let staged = loader.finish().map_err(MigrationError::Stream)?;
         let header = staged.header.as_ref().ok_or(MigrationError::NoStream)?;
         let theirs = header.ordering & vfud::ORDERING_CONFIG_BEFORE_DATA != 0;
@@ -315,28 +387,11 @@ impl MigrationSession {
                     .into(),
             ));
         }
-        // Validate everything before touching anything.
+        // The loader checked every section against this device as it arrived.
         let function = &mut *parts.function;
-        for (bar, off, data) in &staged.memory {
-            let mem = function.bars()[*bar]
-                .as_ref()
-                .ok_or_else(|| mismatch(format!("memory for BAR {bar}, the device has none")))?;
-            let end = off.checked_add(data.len() as u64).unwrap_or(u64::MAX);
-            if end > mem.len() as u64 {
-                return Err(mismatch(format!(
-                    "memory {off:#x}+{:#x} outside BAR {bar}",
-                    data.len()
-                )));
-            }
-        }
         let config = staged.config.unwrap_or_default();
         if config.len() != function.config().len() {
-            return Err(mismatch(format!("config image of {} bytes", config.len())));
-        }
-        if let Some(m) = &staged.msix {
-            if m.len() as u64 != function.msix().len_bytes() {
-                return Err(mismatch(format!("MSI-X table of {} bytes", m.len())));
-            }
+            return Err(mismatch("the stream has no config space".into()));
         }
         let irq = staged.irq.unwrap_or_default();
         Interrupts::new(&function.desc().irqs)
@@ -366,11 +421,6 @@ impl MigrationSession {
             // The device changed nothing; put config space back as it was.
             let _ = function.restore(&saved_config, Some(&saved_msix));
             return Err(MigrationError::Device(e).into());
-        }
-        for (bar, off, data) in &staged.memory {
-            if let Some(mem) = &function.bars()[*bar] {
-                mem.write(*off, data)?;
-            }
         }
         function
             .irqs_mut()

@@ -2,11 +2,15 @@
 //! the kernel's `struct vfio_device_migration_info` (kernel ≤ 5.17 `vfio.h`), data window at
 //! [`V1_WINDOW_OFFSET`], mapped onto the same state machine and stream as v2.
 //!
-//! `pending_bytes` follows the kernel's v1 semantics: while saving, reading it stages the
-//! next chunk in the window (when the previous one was consumed) and returns its size;
-//! `data_offset` and `data_size` then describe that chunk.
+//! `pending_bytes` follows the kernel's v1 semantics (`vfio.h` before 5.18, "sequence to be
+//! followed while in pre-copy state"): the bytes still to be saved, counting the chunk in the
+//! window until it has been consumed; repeated reads have no side effect. Reading
+//! `data_offset` stages the next chunk in the window when the previous one was consumed, and
+//! `data_size` gives its size; the next read of `pending_bytes` after `data_size` marks the
+//! chunk consumed.
 
-use vfud_protocol::messages::feature::v1;
+use vfud_protocol::messages::feature::{v1, vfud};
+use vfud_protocol::messages::region::{RegionCap, RegionInfo, REGION_FLAG_READ, REGION_FLAG_WRITE};
 use vfud_protocol::messages::MigState;
 
 use super::session::{MigrationSession, Parts};
@@ -35,6 +39,39 @@ impl V1Region {
         }
         &mut self.window
     }
+}
+
+/// REGION_INFO of the v1 migration region: its size, the migration type capability and
+/// vfud's ordering capability (the same 8 bytes as DEVICE_FEATURE 0x4002).
+pub fn region_info(ordering_flags: u32) -> (RegionInfo, Vec<RegionCap>) {
+    let info = RegionInfo {
+        argsz: 0,
+        flags: REGION_FLAG_READ | REGION_FLAG_WRITE,
+        index: V1_REGION_INDEX,
+        cap_offset: 0,
+        size: V1_WINDOW_OFFSET + V1_WINDOW_SIZE as u64,
+        offset: 0,
+    };
+    let mut ordering = Vec::new();
+    vfud_protocol::wire::put(
+        &mut ordering,
+        &vfud::MigrationOrdering {
+            flags: ordering_flags,
+            reserved: 0,
+        },
+    );
+    let caps = vec![
+        RegionCap::Type {
+            region_type: v1::REGION_TYPE_MIGRATION,
+            subtype: v1::REGION_SUBTYPE_MIGRATION,
+        },
+        RegionCap::Other {
+            id: vfud::REGION_CAP_MIGRATION_ORDERING,
+            version: 1,
+            data: ordering,
+        },
+    ];
+    (info, caps)
 }
 
 fn v1_err(msg: impl Into<String>) -> RequestError {
@@ -78,7 +115,7 @@ impl MigrationSession {
             Access::Read(buf) => {
                 let v: u64 = match reg {
                     v1::OFF_DEVICE_STATE => u64::from(v1::bits_for(self.state())),
-                    v1::OFF_PENDING_BYTES => self.v1_stage(parts)? as u64,
+                    v1::OFF_PENDING_BYTES => self.v1_pending(parts)?,
                     v1::OFF_DATA_OFFSET => {
                         self.v1_stage(parts)?;
                         V1_WINDOW_OFFSET
@@ -111,7 +148,7 @@ impl MigrationSession {
                         return Err(v1_err("data_size larger than the data window"));
                     }
                     let chunk = r.window[..n as usize].to_vec();
-                    self.write_stream(&chunk)?;
+                    self.write_stream(&chunk, parts.function)?;
                 }
                 _ => return Err(v1_err("register is read-only")),
             },
@@ -125,13 +162,31 @@ impl MigrationSession {
             .ok_or(RequestError::NoRegion(V1_REGION_INDEX))
     }
 
-    /// Stage the next chunk of the save stream in the window; returns its size.
+    /// `pending_bytes`: the chunk in the window (until consumed) plus what the saver has left.
+    fn v1_pending(&mut self, parts: &mut Parts<'_>) -> Result<u64, RequestError> {
+        let stop_copy = self.state() == MigState::StopCopy;
+        let r = self.v1_region()?;
+        if r.size_read {
+            r.staged = 0;
+            r.size_read = false;
+        }
+        let staged = r.staged as u64;
+        let rest = match self.saver() {
+            Some(s) if matches!(self.state(), MigState::PreCopy | MigState::StopCopy) => {
+                s.remaining(parts.function.bars(), stop_copy)
+            }
+            _ => 0,
+        };
+        Ok(staged + rest)
+    }
+
+    /// Stage the next chunk of the save stream in the window (unless one is there, not yet
+    /// consumed); returns its size.
     fn v1_stage(&mut self, parts: &mut Parts<'_>) -> Result<usize, RequestError> {
         if !matches!(self.state(), MigState::PreCopy | MigState::StopCopy) {
             return Ok(0);
         }
-        let r = self.v1_region()?;
-        if r.staged == 0 || r.size_read {
+        if self.v1_region()?.staged == 0 {
             let data = self.read_stream(V1_WINDOW_SIZE, parts)?;
             let r = self.v1_region()?;
             r.window()[..data.len()].copy_from_slice(&data);

@@ -3,8 +3,8 @@
 //! QEMU emulates MSI-X itself for the guest but still forwards table writes to the server, and
 //! a client may read the table back, so the server keeps it. Each vector's mask bit decides
 //! whether the vector's interrupts are delivered or latched in the PBA. Writes report which
-//! vectors' mask bits they touched, as values ([`MaskChange`]), so the caller updates the
-//! interrupt state for every vector a write spans, not just the first.
+//! vectors' Vector Control words they touched, as values ([`MaskChange`]), so the caller updates
+//! the interrupt state for every vector a write spans, not just the first.
 
 /// Bytes per table entry.
 pub const ENTRY_SIZE: u64 = 16;
@@ -53,7 +53,7 @@ impl MsixEntry {
     }
 }
 
-/// A vector whose mask bit a table write set or cleared.
+/// A vector whose Vector Control a table write set (to masked or unmasked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaskChange {
     /// Vector.
@@ -100,14 +100,14 @@ impl MsixTable {
         }
     }
 
-    /// Write table bytes at `offset`; returns every vector whose mask bit changed.
+    /// Write table bytes at `offset`; returns the mask of every vector whose Vector Control
+    /// the write touched.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Vec<MaskChange> {
         let mut changes = Vec::new();
         let first = offset / ENTRY_SIZE;
         let last = (offset + data.len() as u64 - 1) / ENTRY_SIZE;
         for v in first..=last {
             let e = &mut self.entries[v as usize];
-            let was = e.masked();
             let mut bytes = e.to_bytes();
             let base = v * ENTRY_SIZE;
             for (i, x) in data.iter().enumerate() {
@@ -117,7 +117,11 @@ impl MsixTable {
                 }
             }
             *e = MsixEntry::from_bytes(&bytes);
-            if e.masked() != was {
+            // Report every vector whose Vector Control the write touched, changed or not:
+            // the interrupt state follows what the client last wrote there.
+            let ctrl = base + 12..base + ENTRY_SIZE;
+            let touched = ctrl.start < offset + data.len() as u64 && offset < ctrl.end;
+            if touched {
                 changes.push(MaskChange {
                     vector: v as u32,
                     masked: e.masked(),
@@ -194,6 +198,23 @@ mod tests {
         );
         assert_eq!(t.entry(2).unwrap().data, 0x42);
         assert!(t.entry(0).unwrap().masked());
+    }
+
+    #[test]
+    fn writing_vector_control_reports_the_mask_even_unchanged() {
+        let mut t = MsixTable::new(2);
+        let c = t.write(12, &1u32.to_le_bytes());
+        assert_eq!(
+            c,
+            vec![MaskChange {
+                vector: 0,
+                masked: true
+            }]
+        );
+        assert!(
+            t.write(0, &[0; 8]).is_empty(),
+            "address only: no mask change"
+        );
     }
 
     #[test]

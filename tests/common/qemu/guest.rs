@@ -68,7 +68,9 @@ pub const UART_KERNEL_ARG: &str = "8250.nr_uarts=8";
 ///   seven lines of sysfs `resource` as `start,end,flags`; see [`SysfsResource`]);
 /// - `irq_count IRQ`: the total count of IRQ over all CPUs in `/proc/interrupts`, or `none`
 ///   when the IRQ has no handler (e.g. the serial driver frees it while the tty is closed);
-/// - `irq_line IRQ`: that line of `/proc/interrupts`.
+/// - `irq_line IRQ`: that line of `/proc/interrupts`;
+/// - `open_uart`: find vfud's `uart16550`, report it as `uart_*`, hold its tty open on fd 3
+///   in raw 8-bit mode; sets `$uart` (sysfs directory) and `$tty`; fails when there is none.
 pub const PCI_GUEST_LIB: &str = r##"
 fails=0
 ok() { echo "VFUD-TEST: $*"; }
@@ -108,6 +110,14 @@ irq_count() {
                   END { if (!f) print "none" }' /proc/interrupts
 }
 irq_line() { grep "^ *$1:" /proc/interrupts; }
+open_uart() {
+  uart=$(find_pci 0x5646 0x0002) || { fail "no 5646:0002 (uart16550)"; return 1; }
+  report_pci uart "$uart"
+  tty=/dev/$(ls "$uart/tty" | head -n 1)
+  exec 3<>"$tty"
+  stty -F "$tty" 115200 raw -echo -echoe -echok -echonl -onlcr -crtscts clocal cs8 -parenb \
+    || fail "stty"
+}
 "##;
 
 /// The status of the first complete `VFUD-GUEST-EXIT <n>` line of a serial log.

@@ -22,7 +22,7 @@ mod saver;
 #[cfg(test)]
 mod tests;
 
-pub use loader::{Loader, Staged};
+pub use loader::{Loader, Shape, Staged};
 pub use saver::{FinalState, Saver};
 
 /// First bytes of the header section's payload.
@@ -99,6 +99,39 @@ pub enum StreamError {
     /// Unknown section kind.
     #[error("unknown section kind {0:#x}")]
     UnknownSection(u16),
+    /// BAR memory for a BAR the device has no memory in.
+    #[error("memory for BAR {0}, which has no device memory here")]
+    NoSuchBar(u8),
+    /// BAR memory outside the BAR.
+    #[error("memory {offset:#x}+{len:#x} is outside BAR {bar}")]
+    OutOfRange {
+        /// BAR.
+        bar: u8,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A section whose size must match the device's does not.
+    #[error("{what} of {got} bytes, the device has {want}")]
+    SizeMismatch {
+        /// What.
+        what: &'static str,
+        /// Size in the stream.
+        got: usize,
+        /// Size here.
+        want: usize,
+    },
+    /// More than the device declares it can hold.
+    #[error("{what} of {len} bytes is more than this device takes ({max})")]
+    TooLarge {
+        /// What.
+        what: &'static str,
+        /// Size in the stream.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
 }
 
 pub(crate) fn section_crc(kind: u16, flags: u16, payload: &[u8]) -> u32 {
@@ -131,7 +164,7 @@ pub struct StreamHeader {
 }
 
 impl StreamHeader {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut p = MAGIC.to_vec();
         p.extend(FORMAT_VERSION.to_le_bytes());
         p.extend(self.ordering.to_le_bytes());

@@ -1,6 +1,6 @@
 //! [`Saver`]: produces the stream on the source.
 
-use super::{kind, put_section, StreamHeader, MEMORY_CHUNK, PAGE};
+use super::{kind, put_section, section_crc, StreamHeader, MEMORY_CHUNK, PAGE, SECTION_HEADER_LEN};
 use crate::migration::DeviceState;
 use crate::mmap::SharedMemory;
 
@@ -23,8 +23,11 @@ pub struct Saver {
     /// Produced bytes; `out[pos..]` has not been read yet.
     out: Vec<u8>,
     pos: usize,
-    /// Copy of each shared BAR as last sent, to find changed pages.
-    shadows: Vec<(usize, Vec<u8>)>,
+    /// Each shared BAR: (index, size).
+    regions: Vec<(usize, usize)>,
+    /// Copy of each shared BAR as last sent, to find changed pages; `None` when nothing can
+    /// change while saving (a stream that starts stopped needs no second look).
+    shadows: Option<Vec<Vec<u8>>>,
     /// Next (shadow index, offset) of the initial full copy; `None` once sent.
     initial: Option<(usize, usize)>,
     finished: bool,
@@ -33,19 +36,27 @@ pub struct Saver {
 }
 
 impl Saver {
-    /// Start a stream: the header is queued at once.
-    pub fn new(header: &StreamHeader, bars: &[Option<SharedMemory>; 6]) -> Self {
+    /// Start a stream: the header is queued at once. `track_changes`: the device (and the
+    /// guest, through mmap) may still write its memory (pre-copy), so pages sent are
+    /// remembered and re-sent when they change.
+    pub fn new(
+        header: &StreamHeader,
+        bars: &[Option<SharedMemory>; 6],
+        track_changes: bool,
+    ) -> Self {
         let mut out = Vec::new();
         put_section(&mut out, kind::HEADER, &header.encode());
-        let shadows = bars
+        let regions: Vec<(usize, usize)> = bars
             .iter()
             .enumerate()
-            .filter_map(|(i, b)| b.as_ref().map(|m| (i, vec![0u8; m.len()])))
-            .collect::<Vec<_>>();
-        let initial = (!shadows.is_empty()).then_some((0, 0));
+            .filter_map(|(i, b)| b.as_ref().map(|m| (i, m.len())))
+            .collect();
+        let shadows = track_changes.then(|| regions.iter().map(|(_, n)| vec![0u8; *n]).collect());
+        let initial = (!regions.is_empty()).then_some((0, 0));
         Self {
             out,
             pos: 0,
+            regions,
             shadows,
             initial,
             finished: false,
@@ -62,10 +73,10 @@ impl Saver {
         let mut n = 0u64;
         if let Some((si, off)) = self.initial {
             n += self
-                .shadows
+                .regions
                 .iter()
                 .skip(si)
-                .map(|(_, s)| s.len() as u64)
+                .map(|(_, len)| *len as u64)
                 .sum::<u64>()
                 - off as u64;
             n += self.pending() as u64;
@@ -81,7 +92,10 @@ impl Saver {
         }
         let mut page = vec![0u8; PAGE];
         let mut n = self.pending() as u64;
-        for (bar, shadow) in &self.shadows {
+        let Some(shadows) = &self.shadows else {
+            return n;
+        };
+        for ((bar, _), shadow) in self.regions.iter().zip(shadows) {
             let Some(mem) = &bars[*bar] else { continue };
             for (i, s) in shadow.chunks(PAGE).enumerate() {
                 let p = &mut page[..s.len()];
@@ -91,6 +105,17 @@ impl Saver {
             }
         }
         n
+    }
+
+    /// Bytes still to come (the kernel v1 `pending_bytes`): exact once the stream is
+    /// finished, an estimate before (the final sections are counted as 8 KiB in stop-copy).
+    /// Zero in pre-copy means nothing more for now.
+    pub fn remaining(&self, bars: &[Option<SharedMemory>; 6], stop_copy: bool) -> u64 {
+        if self.finished {
+            return self.pending() as u64;
+        }
+        let final_sections = if stop_copy { 8192 } else { 0 };
+        self.initial_bytes() + self.dirty_bytes(bars) + final_sections
     }
 
     /// Whether END has been produced and read.
@@ -107,22 +132,37 @@ impl Saver {
         put_section(&mut self.out, kind::BAR_MEMORY, &p);
     }
 
-    /// Produce the next piece of initial data; false when there is none left.
+    /// Produce the next piece of initial data; false when there is none left. The memory is
+    /// read straight into the stream buffer (one copy) and from there into the shadow.
     fn step_initial(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
         let Some((si, off)) = self.initial else {
             return false;
         };
-        let (bar, len) = (self.shadows[si].0, self.shadows[si].1.len());
+        let (bar, len) = self.regions[si];
         let n = (len - off).min(MEMORY_CHUNK);
-        let mut chunk = vec![0u8; n];
-        if let Some(mem) = &bars[bar] {
-            let _ = mem.read(off as u64, &mut chunk);
+        let at = self.out.len();
+        let payload = at + SECTION_HEADER_LEN;
+        self.out.resize(payload + 16, 0);
+        self.out[payload] = bar as u8;
+        self.out[payload + 8..payload + 16].copy_from_slice(&(off as u64).to_le_bytes());
+        let data = payload + 16;
+        let copied = bars[bar]
+            .as_ref()
+            .is_some_and(|mem| mem.append_to(off as u64, n, &mut self.out).is_ok());
+        if !copied {
+            self.out.resize(data + n, 0);
         }
-        self.shadows[si].1[off..off + n].copy_from_slice(&chunk);
-        self.memory_section(bar, off, &chunk);
+        if let Some(shadows) = &mut self.shadows {
+            shadows[si][off..off + n].copy_from_slice(&self.out[data..]);
+        }
+        let crc = section_crc(kind::BAR_MEMORY, 0, &self.out[payload..]);
+        let h = &mut self.out[at..payload];
+        h[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
+        h[4..8].copy_from_slice(&crc.to_le_bytes());
+        h[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
         self.initial = if off + n < len {
             Some((si, off + n))
-        } else if si + 1 < self.shadows.len() {
+        } else if si + 1 < self.regions.len() {
             Some((si + 1, 0))
         } else {
             None
@@ -132,21 +172,21 @@ impl Saver {
 
     /// Produce sections for pages that changed since sent; false when nothing changed.
     fn step_delta(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
+        let Some(mut shadows) = self.shadows.take() else {
+            return false;
+        };
         let before = self.pending();
         let mut page = vec![0u8; PAGE];
-        for si in 0..self.shadows.len() {
-            let bar = self.shadows[si].0;
+        for (&(bar, len), shadow) in self.regions.clone().iter().zip(shadows.iter_mut()) {
             let Some(mem) = &bars[bar] else { continue };
-            let len = self.shadows[si].1.len();
             let mut run: Option<(usize, Vec<u8>)> = None;
             let mut off = 0;
             while off < len {
                 let n = (len - off).min(PAGE);
                 let p = &mut page[..n];
                 let _ = mem.read(off as u64, p);
-                let changed = p != &self.shadows[si].1[off..off + n];
-                if changed {
-                    self.shadows[si].1[off..off + n].copy_from_slice(p);
+                if p != &shadow[off..off + n] {
+                    shadow[off..off + n].copy_from_slice(p);
                     match &mut run {
                         Some((_, data)) if data.len() < MEMORY_CHUNK => data.extend_from_slice(p),
                         _ => {
@@ -168,26 +208,47 @@ impl Saver {
                 self.memory_section(bar, o, &d);
             }
         }
+        self.shadows = Some(shadows);
         self.pending() > before
     }
 
-    /// Fill up to `max` bytes. In pre-copy (`final_state` = None) only memory is produced and
-    /// a short result means "nothing more for now"; in stop-copy the final sections and END
-    /// follow, and an empty result means the stream is complete.
+    /// Up to `max` bytes as a new buffer; see [`Saver::read_into`].
     pub fn read(
         &mut self,
         max: usize,
         bars: &[Option<SharedMemory>; 6],
         final_state: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>>,
     ) -> Result<Vec<u8>, crate::DeviceError> {
+        let mut v = Vec::new();
+        self.read_into(&mut v, max, bars, final_state)?;
+        Ok(v)
+    }
+
+    /// Append up to `max` bytes to `dst` (e.g. straight after a MIG_DATA_READ reply header);
+    /// returns how many. In pre-copy (`final_state` = None) only memory is produced and a
+    /// short result means "nothing more for now"; in stop-copy the final sections and END
+    /// follow, and an empty result means the stream is complete.
+    pub fn read_into(
+        &mut self,
+        dst: &mut Vec<u8>,
+        max: usize,
+        bars: &[Option<SharedMemory>; 6],
+        final_state: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>>,
+    ) -> Result<usize, crate::DeviceError> {
         let stop_copy = final_state.is_some();
         let mut final_state = final_state;
+        // At most one pass over device memory per call: a pass that finds nothing means
+        // nothing more for now (pre-copy) or time for the final sections (stop-copy).
+        let mut scanned = false;
         while self.pending() < max {
             if self.step_initial(bars) {
                 continue;
             }
-            if !self.finished && self.step_delta(bars) {
-                continue;
+            if !self.finished && !scanned {
+                scanned = true;
+                if self.step_delta(bars) {
+                    continue;
+                }
             }
             match final_state.as_mut() {
                 Some(f) if stop_copy && !self.finished => {
@@ -205,7 +266,7 @@ impl Saver {
             }
         }
         let n = self.pending().min(max);
-        let chunk = self.out[self.pos..self.pos + n].to_vec();
+        dst.extend_from_slice(&self.out[self.pos..self.pos + n]);
         self.pos += n;
         if self.pos == self.out.len() {
             self.out.clear();
@@ -214,7 +275,7 @@ impl Saver {
             self.out.drain(..self.pos);
             self.pos = 0;
         }
-        Ok(chunk)
+        Ok(n)
     }
 
     /// Bytes the stop-copy phase would still produce (estimate for MIG_DATA_SIZE).

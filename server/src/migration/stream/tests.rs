@@ -29,8 +29,21 @@ fn final_state() -> Result<FinalState, crate::DeviceError> {
     })
 }
 
+fn loader(model: &str) -> Loader {
+    let mut bars = [0; 6];
+    bars[2] = 64 * 1024;
+    Loader::new(Shape {
+        model: model.into(),
+        bars,
+        config_len: 256,
+        irq_len: 4,
+        msix_len: 0,
+        max_device_state: 1 << 20,
+    })
+}
+
 fn whole_stream(b: &[Option<SharedMemory>; 6]) -> Vec<u8> {
-    let mut s = Saver::new(&header(), b);
+    let mut s = Saver::new(&header(), b, true);
     let mut f = final_state;
     let mut out = Vec::new();
     loop {
@@ -48,22 +61,23 @@ fn stream_round_trips_and_stages_memory() {
     let b = bars();
     b[2].as_ref().unwrap().write(100, b"payload").unwrap();
     let s = whole_stream(&b);
-    let mut l = Loader::new("dma-engine");
+    let dst = bars();
+    let mut l = loader("dma-engine");
     for c in s.chunks(777) {
-        l.write(c).unwrap();
+        l.write(c, &dst).unwrap();
     }
     let st = l.finish().unwrap();
     assert_eq!(st.header.unwrap(), header());
     assert_eq!(st.config.unwrap(), vec![7; 256]);
-    let (bar, off, data) = &st.memory[0];
-    assert_eq!((*bar, *off), (2, 0));
-    assert_eq!(&data[100..107], b"payload");
+    let mut got = [0u8; 7];
+    dst[2].as_ref().unwrap().read(100, &mut got).unwrap();
+    assert_eq!(&got, b"payload");
 }
 
 #[test]
 fn precopy_reports_shrinking_initial_and_growing_dirty_bytes() {
     let b = bars();
-    let mut s = Saver::new(&header(), &b);
+    let mut s = Saver::new(&header(), &b, true);
     let start = s.initial_bytes();
     assert!(start >= 64 * 1024);
     let first = s.read(16 * 1024, &b, None).unwrap();
@@ -88,8 +102,8 @@ fn every_sampled_bit_flip_is_refused() {
     for bit in (0..s.len() * 8).step_by(step) {
         let mut m = s.clone();
         m[bit / 8] ^= 1 << (bit % 8);
-        let mut l = Loader::new("dma-engine");
-        let ok = l.write(&m).is_ok() && l.finish().is_ok();
+        let mut l = loader("dma-engine");
+        let ok = l.write(&m, &b).is_ok() && l.finish().is_ok();
         assert!(!ok, "flip of bit {bit} accepted");
         tried += 1;
     }
@@ -100,24 +114,158 @@ fn every_sampled_bit_flip_is_refused() {
 fn wrong_model_and_truncation_are_refused() {
     let b = bars();
     let s = whole_stream(&b);
-    let mut l = Loader::new("uart16550");
+    let mut l = loader("uart16550");
     assert!(matches!(
-        l.write(&s),
+        l.write(&s, &b),
         Err(StreamError::ModelMismatch { .. })
     ));
-    let mut l = Loader::new("dma-engine");
-    l.write(&s[..s.len() - 1]).unwrap();
+    let mut l = loader("dma-engine");
+    l.write(&s[..s.len() - 1], &b).unwrap();
     assert!(matches!(l.finish(), Err(StreamError::Truncated(_))));
-    let mut l = Loader::new("dma-engine");
+    let mut l = loader("dma-engine");
     assert_eq!(
-        l.write(&[0xff; 40]),
+        l.write(&[0xff; 40], &b),
         Err(StreamError::SectionTooLarge(u64::MAX))
     );
-    let mut l = Loader::new("dma-engine");
+    let mut l = loader("dma-engine");
     let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
     bad.extend([1, 2, 3, 4]);
     assert!(matches!(
-        l.write(&bad),
+        l.write(&bad, &b),
         Err(StreamError::CrcMismatch { offset: 0, .. })
     ));
+}
+
+/// A stream with a valid CRC on every section, from the given sections.
+fn forged(sections: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, p) in sections {
+        put_section(&mut out, *k, p);
+    }
+    out
+}
+
+fn memory(bar: u8, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = vec![bar, 0, 0, 0, 0, 0, 0, 0];
+    p.extend(offset.to_le_bytes());
+    p.extend(data);
+    p
+}
+
+#[test]
+fn lies_with_valid_crcs_are_refused_each_with_its_own_error() {
+    let h = (kind::HEADER, header().encode());
+    let b = bars();
+    let refuse = |sections: Vec<(u16, Vec<u8>)>| {
+        loader("dma-engine")
+            .write(&forged(&sections), &b)
+            .unwrap_err()
+    };
+    let mut bad_magic = header().encode();
+    bad_magic[0] ^= 1;
+    assert_eq!(
+        refuse(vec![(kind::HEADER, bad_magic)]),
+        StreamError::BadMagic
+    );
+    let mut other_version = header().encode();
+    other_version[8] = 9;
+    assert_eq!(
+        refuse(vec![(kind::HEADER, other_version)]),
+        StreamError::FormatVersion(9)
+    );
+    assert_eq!(
+        refuse(vec![h.clone(), (0x77, vec![])]),
+        StreamError::UnknownSection(0x77)
+    );
+    assert_eq!(
+        refuse(vec![h.clone(), (kind::BAR_MEMORY, memory(0, 0, &[1]))]),
+        StreamError::NoSuchBar(0)
+    );
+    assert_eq!(
+        refuse(vec![h.clone(), (kind::BAR_MEMORY, memory(9, 0, &[1]))]),
+        StreamError::NoSuchBar(9)
+    );
+    assert!(matches!(
+        refuse(vec![
+            h.clone(),
+            (kind::BAR_MEMORY, memory(2, 64 * 1024 - 1, &[1, 2]))
+        ]),
+        StreamError::OutOfRange { bar: 2, .. }
+    ));
+    assert!(matches!(
+        refuse(vec![
+            h.clone(),
+            (kind::BAR_MEMORY, memory(2, u64::MAX, &[1]))
+        ]),
+        StreamError::OutOfRange { .. }
+    ));
+    assert!(matches!(
+        refuse(vec![h.clone(), (kind::IRQ_STATE, vec![0; 9])]),
+        StreamError::SizeMismatch {
+            what: "interrupt state",
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(vec![h.clone(), (kind::CONFIG, vec![0; 4096])]),
+        StreamError::SizeMismatch { what: "config", .. }
+    ));
+    let mut big_state = vec![1, 0];
+    big_state.resize(2 + (1 << 20) + 1, b' ');
+    assert!(matches!(
+        refuse(vec![h.clone(), (kind::DEVICE_STATE, big_state)]),
+        StreamError::TooLarge {
+            what: "device state",
+            ..
+        }
+    ));
+    assert_eq!(
+        refuse(vec![(kind::CONFIG, vec![0; 256])]),
+        StreamError::BadMagic,
+        "no header first"
+    );
+}
+
+#[test]
+fn memory_is_written_in_place_and_rolled_back_on_failure() {
+    let dst = bars();
+    dst[2]
+        .as_ref()
+        .unwrap()
+        .write(8192, b"destination own")
+        .unwrap();
+    let s = forged(&[
+        (kind::HEADER, header().encode()),
+        (kind::BAR_MEMORY, memory(2, 8192, &[1; 10])),
+        (kind::BAR_MEMORY, memory(2, 8192, &[2; 5])),
+    ]);
+    let mut l = loader("dma-engine");
+    l.write(&s, &dst).unwrap();
+    let mut got = [0u8; 15];
+    dst[2].as_ref().unwrap().read(8192, &mut got).unwrap();
+    assert_eq!(
+        &got[..10],
+        &[2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
+        "later sections win"
+    );
+    // The stream ends without device state: refused, and the memory is put back.
+    l.write(&forged(&[(kind::END, vec![])]), &dst).unwrap();
+    assert!(l.finish().is_err());
+    l.rollback(&dst);
+    dst[2].as_ref().unwrap().read(8192, &mut got).unwrap();
+    assert_eq!(&got, b"destination own");
+}
+
+#[test]
+fn a_refused_section_rolls_memory_back_at_once() {
+    let dst = bars();
+    let s = forged(&[
+        (kind::HEADER, header().encode()),
+        (kind::BAR_MEMORY, memory(2, 0, &[9; 4])),
+        (kind::BAR_MEMORY, memory(2, 1 << 20, &[9; 4])),
+    ]);
+    assert!(loader("dma-engine").write(&s, &dst).is_err());
+    let mut got = [1u8; 4];
+    dst[2].as_ref().unwrap().read(0, &mut got).unwrap();
+    assert_eq!(got, [0; 4]);
 }

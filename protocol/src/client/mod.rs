@@ -10,27 +10,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use zerocopy::FromBytes;
 
 use crate::codec::{send_chunks, send_error, send_message, send_reply, Frame, FrameReader, Limits};
 use crate::error::ProtocolError;
 use crate::header::{Command, Header, MessageKind};
 use crate::messages::dma::{DmaAccess, DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL};
-use crate::messages::feature::{
-    DeviceFeature, DmaLoggingControl, DmaLoggingReport, MigData, MigDeviceState, MigState,
-    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP,
-    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
-};
-use crate::messages::irq::{
-    IrqInfo, IrqSetHeader, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
-    IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
-};
 use crate::messages::region::{
     IoFdSubRegion, RegionAccess, RegionInfo, RegionInfoReply, RegionIoFds, WriteMultiEntry,
 };
 use crate::messages::version::{accept_reply, Negotiated, VersionMessage};
-use crate::messages::{DeviceInfo, IrqAction};
+use crate::messages::DeviceInfo;
 use crate::wire::put;
+
+mod irq;
+mod migration;
 
 /// Serves the server's DMA_READ/DMA_WRITE requests (memory the client did not map with an fd).
 pub trait DmaHandler: Send {
@@ -48,6 +41,8 @@ pub struct Client {
     negotiated: Negotiated,
     next_id: u16,
     dma: Option<Box<dyn DmaHandler>>,
+    /// A MIG_DATA_READ reply carried padding (logged once).
+    padded_mig_data: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -78,6 +73,7 @@ impl Client {
             negotiated: Negotiated::default(),
             next_id: 0,
             dma: None,
+            padded_mig_data: false,
         })
     }
 
@@ -190,7 +186,7 @@ impl Client {
         let cmd = Command::try_from(f.header.cmd);
         let result: Result<Vec<u8>, Errno> = match (cmd, self.dma.as_mut()) {
             (Ok(Command::DmaRead), Some(h)) => match DmaAccess::decode_read(&f.payload) {
-                Ok(a) if a.count <= self.limits.max_data_xfer_size => {
+                Ok(a) if a.count <= self.limits.max_recv_xfer_size => {
                     let mut buf = vec![0u8; a.count as usize];
                     h.dma_read(a.addr, &mut buf)
                         .map(|()| a.encode_with_data(&buf))
@@ -234,7 +230,7 @@ impl Client {
         let reply = self.request(Command::Version, &proposal.encode(), &[])?;
         let v = VersionMessage::decode(&reply.payload)?;
         let n = accept_reply(proposal, &v)?;
-        self.limits = Limits::from_negotiated(&n);
+        self.limits = Limits::client(&n);
         self.negotiated = n.clone();
         Ok(n)
     }
@@ -358,142 +354,6 @@ impl Client {
         Ok((subs, r.fds))
     }
 
-    /// DEVICE_GET_IRQ_INFO.
-    pub fn irq_info(&mut self, index: u32) -> Result<IrqInfo, ProtocolError> {
-        let mut p = Vec::new();
-        put(
-            &mut p,
-            &IrqInfo {
-                argsz: 16,
-                index,
-                ..IrqInfo::default()
-            },
-        );
-        let r = self.request(Command::DeviceGetIrqInfo, &p, &[])?;
-        crate::messages::decode_fixed(&r.payload, "DEVICE_GET_IRQ_INFO reply")
-    }
-
-    /// DEVICE_SET_IRQS with explicit flags, trailing data and fds.
-    pub fn set_irqs_raw(
-        &mut self,
-        flags: u32,
-        index: u32,
-        start: u32,
-        count: u32,
-        data: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(), ProtocolError> {
-        let mut p = Vec::new();
-        put(
-            &mut p,
-            &IrqSetHeader {
-                argsz: (20 + data.len()) as u32,
-                flags,
-                index,
-                start,
-                count,
-            },
-        );
-        p.extend_from_slice(data);
-        self.request(Command::DeviceSetIrqs, &p, fds)?;
-        Ok(())
-    }
-
-    /// Assign trigger eventfds to vectors `start..start+fds.len()` (empty `fds` with `count`
-    /// de-assigns, see [`Self::deassign_irq_eventfds`]).
-    pub fn set_irq_eventfds(
-        &mut self,
-        index: u32,
-        start: u32,
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(), ProtocolError> {
-        self.set_irqs_raw(
-            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
-            index,
-            start,
-            fds.len() as u32,
-            &[],
-            fds,
-        )
-    }
-
-    /// De-assign trigger eventfds (EVENTFD with no fds).
-    pub fn deassign_irq_eventfds(
-        &mut self,
-        index: u32,
-        start: u32,
-        count: u32,
-    ) -> Result<(), ProtocolError> {
-        self.set_irqs_raw(
-            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
-            index,
-            start,
-            count,
-            &[],
-            &[],
-        )
-    }
-
-    /// Assign the INTx unmask (resample) eventfd.
-    pub fn set_irq_unmask_eventfd(
-        &mut self,
-        index: u32,
-        fd: BorrowedFd<'_>,
-    ) -> Result<(), ProtocolError> {
-        self.set_irqs_raw(
-            IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_EVENTFD,
-            index,
-            0,
-            1,
-            &[],
-            &[fd],
-        )
-    }
-
-    /// Apply `action` with DATA_NONE to `start..start+count`.
-    pub fn irq_action(
-        &mut self,
-        action: IrqAction,
-        index: u32,
-        start: u32,
-        count: u32,
-    ) -> Result<(), ProtocolError> {
-        let a = action_flag(action);
-        self.set_irqs_raw(a | IRQ_SET_DATA_NONE, index, start, count, &[], &[])
-    }
-
-    /// Apply `action` with DATA_BOOL.
-    pub fn irq_action_bools(
-        &mut self,
-        action: IrqAction,
-        index: u32,
-        start: u32,
-        bools: &[bool],
-    ) -> Result<(), ProtocolError> {
-        let a = action_flag(action);
-        let data: Vec<u8> = bools.iter().map(|b| u8::from(*b)).collect();
-        self.set_irqs_raw(
-            a | IRQ_SET_DATA_BOOL,
-            index,
-            start,
-            bools.len() as u32,
-            &data,
-            &[],
-        )
-    }
-
-    /// Disable a whole IRQ index (`TRIGGER|NONE`, count 0).
-    pub fn disable_irqs(&mut self, index: u32) -> Result<(), ProtocolError> {
-        self.set_irqs_raw(
-            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE,
-            index,
-            0,
-            0,
-            &[],
-            &[],
-        )
-    }
-
     /// REGION_READ.
     pub fn region_read(
         &mut self,
@@ -538,12 +398,11 @@ impl Client {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ProtocolError> {
-        let a = RegionAccess {
-            offset,
-            region,
-            count: data.len() as u32,
-        };
-        self.request(Command::RegionWrite, &a.encode_with_data(data), &[])?;
+        self.request(
+            Command::RegionWrite,
+            &write_payload(region, offset, data),
+            &[],
+        )?;
         Ok(())
     }
 
@@ -564,12 +423,8 @@ impl Client {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ProtocolError> {
-        let a = RegionAccess {
-            offset,
-            region,
-            count: data.len() as u32,
-        };
-        self.send_command(Command::RegionWrite, &a.encode_with_data(data), &[], true)?;
+        let p = write_payload(region, offset, data);
+        self.send_command(Command::RegionWrite, &p, &[], true)?;
         Ok(())
     }
 
@@ -589,159 +444,14 @@ impl Client {
         self.request(Command::DeviceReset, &[], &[])?;
         Ok(())
     }
-
-    /// DEVICE_FEATURE with arbitrary flags; returns the reply.
-    pub fn device_feature(&mut self, f: &DeviceFeature) -> Result<DeviceFeature, ProtocolError> {
-        let r = self.request(Command::DeviceFeature, &f.encode(), &[])?;
-        let mut r = DeviceFeature::decode(&r.payload)?;
-        if r.feature != f.feature {
-            return Err(ProtocolError::UnexpectedReply(
-                "feature index changed".into(),
-            ));
-        }
-        r.get = f.get;
-        Ok(r)
-    }
-
-    /// GET a feature's data.
-    pub fn feature_get(
-        &mut self,
-        feature: u16,
-        data: &[u8],
-        room: usize,
-    ) -> Result<Vec<u8>, ProtocolError> {
-        let f = DeviceFeature {
-            argsz: (8 + room.max(data.len())) as u32,
-            feature,
-            get: true,
-            set: false,
-            probe: false,
-            data: data.to_vec(),
-        };
-        Ok(self.device_feature(&f)?.data)
-    }
-
-    /// SET a feature.
-    pub fn feature_set(&mut self, feature: u16, data: &[u8]) -> Result<(), ProtocolError> {
-        let f = DeviceFeature {
-            argsz: (8 + data.len()) as u32,
-            feature,
-            get: false,
-            set: true,
-            probe: false,
-            data: data.to_vec(),
-        };
-        self.device_feature(&f).map(|_| ())
-    }
-
-    /// PROBE whether `feature` supports GET and/or SET.
-    pub fn feature_probe(
-        &mut self,
-        feature: u16,
-        get: bool,
-        set: bool,
-    ) -> Result<(), ProtocolError> {
-        let f = DeviceFeature {
-            argsz: 8,
-            feature,
-            get,
-            set,
-            probe: true,
-            data: Vec::new(),
-        };
-        self.device_feature(&f).map(|_| ())
-    }
-
-    /// GET the MIGRATION feature's flags.
-    pub fn migration_flags(&mut self) -> Result<u64, ProtocolError> {
-        let d = self.feature_get(FEATURE_MIGRATION, &[], 8)?;
-        read_u64(&d)
-    }
-
-    /// GET the migration state.
-    pub fn mig_state(&mut self) -> Result<MigState, ProtocolError> {
-        let d = self.feature_get(FEATURE_MIG_DEVICE_STATE, &[], 8)?;
-        let (s, _) = MigDeviceState::read_from_prefix(&d)
-            .map_err(|_| ProtocolError::UnexpectedReply("short MIG_DEVICE_STATE".into()))?;
-        MigState::try_from(s.device_state)
-    }
-
-    /// SET the migration state (the server walks the arcs before replying).
-    pub fn set_mig_state(&mut self, state: MigState) -> Result<(), ProtocolError> {
-        let mut p = Vec::new();
-        put(
-            &mut p,
-            &MigDeviceState {
-                device_state: state as u32,
-                data_fd: u32::MAX,
-            },
-        );
-        self.feature_set(FEATURE_MIG_DEVICE_STATE, &p)
-    }
-
-    /// GET the stop-copy size estimate.
-    pub fn mig_data_size(&mut self) -> Result<u64, ProtocolError> {
-        let d = self.feature_get(FEATURE_MIG_DATA_SIZE, &[], 8)?;
-        read_u64(&d)
-    }
-
-    /// Start dirty logging.
-    pub fn dma_logging_start(&mut self, ctl: &DmaLoggingControl) -> Result<(), ProtocolError> {
-        self.feature_set(FEATURE_DMA_LOGGING_START, &ctl.encode())
-    }
-
-    /// Stop dirty logging.
-    pub fn dma_logging_stop(&mut self) -> Result<(), ProtocolError> {
-        self.feature_set(FEATURE_DMA_LOGGING_STOP, &[])
-    }
-
-    /// Fetch and clear the dirty bitmap of a range; returns the bitmap bytes.
-    pub fn dma_logging_report(&mut self, rep: &DmaLoggingReport) -> Result<Vec<u8>, ProtocolError> {
-        let mut p = Vec::new();
-        put(&mut p, rep);
-        let room = 24 + rep.bitmap_len()?;
-        let d = self.feature_get(FEATURE_DMA_LOGGING_REPORT, &p, room)?;
-        Ok(d.get(24..).unwrap_or_default().to_vec())
-    }
-
-    /// MIG_DATA_READ of up to `size` bytes. A shorter answer means nothing more for now.
-    pub fn mig_data_read(&mut self, size: u32) -> Result<Vec<u8>, ProtocolError> {
-        let mut p = Vec::new();
-        put(
-            &mut p,
-            &MigData {
-                argsz: 8 + size,
-                size,
-            },
-        );
-        let r = self.request(Command::MigDataRead, &p, &[])?;
-        let data = MigData::decode_write(&r.payload)?;
-        if data.len() > size as usize {
-            return Err(ProtocolError::UnexpectedReply(
-                "migration data larger than asked".into(),
-            ));
-        }
-        Ok(data.to_vec())
-    }
-
-    /// MIG_DATA_WRITE.
-    pub fn mig_data_write(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
-        self.request(Command::MigDataWrite, &MigData::encode_with_data(data), &[])?;
-        Ok(())
-    }
 }
 
-fn action_flag(action: IrqAction) -> u32 {
-    match action {
-        IrqAction::Mask => IRQ_SET_ACTION_MASK,
-        IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
-        IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
+/// The payload of a REGION_WRITE of `data` at `offset` in `region`.
+fn write_payload(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    RegionAccess {
+        offset,
+        region,
+        count: data.len() as u32,
     }
-}
-
-fn read_u64(d: &[u8]) -> Result<u64, ProtocolError> {
-    d.get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(|| ProtocolError::UnexpectedReply("feature data shorter than 8 bytes".into()))
+    .encode_with_data(data)
 }

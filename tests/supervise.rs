@@ -1,0 +1,285 @@
+//! Crash-proof device servers (`vfud serve --supervise`): the device process is killed or
+//! panics under an attached client, and a new one carries on under the same connection —
+//! from the last checkpoint (`restore`) or with the device model reset (`reset`) — until a
+//! crash loop makes the supervisor stop and answer every request with an error.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use serde_json::Value;
+use vfud_devices::dma_engine::{
+    reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, STATUS_BUSY, STATUS_DONE,
+};
+use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use vfud_protocol::{Client, Command, Header, ProtocolError};
+use vfud_server::handover::{self as ho, kind, ControlCommand};
+
+struct Supervised {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        // SIGTERM: the supervisor stops its device process itself.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Supervised {
+    fn start(spec: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (sock, ctl) = (dir.path().join("dev.sock"), dir.path().join("ctl.sock"));
+        let child = common::serve_command()
+            .args(["--supervise", "--device", spec, "--socket"])
+            .arg(&sock)
+            .arg("--control")
+            .arg(&ctl)
+            .args(extra)
+            .spawn()
+            .unwrap();
+        assert!(common::wait_for_path(&ctl, Duration::from_secs(10)));
+        assert!(common::wait_for_path(&sock, Duration::from_secs(10)));
+        Self { child, dir }
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("dev.sock")
+    }
+
+    fn status(&self) -> Value {
+        let s = UnixStream::connect(self.dir.path().join("ctl.sock")).unwrap();
+        ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).unwrap();
+        let mut r = vfud_protocol::FrameReader::new();
+        let f = ho::recv(&s, &mut r, Duration::from_secs(5)).unwrap();
+        let v: Value = serde_json::from_slice(&f.payload).unwrap();
+        v["supervised"].clone()
+    }
+
+    /// Wait until `f` holds for the status (10 s at most).
+    fn wait_status(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let st = self.status();
+            if f(&st) {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}: {st}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn device_pid(&self) -> i32 {
+        let st = self.wait_status("a device process", |s| s["device_pid"].is_u64());
+        st["device_pid"].as_u64().unwrap() as i32
+    }
+
+    /// SIGKILL the device process and wait for its successor to run.
+    fn kill_device(&self) -> Value {
+        let pid = self.device_pid();
+        let restarts = self.status()["restarts"].as_u64().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        self.wait_status("restart", |s| {
+            s["restarts"].as_u64() == Some(restarts + 1) && s["state"] == "running"
+        })
+    }
+}
+
+/// A 64 MiB memfd of guest RAM mapped at IOVA 0, filled with a pattern; its CRC32.
+fn map_ram(c: &mut Client) -> (std::fs::File, u32) {
+    const LEN: usize = 64 << 20;
+    let ram = common::memfd(LEN as u64);
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&ram, &data, 0).unwrap();
+    c.dma_map(
+        DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        0,
+        0,
+        LEN as u64,
+        Some(ram.as_fd()),
+    )
+    .unwrap();
+    (ram, crc32fast::hash(&data))
+}
+
+fn start_crc(c: &mut Client, len: u32) {
+    for (o, v) in [
+        (reg::SRC_LO, 0),
+        (reg::SRC_HI, 0),
+        (reg::LEN, len),
+        (reg::OPCODE, Opcode::Crc32 as u32),
+        (reg::DOORBELL, 1),
+    ] {
+        c.region_write_u32(0, o, v).unwrap();
+    }
+}
+
+fn wait_not_busy(c: &mut Client) -> u32 {
+    let t = Instant::now();
+    loop {
+        let st = c.region_read_u32(0, reg::STATUS).unwrap();
+        if st & STATUS_BUSY == 0 {
+            return st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the job never ended");
+    }
+}
+
+/// Start a long CRC job and wait, with it still running, for two more checkpoints.
+fn job_in_flight_with_checkpoints(s: &Supervised, c: &mut Client) -> u32 {
+    let (_ram, crc) = map_ram(c);
+    // Enable memory space and bus mastering, so config is part of what must survive.
+    c.region_write(7, 4, &0x0006u16.to_le_bytes()).unwrap();
+    start_crc(c, 64 << 20);
+    let before = s.status()["snapshots"].as_u64().unwrap();
+    s.wait_status("two checkpoints during the job", |st| {
+        st["snapshots"].as_u64().unwrap() >= before + 2
+    });
+    assert_ne!(
+        c.region_read_u32(0, reg::STATUS).unwrap() & STATUS_BUSY,
+        0,
+        "the job must still run when the device process is killed"
+    );
+    crc
+}
+
+#[test]
+fn restore_resumes_a_job_in_flight_from_the_checkpoint() {
+    let s = Supervised::start(
+        "dma-engine,slice=65536",
+        &["--on-crash", "restore", "--checkpoint-ms", "10"],
+    );
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    let crc = job_in_flight_with_checkpoints(&s, &mut c);
+    let st = s.kill_device();
+    assert_eq!(st["last_crash"]["how"], "signal 9");
+    // Same connection: the job finishes in the new process with the right result, once.
+    let status = wait_not_busy(&mut c);
+    assert_eq!(status & STATUS_DONE, STATUS_DONE);
+    assert_eq!(c.region_read_u32(0, reg::RESULT).unwrap(), crc);
+    assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 1);
+    let cmd = c.region_read(7, 4, 2).unwrap();
+    assert_eq!(cmd[0] & 0x6, 0x6, "config space restored");
+}
+
+#[test]
+fn reset_policy_shows_a_reset_device_never_a_hang() {
+    let s = Supervised::start(
+        "dma-engine,slice=65536",
+        &["--on-crash", "reset", "--checkpoint-ms", "10"],
+    );
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.region_write_u32(0, reg::PATTERN, 0x5a).unwrap();
+    job_in_flight_with_checkpoints(&s, &mut c);
+    s.kill_device();
+    // A driver polling STATUS sees the job gone: neither BUSY nor DONE, registers at reset.
+    let status = wait_not_busy(&mut c);
+    assert_eq!(status & (STATUS_BUSY | STATUS_DONE), 0);
+    assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 0);
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 0);
+    assert_eq!(
+        c.region_read_u32(0, reg::ID).unwrap(),
+        vfud_devices::dma_engine::ID
+    );
+    // The PCI function is kept: bus mastering still on, and a new job runs.
+    let cmd = c.region_read(7, 4, 2).unwrap();
+    assert_eq!(cmd[0] & 0x6, 0x6);
+    start_crc(&mut c, 4096);
+    assert_eq!(wait_not_busy(&mut c) & STATUS_DONE, STATUS_DONE);
+}
+
+/// A raw posted (NO_REPLY) 4-byte BAR0 write.
+fn posted_write(id: u16, off: u64, v: u32) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&off.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes()); // region
+    p.extend_from_slice(&4u32.to_le_bytes()); // count
+    p.extend_from_slice(&v.to_le_bytes());
+    let mut m = Header::command(id, Command::RegionWrite, p.len(), true)
+        .as_wire_bytes()
+        .to_vec();
+    m.extend_from_slice(&p);
+    m
+}
+
+#[test]
+fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served() {
+    let s = Supervised::start("dma-engine,crash-test=on", &[]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.region_write_u32(0, reg::PATTERN, 1).unwrap();
+    // `restore` goes back to the last checkpoint: let one be taken after that write.
+    let before = s.status()["snapshots"].as_u64().unwrap();
+    s.wait_status("a checkpoint", |st| {
+        st["snapshots"].as_u64().unwrap() > before
+    });
+    // The request the model panics in is answered with an error, not lost: no hang.
+    let r = c.region_write_u32(0, CRASH_TEST_REG, CRASH_MAGIC);
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    let st = s.wait_status("restart", |s| s["restarts"] == 1 && s["state"] == "running");
+    assert_eq!(st["last_crash"]["how"], "signal 6"); // a panic aborts the process
+    assert_eq!(st["last_crash"]["request_in_progress"], true);
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 1);
+    // Posted: the crash, then two requests sent behind it in the same burst. The one the
+    // model died in is dropped (it was posted); the others are served by the new process.
+    let mut burst = posted_write(100, CRASH_TEST_REG, CRASH_MAGIC);
+    burst.extend(posted_write(101, reg::PATTERN, 0x77));
+    c.send_raw(&burst, &[]).unwrap();
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 0x77);
+    s.wait_status("second restart", |s| s["restarts"] == 2);
+}
+
+#[test]
+fn a_crash_loop_stops_restarting_and_every_request_gets_an_error() {
+    let s = Supervised::start("dma-engine", &["--max-restarts", "2/60"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    for _ in 0..2 {
+        s.kill_device();
+        assert_eq!(
+            c.region_read_u32(0, reg::ID).unwrap(),
+            vfud_devices::dma_engine::ID
+        );
+    }
+    let pid = s.device_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let st = s.wait_status("failed", |s| s["state"] == "failed");
+    assert_eq!(st["restarts"], 2);
+    assert!(st["device_pid"].is_null());
+    for _ in 0..20 {
+        let r = c.region_read_u32(0, reg::ID);
+        assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    }
+    assert!(c.device_info().is_err());
+    // A new client gets the same treatment (a replugged device must not hang either).
+    drop(c);
+    let mut c2 = Client::connect(s.sock()).unwrap();
+    c2.set_timeout(Duration::from_secs(10)).unwrap();
+    assert!(matches!(
+        c2.negotiate(&Default::default()),
+        Err(ProtocolError::Remote(Errno::EIO))
+    ));
+}
