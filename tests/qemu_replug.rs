@@ -8,7 +8,7 @@
 //! the UART's host socket; with the dma-engine it also reads the engine's ID register and a
 //! marker it wrote into device memory at boot. So the tests see from outside whether the
 //! guest kept running without a reboot (its counter continues on the destination's console),
-//! whether the driver bound the UART again (the kernel's `ttyS4 at I/O` line, and ticks
+//! whether the driver bound the UART again (the kernel's `ttyS4 at MMIO` line, and ticks
 //! arriving at the host after the move), and whether vfud kept the device (the marker).
 
 mod common;

@@ -111,7 +111,7 @@ irq_count() {
 }
 irq_line() { grep "^ *$1:" /proc/interrupts; }
 open_uart() {
-  uart=$(find_pci 0x5646 0x0002) || { fail "no 5646:0002 (uart16550)"; return 1; }
+  uart=$(find_pci_sub 0x5646 0x0002) || { fail "no subsystem 5646:0002 (uart16550)"; return 1; }
   report_pci uart "$uart"
   tty=/dev/$(ls "$uart/tty" | head -n 1)
   exec 3<>"$tty"
