@@ -227,6 +227,8 @@ fn a_service_window_left_alone_raises_what_is_still_pending() {
     b.unmask_intx();
     assert!(b.interrupts().is_empty());
     // A driver that returns without emptying the FIFO gets the interrupt again.
+    let (_, deadline) = b.server().device_sources();
+    assert!(deadline.is_some_and(|d| d <= Instant::now() + SERVICE_GRACE));
     after(&mut b, SERVICE_GRACE);
     assert_eq!(b.interrupts(), vec![(0, 0, 1)]);
 }
@@ -273,4 +275,28 @@ fn transmit_interrupts_batch_without_refiring_and_output_flushes_at_handler_end(
     let mut got = vec![0u8; data.len()];
     host.read_exact(&mut got).unwrap();
     assert_eq!(got, data);
+}
+
+#[test]
+fn a_restored_uart_raises_what_its_driver_left_pending_in_a_service_window() {
+    let (_dir, _host, mut a, _data) = rx_bench(4);
+    assert_eq!(a.interrupts(), vec![(0, 0, 1)]);
+    // The driver's handler has started (line held low) when the VM stops.
+    assert_ne!(rd(&mut a, IIR) & 0x0f, IIR_NO_INT);
+    let stream = a.save_stream().unwrap();
+
+    let mut b = bench_with(Backend::Null);
+    b.restore_stream(&stream).unwrap();
+    b.wire_irqs(0, 1);
+    // The event loop runs the timer only at a deadline the device asks for.
+    let (_, deadline) = b.server().device_sources();
+    assert!(deadline.is_some(), "a timer for what is pending");
+    after(&mut b, SERVICE_GRACE);
+    assert_eq!(
+        b.interrupts(),
+        vec![(0, 0, 1)],
+        "the data waiting is announced"
+    );
+    let got: Vec<u8> = (0..4).map(|_| rd(&mut b, RBR)).collect();
+    assert_eq!(got, b"abcd");
 }
