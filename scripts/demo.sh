@@ -111,9 +111,9 @@ guest_script() {
   cat <<EOF
 uart=
 for d in /sys/bus/pci/devices/*; do
-  if [ "\$(cat \$d/vendor)" = 0x5646 ] && [ "\$(cat \$d/device)" = 0x0002 ]; then uart=\$d; fi
+  if [ "\$(cat \$d/subsystem_vendor)" = 0x5646 ] && [ "\$(cat \$d/subsystem_device)" = 0x0002 ]; then uart=\$d; fi
 done
-[ -n "\$uart" ] || { echo "demo: no vfud UART (PCI 5646:0002) in the guest"; exit 1; }
+[ -n "\$uart" ] || { echo "demo: no vfud UART (PCI subsystem 5646:0002) in the guest"; exit 1; }
 tty=\$(ls "\$uart/tty" 2>/dev/null | head -n 1)
 [ -n "\$tty" ] || { echo "demo: the serial driver did not bind \${uart##*/}"; exit 1; }
 echo "demo: the vfud UART is PCI \${uart##*/}, bound by the '\$(basename "\$(readlink "\$uart/driver")")' driver as /dev/\$tty"

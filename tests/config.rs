@@ -78,7 +78,7 @@ socket = "{dma}"
     assert!(common::wait_for_path(&flags_sock, Duration::from_secs(10)));
     assert_eq!(probe(&dma), probe(&flags_sock));
     assert!(
-        probe(&uart).contains("BAR0      size 0x8"),
+        probe(&uart).contains("BAR0      size 0x1000"),
         "{}",
         probe(&uart)
     );
@@ -130,7 +130,7 @@ fn the_readme_example_config_serves_its_devices() {
         assert!(common::wait_for_path(&p, Duration::from_secs(10)), "{name}");
     }
     assert!(probe(&dir.path().join("dma.sock")).contains("BAR2      size 0x100000"));
-    assert!(probe(&dir.path().join("uart.sock")).contains("BAR0      size 0x8"));
+    assert!(probe(&dir.path().join("uart.sock")).contains("BAR0      size 0x1000"));
     let mode = std::fs::metadata(dir.path().join("dma.sock"))
         .unwrap()
         .permissions()

@@ -423,7 +423,12 @@ fn uart_bytes_stream_both_ways_across_migrations_without_loss_or_reordering() {
             c.region_write(0, 0, &[*b]).unwrap();
         }
         sent_out = (sent_out + 100).min(from_guest.len());
-        for h in hosts.iter_mut() {
+        // The source of the last migration first: its backend got what the UART sent before
+        // it stopped (the UART hands output over in batches, up to the moment it stops), the
+        // current one what came after.
+        let (old, now) = (1 - cur, cur);
+        for i in [old, now] {
+            let h = &mut hosts[i];
             let mut buf = [0u8; 8192];
             while let Ok(n) = h.read(&mut buf) {
                 if n == 0 {

@@ -1,6 +1,7 @@
 //! One `vfud serve` process with two devices, `dma-engine` and `uart16550`, attached to one
 //! QEMU 11.1: the Linux guest enumerates both with their IDs, classes, BAR resources and INTx
-//! lines, and the stock 8250_pci driver (`serial`) binds the UART as a ttyS port.
+//! lines, and the stock 8250_pci driver (`serial`) binds the UART — in its I/O-BAR form,
+//! `bar=io`, which the driver finds by class — as a ttyS port.
 
 mod common;
 
@@ -45,7 +46,7 @@ fn guest_enumerates_dma_engine_and_uart_served_by_one_vfud() {
     let uart_dir = tempfile::tempdir().expect("tempdir");
     let uart_sock = uart_dir.path().join("uart16550.sock");
     let uart_out = uart_dir.path().join("uart.out");
-    let uart_spec = format!("uart16550,backend=file:{}", uart_out.display());
+    let uart_spec = format!("uart16550,bar=io,backend=file:{}", uart_out.display());
     let uart_sock_arg = uart_sock.to_str().expect("utf-8 path");
     let vfud = Vfud::start(
         "dma-engine",

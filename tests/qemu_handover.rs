@@ -50,7 +50,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(40);
 fn guest_script() -> String {
     format!(
         r#"{PCI_GUEST_LIB}
-uart=$(find_pci 0x5646 0x0002) || {{ fail "no 5646:0002 (uart16550)"; exit 1; }}
+uart=$(find_pci_sub 0x5646 0x0002) || {{ fail "no subsystem 5646:0002 (uart16550)"; exit 1; }}
 report_pci uart "$uart"
 tty=/dev/$(ls "$uart/tty" | head -n 1)
 irq=$(cat "$uart/irq")

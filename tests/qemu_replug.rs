@@ -8,7 +8,7 @@
 //! the UART's host socket; with the dma-engine it also reads the engine's ID register and a
 //! marker it wrote into device memory at boot. So the tests see from outside whether the
 //! guest kept running without a reboot (its counter continues on the destination's console),
-//! whether the driver bound the UART again (the kernel's `ttyS4 at I/O` line, and ticks
+//! whether the driver bound the UART again (the kernel's `ttyS4 at MMIO` line, and ticks
 //! arriving at the host after the move), and whether vfud kept the device (the marker).
 
 mod common;
@@ -34,14 +34,14 @@ const DMA_ID: &str = "0x4d444656";
 const MARKER: &str = "0x600dcafe";
 /// Deadline for `vfud qemu-migrate`.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(50);
-/// The kernel's line when the 8250 driver binds the vfud UART.
-const UART_BOUND: &str = "ttyS4 at I/O";
+/// The kernel's line when the 8250 driver binds the vfud UART (registers in a memory BAR).
+const UART_BOUND: &str = "ttyS4 at MMIO";
 
 /// The guest: set up the dma-engine if there is one, then tick every 0.2 s.
 fn guest_script() -> String {
     format!(
         r#"{PCI_GUEST_LIB}
-uart_tty() {{ d=$(find_pci 0x5646 0x0002) && [ -d "$d/tty" ] && ls "$d/tty" | head -n 1; }}
+uart_tty() {{ d=$(find_pci_sub 0x5646 0x0002) && [ -d "$d/tty" ] && ls "$d/tty" | head -n 1; }}
 dma_bars() {{
   d=$(find_pci 0x5646 0x0001) || return 1
   # Memory decoding and bus mastering: no driver binds the engine, so the script enables it

@@ -1,7 +1,7 @@
-//! The Linux guest's tty on a vfud `uart16550` (stock 8250_pci driver, ttyS4), with a host
-//! client on the UART's backend socket: 64 KiB written by the guest reach the host byte for
-//! byte, a line sent by the host is read by the guest, and the UART's interrupt count in
-//! `/proc/interrupts` rises while that happens.
+//! The Linux guest's tty on a vfud `uart16550` (registers in a memory BAR, stock 8250_pci
+//! driver, ttyS4), with a host client on the UART's backend socket: 64 KiB written by the guest
+//! reach the host byte for byte, a line sent by the host is read by the guest, and the UART's
+//! interrupt count in `/proc/interrupts` rises while that happens.
 
 mod common;
 
@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::qemu::{
-    guest_values, QemuOpts, GUEST_TIMEOUT, PCI_GUEST_LIB, QMP_TIMEOUT, UART_KERNEL_ARG,
+    guest_values, QemuOpts, SysfsResource, GUEST_TIMEOUT, PCI_GUEST_LIB, QMP_TIMEOUT,
+    UART_KERNEL_ARG,
 };
 use common::Vfud;
 
@@ -42,7 +43,7 @@ fn guest_script() -> String {
     let all_bytes: String = (0..=255u8).map(|b| format!("\\{b:03o}")).collect();
     format!(
         r#"{PCI_GUEST_LIB}
-uart=$(find_pci 0x5646 0x0002) || {{ fail "no 5646:0002 (uart16550)"; exit 1; }}
+uart=$(find_pci_sub 0x5646 0x0002) || {{ fail "no subsystem 5646:0002 (uart16550)"; exit 1; }}
 report_pci uart "$uart"
 tty=/dev/$(ls "$uart/tty" | head -n 1)
 irq=$(cat "$uart/irq")
@@ -180,6 +181,13 @@ fn guest_tty_on_vfud_uart_carries_64k_out_and_a_line_in_with_interrupts() {
 
     // Assert: (a) guest → host, byte for byte.
     assert_eq!(get("uart_tty"), "ttyS4", "{}", diag());
+    assert_eq!(get("uart_driver"), "serial", "{}", diag());
+    let bar0 =
+        SysfsResource::parse(get("uart_res0")).unwrap_or_else(|| panic!("uart_res0: {}", diag()));
+    assert!(
+        bar0.has(SysfsResource::MEM),
+        "BAR0 is memory (posted writes): {bar0:x?}"
+    );
     assert_eq!(
         get("pattern_len"),
         PATTERN_LEN.to_string(),

@@ -18,9 +18,17 @@ use vfud_protocol::Client;
 const BAR0: u32 = 0;
 
 fn start() -> (Vfud, UnixStream) {
+    start_with("")
+}
+
+/// The UART with extra device options (e.g. `,bar=io`).
+fn start_with(options: &str) -> (Vfud, UnixStream) {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("uart.host");
-    let v = Vfud::start_in(dir, &format!("uart16550,backend=socket:{}", host.display()));
+    let v = Vfud::start_in(
+        dir,
+        &format!("uart16550,backend=socket:{}{options}", host.display()),
+    );
     assert!(common::wait_for_path(&host, Duration::from_secs(5)));
     let s = UnixStream::connect(&host).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -45,9 +53,27 @@ fn fired(e: &EventFd, ms: u16) -> bool {
 }
 
 #[test]
-fn identity_is_a_16550_compatible_serial_port_with_an_io_bar() {
+fn identity_is_a_16550_compatible_serial_port_with_a_memory_bar_by_default() {
     let (v, _h) = start();
     let mut c = v.client();
+    assert_eq!(c.region_read_u32(7, 8).unwrap() >> 8, 0x070002);
+    // 10ec:816a, an entry of 8250_pci's table for a 16550 at BAR 0; subsystem 5646:0002.
+    assert_eq!(c.region_read_u32(7, 0).unwrap(), 0x816a_10ec);
+    assert_eq!(c.region_read_u32(7, 0x2c).unwrap(), 0x0002_5646);
+    c.region_write_u32(7, 0x10, u32::MAX).unwrap();
+    assert_eq!(
+        c.region_read_u32(7, 0x10).unwrap(),
+        0xffff_f000,
+        "4 KiB 32-bit memory BAR"
+    );
+    assert_eq!(c.region_read(7, 0x3d, 1).unwrap(), vec![1], "INTA");
+}
+
+#[test]
+fn identity_is_a_16550_compatible_serial_port_with_an_io_bar() {
+    let (v, _h) = start_with(",bar=io");
+    let mut c = v.client();
+    assert_eq!(c.region_read_u32(7, 0).unwrap(), 0x0002_5646);
     assert_eq!(c.region_read_u32(7, 8).unwrap() >> 8, 0x070002);
     c.region_write_u32(7, 0x10, u32::MAX).unwrap();
     assert_eq!(

@@ -177,16 +177,27 @@ pub const MODELS: &[Model] = &[
     Model {
         name: "uart16550",
         help: "16550A UART (class 0x070002) bound by Linux's stock 8250_pci driver",
-        options: &[(
-            "backend",
-            "socket:PATH, file:PATH, stdout or null (default stdout)",
-        )],
+        options: &[
+            (
+                "backend",
+                "socket:PATH, file:PATH, stdout or null (default stdout)",
+            ),
+            (
+                "bar",
+                "mem (default; posted register writes, ids 10ec:816a) or io (ids 5646:0002)",
+            ),
+        ],
         create: |o| {
+            let bar = o
+                .get("bar")
+                .map(uart16550::RegisterBar::parse)
+                .transpose()?
+                .unwrap_or_default();
             let backend = match o.get("backend") {
                 Some(b) => uart16550::Backend::parse(b)?,
                 None => uart16550::Backend::Stdout,
             };
-            Ok(Box::new(uart16550::Uart16550::new(backend)))
+            Ok(Box::new(uart16550::Uart16550::new(backend).with_bar(bar)))
         },
     },
 ];
@@ -268,5 +279,24 @@ mod tests {
         assert!(refusal("nvme,size=12Q").contains("not a size"));
         assert!(refusal("nvme,queues=0").contains("1 to 127"));
         assert!(refusal("nvme,shadow=maybe").contains("on or off"));
+        assert!(refusal("uart16550,backend=null,bar=pio").contains("mem or io"));
+    }
+
+    #[test]
+    fn uart_bar_option_picks_the_bar_kind_and_ids() {
+        use vfud_server::BarKind;
+        let mem = create("uart16550,backend=null").unwrap().describe();
+        let io = create("uart16550,backend=null,bar=io").unwrap().describe();
+
+        let kind = |d: &vfud_server::DeviceDescription| d.bars[0].as_ref().unwrap().kind;
+        assert_eq!(kind(&mem), BarKind::Mem32);
+        assert_eq!((mem.ids.vendor, mem.ids.device), (0x10ec, 0x816a));
+        assert_eq!(
+            (mem.ids.subsystem_vendor, mem.ids.subsystem),
+            (0x5646, 0x0002)
+        );
+        assert_eq!(kind(&io), BarKind::Io);
+        assert_eq!((io.ids.vendor, io.ids.device), (0x5646, 0x0002));
+        assert_eq!(mem.ids.class_code, io.ids.class_code);
     }
 }

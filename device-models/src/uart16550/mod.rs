@@ -1,8 +1,18 @@
-//! `uart16550`: a 16550A-compatible UART behind PCI, bound by Linux's stock `8250_pci` driver
-//! through its class match (class 0x070002, one 8-byte I/O BAR, INTx), like QEMU's
-//! `pci-serial`.
+//! `uart16550`: a 16550A-compatible UART behind PCI (class 0x070002, INTx), bound by Linux's
+//! stock `8250_pci` driver.
 //!
-//! # Registers (BAR0, I/O, byte access; National Semiconductor PC16550D datasheet)
+//! # Where the registers are (`bar=` option)
+//! - `bar=mem` (default): the eight registers at offsets 0–7 of a 4 KiB memory BAR 0. QEMU
+//!   posts writes to memory BARs (REGION_WRITE with NO_REPLY; `hw/vfio/pci.c`
+//!   `vfio_bar_prepare`: "IO regions are sync, memory can be async"), so a THR write costs the
+//!   guest no round trip. `8250_pci` binds a class-0x0700 function by class only when it has
+//!   an I/O BAR (`serial_pci_guess_board` counts I/O BARs), so this function carries the ids
+//!   of an entry in the driver's table for a plain 16550 at BAR 0 (`pbn_b0_1_115200`): Realtek
+//!   RealManage, 10ec:816a. The subsystem ids 5646:0002 say it is vfud's UART.
+//! - `bar=io`: an 8-byte I/O BAR 0 and ids 5646:0002, bound through the class match like
+//!   QEMU's `pci-serial`. Every access, writes included, is a round trip.
+//!
+//! # Registers (byte access; National Semiconductor PC16550D datasheet)
 //! | off | DLAB=0 read | DLAB=0 write | DLAB=1 |
 //! |---|---|---|---|
 //! | 0 | RBR receive buffer | THR transmit holding | DLL |
@@ -14,12 +24,28 @@
 //! | 6 | MSR | — | |
 //! | 7 | SCR | SCR | |
 //!
-//! Interrupts are level-triggered on INTx: the line is high while an enabled condition is
-//! pending (receiver line status, received data or timeout, THR empty, modem status, in
-//! that priority). Transmitted bytes go to the host backend at once; if the backend falls
-//! behind, THR stays full, so the guest sees flow control instead of lost bytes. Received
-//! bytes come from the backend into a 16-byte FIFO and are only read from the backend when
-//! the FIFO has room, so nothing is overrun.
+//! # Interrupts
+//! INTx is a level: high while an enabled condition is pending (receiver line status,
+//! received data or timeout, THR empty, modem status, in that priority) — except while the
+//! driver services it. QEMU (without KVM) ends an INTx at the first BAR access after it and
+//! unmasks it then, long before the driver's handler is done; a line still high at that
+//! moment fires again, and the guest later takes a second interrupt that finds nothing to do.
+//! So the service window starts when IIR is read reporting an interrupt, and the line stays
+//! low until IIR reads "none" (the 8250 handler loops until it does) or the driver has not
+//! touched the UART for [`SERVICE_GRACE`]; a condition still pending then raises the line.
+//! Register contents are never affected, only when the line rises.
+//!
+//! # Data paths
+//! Guest output is buffered and handed to the host in batches: when the driver's handler is
+//! done (IIR reads "none"), when it stops transmitting (IER clears THRI), at
+//! [`FLUSH_SIZE`] bytes, and at most [`FLUSH_TICK`] after a byte was written. If the host
+//! falls behind, THR stays full at [`OUTPUT_HIGH_WATER`], so the guest sees flow control
+//! instead of lost bytes. Host input is read in 4 KiB chunks into a buffer and moved into the
+//! 16-byte FIFO as it drains: outside a service window whenever the FIFO has room, inside one
+//! for at most [`RX_BATCH`] more bytes (a byte arrives as soon as one is read, so the 8250
+//! receive loop, one RBR and one LSR read per byte, keeps going), then not until the window
+//! ends. Each batch is one interrupt, and a fast host cannot keep the guest in its interrupt
+//! handler while its tty layer's buffers overflow.
 //!
 //! # Host backend (`backend=` option)
 //! - `socket:PATH`: vfud listens on PATH; one host client at a time reads what the guest
@@ -29,6 +55,7 @@
 //! - `stdout`: guest output goes to vfud's standard output; no input.
 
 mod backend;
+mod regs;
 #[cfg(test)]
 mod tests;
 
@@ -43,75 +70,26 @@ use vfud_server::{
 };
 
 pub use backend::Backend;
+use regs::*;
+pub use regs::{UartRegs, FIFO_SIZE};
 
-/// FIFO depth of a 16550A.
-pub const FIFO_SIZE: usize = 16;
 /// Most guest output held for a slow or absent host reader before THR stops emptying.
 pub const OUTPUT_HIGH_WATER: usize = 1 << 20;
-
-const RBR: u64 = 0;
-const IER: u64 = 1;
-const IIR: u64 = 2;
-const LCR: u64 = 3;
-const MCR: u64 = 4;
-const LSR: u64 = 5;
-const MSR: u64 = 6;
-const SCR: u64 = 7;
-
-const IER_RDI: u8 = 0x01;
-const IER_THRI: u8 = 0x02;
-const IER_RLSI: u8 = 0x04;
-const IER_MSI: u8 = 0x08;
-const IIR_NO_INT: u8 = 0x01;
-const IIR_MSI: u8 = 0x00;
-const IIR_THRI: u8 = 0x02;
-const IIR_RDI: u8 = 0x04;
-const IIR_RLSI: u8 = 0x06;
-const IIR_CTI: u8 = 0x0c;
-const IIR_FIFO_ENABLED: u8 = 0xc0;
-const FCR_ENABLE: u8 = 0x01;
-const FCR_CLEAR_RX: u8 = 0x02;
-const FCR_CLEAR_TX: u8 = 0x04;
-const LCR_DLAB: u8 = 0x80;
-const MCR_LOOP: u8 = 0x10;
-const LSR_DR: u8 = 0x01;
-const LSR_OE: u8 = 0x02;
-const LSR_THRE: u8 = 0x20;
-const LSR_TEMT: u8 = 0x40;
-const MSR_CTS: u8 = 0x10;
-const MSR_DSR: u8 = 0x20;
-const MSR_DCD: u8 = 0x80;
+/// Guest output handed to the host as soon as this much is buffered.
+pub const FLUSH_SIZE: usize = 4096;
+/// Longest time guest output waits in the buffer (and the retry period of a backed-up host).
+pub const FLUSH_TICK: Duration = Duration::from_millis(1);
+/// A service window with no register access for this long ends (see the module docs).
+pub const SERVICE_GRACE: Duration = Duration::from_millis(2);
+/// Bytes moved into the receive FIFO during one service window: the 8250 driver's receive
+/// loop takes at most 256 characters per call (`serial8250_rx_chars`).
+pub const RX_BATCH: usize = 256;
 
 pub(crate) const TOKEN_LISTENER: u32 = 0;
 pub(crate) const TOKEN_CONN: u32 = 1;
 
 /// Version of [`UartState`].
 pub const STATE_VERSION: u16 = 1;
-
-/// Register state of the UART.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UartRegs {
-    /// Interrupt enable.
-    pub ier: u8,
-    /// Line control.
-    pub lcr: u8,
-    /// Modem control.
-    pub mcr: u8,
-    /// Line status bits that are latched (OE).
-    pub lsr_latched: u8,
-    /// Modem status deltas.
-    pub msr_delta: u8,
-    /// Scratch.
-    pub scr: u8,
-    /// Divisor latch.
-    pub divisor: u16,
-    /// FIFO control (enable + trigger bits).
-    pub fcr: u8,
-    /// THR-empty interrupt is pending (cleared by IIR read or THR write).
-    pub thre_pending: bool,
-    /// Received bytes not yet read by the guest.
-    pub rx_fifo: VecDeque<u8>,
-}
 
 /// Migration state: registers plus the bytes in flight between guest and host, so a
 /// migration loses and reorders nothing.
@@ -125,108 +103,114 @@ pub struct UartState {
     pub input: Vec<u8>,
 }
 
+/// Which BAR holds the registers (see the module docs for the ids each one carries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RegisterBar {
+    /// A memory BAR: posted register writes.
+    #[default]
+    Mem,
+    /// An I/O BAR: every access waits for vfud.
+    Io,
+}
+
+impl RegisterBar {
+    /// Parse the `bar=` option.
+    pub fn parse(v: &str) -> Result<Self, DeviceError> {
+        match v {
+            "mem" => Ok(Self::Mem),
+            "io" => Ok(Self::Io),
+            _ => Err(DeviceError::Other(format!(
+                "option bar={v}: give mem or io"
+            ))),
+        }
+    }
+}
+
 /// The device.
 #[derive(Debug)]
 pub struct Uart16550 {
     regs: UartRegs,
     backend: Backend,
+    bar: RegisterBar,
     /// Guest output not yet accepted by the backend.
     out: VecDeque<u8>,
+    /// When `out` is next offered to the backend by the timer (set while `out` is not empty).
+    flush_at: Option<Instant>,
     /// Host input not yet in the FIFO.
     input: VecDeque<u8>,
     input_eof: bool,
+    /// While the driver services an interrupt: when the window ends if the UART is left alone.
+    service_until: Option<Instant>,
+    /// Bytes moved into the FIFO during the current service window.
+    window_rx: usize,
 }
 
 impl Uart16550 {
-    /// A UART with the given backend.
+    /// A UART with the given backend, its registers in a memory BAR.
     pub fn new(backend: Backend) -> Self {
         Self {
-            regs: UartRegs {
-                thre_pending: false,
-                ..UartRegs::default()
-            },
+            regs: UartRegs::default(),
             backend,
+            bar: RegisterBar::default(),
             out: VecDeque::new(),
+            flush_at: None,
             input: VecDeque::new(),
             input_eof: false,
+            service_until: None,
+            window_rx: 0,
         }
     }
 
-    fn rx_trigger(&self) -> usize {
-        if self.regs.fcr & FCR_ENABLE == 0 {
-            return 1;
-        }
-        [1, 4, 8, 14][usize::from(self.regs.fcr >> 6)]
-    }
-
-    fn fifo_cap(&self) -> usize {
-        if self.regs.fcr & FCR_ENABLE != 0 {
-            FIFO_SIZE
-        } else {
-            1
-        }
+    /// The same UART with its registers in `bar`.
+    pub fn with_bar(mut self, bar: RegisterBar) -> Self {
+        self.bar = bar;
+        self
     }
 
     fn thr_empty(&self) -> bool {
         self.out.len() < OUTPUT_HIGH_WATER
     }
 
-    fn lsr(&self) -> u8 {
-        let mut v = self.regs.lsr_latched;
-        if !self.regs.rx_fifo.is_empty() {
-            v |= LSR_DR;
-        }
-        if self.thr_empty() {
-            v |= LSR_THRE | LSR_TEMT;
-        }
-        v
-    }
-
-    fn msr(&self) -> u8 {
-        if self.regs.mcr & MCR_LOOP != 0 {
-            // Loopback: DTR→DSR, RTS→CTS, OUT1→RI, OUT2→DCD.
-            let m = self.regs.mcr;
-            ((m & 0x02) << 3) | ((m & 0x01) << 5) | ((m & 0x04) << 4) | ((m & 0x08) << 4)
-        } else {
-            MSR_CTS | MSR_DSR | MSR_DCD | self.regs.msr_delta
-        }
-    }
-
-    /// The highest-priority pending interrupt, as IIR reports it.
-    fn pending_iir(&self) -> u8 {
-        let r = &self.regs;
-        if r.ier & IER_RLSI != 0 && r.lsr_latched & LSR_OE != 0 {
-            IIR_RLSI
-        } else if r.ier & IER_RDI != 0 && !r.rx_fifo.is_empty() {
-            if r.rx_fifo.len() >= self.rx_trigger() {
-                IIR_RDI
-            } else {
-                IIR_CTI
-            }
-        } else if r.ier & IER_THRI != 0 && r.thre_pending {
-            IIR_THRI
-        } else if r.ier & IER_MSI != 0 && r.msr_delta & 0x0f != 0 {
-            IIR_MSI
-        } else {
-            IIR_NO_INT
-        }
+    /// The INTx level: a pending interrupt outside a service window.
+    fn line(&self) -> bool {
+        self.service_until.is_none() && self.regs.pending_iir() != IIR_NO_INT
     }
 
     fn update_irq(&self, cx: &mut DeviceCtx<'_>) {
-        cx.set_intx(self.pending_iir() != IIR_NO_INT);
+        cx.set_intx(self.line());
     }
 
-    /// Move host input into the FIFO while there is room; read more from the backend.
+    /// Keep an open service window open: the driver is still at work.
+    fn touch(&mut self) {
+        if self.service_until.is_some() {
+            self.service_until = Some(Instant::now() + SERVICE_GRACE);
+        }
+    }
+
+    /// The driver's handler is done (or gone): hand output over, refill the FIFO.
+    fn end_service(&mut self) {
+        self.service_until = None;
+        self.flush();
+        self.refill();
+    }
+
+    /// Move host input into the FIFO while there is room (inside a service window, up to
+    /// [`RX_BATCH`] bytes); read more from the backend.
     fn refill(&mut self) {
-        let cap = self.fifo_cap();
+        let cap = self.regs.fifo_cap();
+        let in_window = self.service_until.is_some();
         loop {
-            while self.regs.rx_fifo.len() < cap {
+            while self.regs.rx_fifo.len() < cap && !(in_window && self.window_rx >= RX_BATCH) {
                 match self.input.pop_front() {
-                    Some(b) => self.regs.rx_fifo.push_back(b),
+                    Some(b) => {
+                        self.regs.rx_fifo.push_back(b);
+                        self.window_rx += usize::from(in_window);
+                    }
                     None => break,
                 }
             }
-            if self.regs.rx_fifo.len() >= cap || self.input_eof {
+            let budget_spent = in_window && self.window_rx >= RX_BATCH;
+            if self.regs.rx_fifo.len() >= cap || budget_spent || self.input_eof {
                 return;
             }
             let before = self.input.len();
@@ -237,14 +221,16 @@ impl Uart16550 {
         }
     }
 
-    /// Push buffered guest output to the backend as far as it takes it.
+    /// Offer buffered guest output to the backend; what it does not take is retried a tick
+    /// later.
     fn flush(&mut self) {
         self.backend.write_out(&mut self.out);
+        self.flush_at = (!self.out.is_empty()).then(|| Instant::now() + FLUSH_TICK);
     }
 
     fn transmit(&mut self, byte: u8) {
-        if self.regs.mcr & MCR_LOOP != 0 {
-            if self.regs.rx_fifo.len() < self.fifo_cap() {
+        if self.regs.loopback() {
+            if self.regs.rx_fifo.len() < self.regs.fifo_cap() {
                 self.regs.rx_fifo.push_back(byte);
             } else {
                 self.regs.lsr_latched |= LSR_OE;
@@ -252,14 +238,107 @@ impl Uart16550 {
             return;
         }
         self.out.push_back(byte);
-        self.flush();
+        if self.out.len() >= FLUSH_SIZE {
+            self.flush();
+        } else if self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + FLUSH_TICK);
+        }
+    }
+
+    fn read_reg(&mut self, reg: u64) -> u8 {
+        match (reg, self.regs.dlab()) {
+            (RBR, true) => self.regs.divisor as u8,
+            (IER, true) => (self.regs.divisor >> 8) as u8,
+            (RBR, false) => {
+                let v = self.regs.rx_fifo.pop_front().unwrap_or(0);
+                self.refill();
+                v
+            }
+            (IER, false) => self.regs.ier,
+            (IIR, _) => {
+                let iir = self.regs.pending_iir();
+                if iir == IIR_THRI {
+                    self.regs.thre_pending = false;
+                }
+                let fifo = self.regs.iir_fifo_bits();
+                if iir == IIR_NO_INT {
+                    self.end_service();
+                } else {
+                    if self.service_until.is_none() {
+                        self.window_rx = 0;
+                    }
+                    self.service_until = Some(Instant::now() + SERVICE_GRACE);
+                }
+                iir | fifo
+            }
+            (LCR, _) => self.regs.lcr,
+            (MCR, _) => self.regs.mcr,
+            (LSR, _) => {
+                let v = self.regs.lsr(self.thr_empty());
+                self.regs.lsr_latched = 0;
+                v
+            }
+            (MSR, _) => {
+                let v = self.regs.msr();
+                self.regs.msr_delta = 0;
+                v
+            }
+            (SCR, _) => self.regs.scr,
+            _ => 0xff,
+        }
+    }
+
+    fn write_reg(&mut self, reg: u64, v: u8) {
+        match (reg, self.regs.dlab()) {
+            (RBR, true) => self.regs.divisor = (self.regs.divisor & 0xff00) | u16::from(v),
+            (IER, true) => self.regs.divisor = (self.regs.divisor & 0x00ff) | (u16::from(v) << 8),
+            (RBR, false) => {
+                self.transmit(v);
+                // The byte left THR at once unless the backend is backed up.
+                self.regs.thre_pending = self.thr_empty();
+            }
+            (IER, false) => {
+                let was = self.regs.ier;
+                self.regs.ier = v & 0x0f;
+                // Enabling THRI while THR is empty raises it (as the 16550 does).
+                if v & IER_THRI != 0 && was & IER_THRI == 0 && self.thr_empty() {
+                    self.regs.thre_pending = true;
+                }
+                // The driver stops transmitting: its buffer is drained, so is ours.
+                if v & IER_THRI == 0 && was & IER_THRI != 0 {
+                    self.flush();
+                }
+            }
+            (IIR, _) => {
+                if v & FCR_CLEAR_RX != 0 {
+                    self.regs.rx_fifo.clear();
+                }
+                if v & FCR_CLEAR_TX != 0 {
+                    // Bytes already handed to the host are not recalled.
+                }
+                self.regs.fcr = v & 0xc1;
+                self.refill();
+            }
+            (LCR, _) => self.regs.lcr = v,
+            (MCR, _) => self.regs.mcr = v & 0x1f,
+            (SCR, _) => self.regs.scr = v,
+            _ => {} // LSR/MSR writes are ignored
+        }
     }
 }
 
 impl Device for Uart16550 {
     fn describe(&self) -> DeviceDescription {
-        DeviceDescription::new("uart16550", PciIds::new(0x5646, 0x0002, 0x07_00_02))
-            .bar(0, BarSpec::io(8))
+        let (ids, bar) = match self.bar {
+            RegisterBar::Io => (PciIds::new(0x5646, 0x0002, 0x07_00_02), BarSpec::io(8)),
+            RegisterBar::Mem => {
+                let mut ids = PciIds::new(0x10ec, 0x816a, 0x07_00_02);
+                (ids.subsystem_vendor, ids.subsystem) = (0x5646, 0x0002);
+                (ids, BarSpec::mem32(4096))
+            }
+        };
+        DeviceDescription::new("uart16550", ids)
+            .bar(0, bar)
             .irqs(IrqLayout::intx())
     }
 
@@ -270,44 +349,9 @@ impl Device for Uart16550 {
         data: &mut [u8],
         cx: &mut DeviceCtx<'_>,
     ) -> Result<(), DeviceError> {
+        self.touch();
         for (i, b) in data.iter_mut().enumerate() {
-            let dlab = self.regs.lcr & LCR_DLAB != 0;
-            *b = match (offset + i as u64, dlab) {
-                (RBR, true) => self.regs.divisor as u8,
-                (IER, true) => (self.regs.divisor >> 8) as u8,
-                (RBR, false) => {
-                    let v = self.regs.rx_fifo.pop_front().unwrap_or(0);
-                    self.refill();
-                    v
-                }
-                (IER, false) => self.regs.ier,
-                (IIR, _) => {
-                    let iir = self.pending_iir();
-                    if iir == IIR_THRI {
-                        self.regs.thre_pending = false;
-                    }
-                    let fifo = if self.regs.fcr & FCR_ENABLE != 0 {
-                        IIR_FIFO_ENABLED
-                    } else {
-                        0
-                    };
-                    iir | fifo
-                }
-                (LCR, _) => self.regs.lcr,
-                (MCR, _) => self.regs.mcr,
-                (LSR, _) => {
-                    let v = self.lsr();
-                    self.regs.lsr_latched = 0;
-                    v
-                }
-                (MSR, _) => {
-                    let v = self.msr();
-                    self.regs.msr_delta = 0;
-                    v
-                }
-                (SCR, _) => self.regs.scr,
-                _ => 0xff,
-            };
+            *b = self.read_reg(offset + i as u64);
         }
         self.update_irq(cx);
         Ok(())
@@ -320,41 +364,9 @@ impl Device for Uart16550 {
         data: &[u8],
         cx: &mut DeviceCtx<'_>,
     ) -> Result<(), DeviceError> {
+        self.touch();
         for (i, v) in data.iter().copied().enumerate() {
-            let dlab = self.regs.lcr & LCR_DLAB != 0;
-            match (offset + i as u64, dlab) {
-                (RBR, true) => self.regs.divisor = (self.regs.divisor & 0xff00) | u16::from(v),
-                (IER, true) => {
-                    self.regs.divisor = (self.regs.divisor & 0x00ff) | (u16::from(v) << 8)
-                }
-                (RBR, false) => {
-                    self.transmit(v);
-                    // The byte left THR at once unless the backend is backed up.
-                    self.regs.thre_pending = self.thr_empty();
-                }
-                (IER, false) => {
-                    let was = self.regs.ier;
-                    self.regs.ier = v & 0x0f;
-                    // Enabling THRI while THR is empty raises it (as the 16550 does).
-                    if v & IER_THRI != 0 && was & IER_THRI == 0 && self.thr_empty() {
-                        self.regs.thre_pending = true;
-                    }
-                }
-                (IIR, _) => {
-                    if v & FCR_CLEAR_RX != 0 {
-                        self.regs.rx_fifo.clear();
-                    }
-                    if v & FCR_CLEAR_TX != 0 {
-                        // Bytes already handed to the host are not recalled.
-                    }
-                    self.regs.fcr = v & 0xc1;
-                    self.refill();
-                }
-                (LCR, _) => self.regs.lcr = v,
-                (MCR, _) => self.regs.mcr = v & 0x1f,
-                (SCR, _) => self.regs.scr = v,
-                _ => {} // LSR/MSR writes are ignored
-            }
+            self.write_reg(offset + i as u64, v);
         }
         self.update_irq(cx);
         Ok(())
@@ -362,6 +374,7 @@ impl Device for Uart16550 {
 
     fn reset(&mut self, cx: &mut DeviceCtx<'_>) {
         self.regs = UartRegs::default();
+        self.service_until = None;
         self.update_irq(cx);
     }
 
@@ -404,6 +417,9 @@ impl Migratable for Uart16550 {
         self.regs = st.regs;
         self.out = st.out.into();
         self.input = st.input.into();
+        // The source may have been inside a service window (its line low with an interrupt
+        // pending): resume as if it were, so the timer raises what the driver leaves pending.
+        self.service_until = Some(Instant::now() + SERVICE_GRACE);
         self.flush();
         Ok(())
     }
@@ -428,14 +444,27 @@ impl HostIo for Uart16550 {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        // Poll the backend while output is backed up or input waits for FIFO room.
-        let waiting_out = !self.out.is_empty() && self.backend.connected();
-        (waiting_out || !self.input.is_empty()).then(|| Instant::now() + Duration::from_millis(2))
+        let flush = self.flush_at.filter(|_| self.backend.connected());
+        // Safety net: input waiting for FIFO room outside a service window.
+        let waiting = self.service_until.is_none()
+            && !self.input.is_empty()
+            && self.regs.rx_fifo.len() < self.regs.fifo_cap();
+        let poll = waiting.then(|| Instant::now() + FLUSH_TICK);
+        [flush, self.service_until, poll]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_timer(&mut self, cx: &mut DeviceCtx<'_>) {
+        let now = Instant::now();
         let was_full = !self.thr_empty();
-        self.flush();
+        if self.service_until.is_some_and(|t| now >= t) {
+            self.end_service();
+        }
+        if self.flush_at.is_some_and(|t| now >= t) {
+            self.flush();
+        }
         if was_full && self.thr_empty() {
             self.regs.thre_pending = true;
         }

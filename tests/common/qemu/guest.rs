@@ -81,6 +81,15 @@ find_pci() {
   done
   return 1
 }
+# The function whose subsystem ids are $1 $2 (vfud's UART is 5646:0002 in both BAR modes).
+find_pci_sub() {
+  for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/subsystem_vendor")" = "$1" ] && [ "$(cat "$d/subsystem_device")" = "$2" ]; then
+      echo "$d"; return 0
+    fi
+  done
+  return 1
+}
 report_pci() {
   n=$1 d=$2
   drv=none; [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
@@ -102,7 +111,7 @@ irq_count() {
 }
 irq_line() { grep "^ *$1:" /proc/interrupts; }
 open_uart() {
-  uart=$(find_pci 0x5646 0x0002) || { fail "no 5646:0002 (uart16550)"; return 1; }
+  uart=$(find_pci_sub 0x5646 0x0002) || { fail "no subsystem 5646:0002 (uart16550)"; return 1; }
   report_pci uart "$uart"
   tty=/dev/$(ls "$uart/tty" | head -n 1)
   exec 3<>"$tty"
