@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 mod bigmem;
+mod compare;
 mod dma;
 mod harness;
 mod migration;
@@ -70,6 +71,9 @@ pub struct BenchArgs {
     /// List the scenarios and exit.
     #[arg(long)]
     pub list: bool,
+    /// Also print each scenario's ratio against a saved `vfud bench --json` run.
+    #[arg(long, value_name = "OLD.json")]
+    pub compare: Option<PathBuf>,
     /// CPU for every process the bench starts (servers, raw peers); the bench itself runs on
     /// CPU 0. The default, 0, puts client and server on one CPU, so figures measure CPU work
     /// rather than the machine's cross-CPU wakeup latency (region-rtt reports both anyway).
@@ -225,6 +229,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let machine = harness::machine(ctx.nproc());
+    let changes = match &a.compare {
+        Some(old) => Some(compare::load_and_compare(old, &rows)?),
+        None => None,
+    };
     if a.json {
         let out = json!({
             "machine": machine,
@@ -232,6 +240,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "elapsed_s": elapsed,
             "scenario_s": timings.iter().map(|(n, s)| json!({"name": n, "seconds": s})).collect::<Vec<_>>(),
             "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+            "compare": changes.as_deref().map(compare::to_json),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -247,6 +256,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             machine["kernel"].as_str().unwrap_or("?"),
             elapsed
         );
+        if let (Some(c), Some(old)) = (&changes, &a.compare) {
+            println!("\nagainst {}:\n{}", old.display(), compare::table(c));
+        }
     }
     Ok(())
 }
