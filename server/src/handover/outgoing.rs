@@ -15,7 +15,7 @@ use crate::event_loop::{Loop, CLIENT};
 
 /// Pre-copy bytes per loop turn: small, so a client request waits behind at most this much
 /// stream work while the device is still being served.
-const PRECOPY_SLICE: usize = 256 << 10;
+const PRECOPY_SLICE: usize = 64 << 10;
 /// Stop-copy chunk: the client waits for the whole stop anyway, so move big pieces.
 const STOP_SLICE: usize = 4 << 20;
 
