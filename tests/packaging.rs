@@ -78,23 +78,23 @@ fn cargo_install_path_installs_a_working_vfud() {
         "cargo install --path .",
     );
     let bin = root.path().join("bin/vfud");
+    installed_binary_works(&bin);
+}
+
+/// An installed `vfud` reports this version and lists every registered model.
+fn installed_binary_works(bin: &Path) {
+    let what = bin.display();
     let v = ok(
-        Command::new(&bin).arg("--version").output().unwrap(),
-        "vfud --version",
+        Command::new(bin).arg("--version").output().unwrap(),
+        &format!("{what} --version"),
     );
     assert_eq!(v.trim(), format!("vfud {}", env!("CARGO_PKG_VERSION")));
     let d = ok(
-        Command::new(&bin).arg("devices").output().unwrap(),
-        "vfud devices",
+        Command::new(bin).arg("devices").output().unwrap(),
+        &format!("{what} devices"),
     );
-    assert_eq!(
-        common::model_names(&d),
-        vfud_devices::MODELS
-            .iter()
-            .map(|m| m.name)
-            .collect::<Vec<_>>(),
-        "{d}"
-    );
+    let models: Vec<&str> = vfud_devices::MODELS.iter().map(|m| m.name).collect();
+    assert_eq!(common::model_names(&d), models, "{d}");
 }
 
 /// Removes the installed package even when an assertion fails.
@@ -123,29 +123,7 @@ fn the_debian_package_installs_and_runs() {
         Command::new("dpkg").arg("-i").arg(&deb).output().unwrap(),
         "dpkg -i",
     );
-    let v = ok(
-        Command::new("/usr/bin/vfud")
-            .arg("--version")
-            .output()
-            .unwrap(),
-        "/usr/bin/vfud --version",
-    );
-    assert_eq!(v.trim(), format!("vfud {}", env!("CARGO_PKG_VERSION")));
-    let d = ok(
-        Command::new("/usr/bin/vfud")
-            .arg("devices")
-            .output()
-            .unwrap(),
-        "/usr/bin/vfud devices",
-    );
-    assert_eq!(
-        common::model_names(&d),
-        vfud_devices::MODELS
-            .iter()
-            .map(|m| m.name)
-            .collect::<Vec<_>>(),
-        "{d}"
-    );
+    installed_binary_works(Path::new("/usr/bin/vfud"));
     let files = ok(
         Command::new("dpkg").args(["-L", "vfud"]).output().unwrap(),
         "dpkg -L",

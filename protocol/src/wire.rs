@@ -71,3 +71,10 @@ impl<'a> WireReader<'a> {
 pub fn put<T: IntoBytes + Immutable>(out: &mut Vec<u8>, v: &T) {
     out.extend_from_slice(v.as_bytes());
 }
+
+/// A wire struct as a new payload (`put` into an empty buffer).
+pub fn encode<T: IntoBytes + Immutable>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(std::mem::size_of_val(v));
+    put(&mut out, v);
+    out
+}

@@ -12,7 +12,7 @@ use vfud_protocol::messages::region::{
 };
 use vfud_protocol::messages::version::{negotiate, Negotiated, ServerOffer};
 use vfud_protocol::messages::{DeviceInfo, MigState, Request};
-use vfud_protocol::wire::put;
+use vfud_protocol::wire::encode;
 
 use crate::device::{BarIndex, Device, DeviceCtx, DeviceDescription};
 use crate::dma::socket::Outgoing;
@@ -147,14 +147,16 @@ impl DeviceServer {
     }
 
     /// Forget everything that belonged to the client, keeping device state (spec "Client
-    /// Disconnection"). Socket DMA in flight fails; the device sees that when it next runs.
+    /// Disconnection"). Socket DMA in flight is dropped with the maps; the device sees that
+    /// when it next runs.
     pub fn client_gone(&mut self) {
         // Dirty logging belongs to the client that started it (and its bitmaps to its maps).
         self.dma.stop_logging();
         self.dma.unmap_all();
         self.function.irqs_mut().disable_all();
         self.negotiated = None;
-        self.socket_dma.disconnect();
+        // A fresh transport: the maps are gone, so nothing in flight can complete, and the
+        // device's next access fails (NotMapped) and ends its job with an error.
         self.socket_dma = SocketDma::new(self.offer.max_data_xfer_size as usize, 0x8000);
         self.mig.client_gone();
         self.work = true;
@@ -264,6 +266,15 @@ impl DeviceServer {
         }
     }
 
+    /// Once the device runs again, deliver the backend events it missed while stopped.
+    fn replay_missed_events(&mut self) {
+        if self.mig.device_runs() {
+            for token in self.mig.take_missed_events() {
+                self.device_event(token);
+            }
+        }
+    }
+
     /// The device's timer expired (never while stopped).
     pub fn device_timer(&mut self) {
         if self.mig.device_runs() {
@@ -289,12 +300,8 @@ impl DeviceServer {
     /// Handle one decoded request. `request_len` is the payload size (VERSION needs it).
     pub fn handle(&mut self, req: Request, request_len: usize) -> Result<Reply, RequestError> {
         let r = self.route(req, request_len);
-        // A request may have moved the device to RUNNING: replay backend events it missed.
-        if self.mig.device_runs() {
-            for token in self.mig.take_missed_events() {
-                self.device_event(token);
-            }
-        }
+        // A request may have moved the device to RUNNING.
+        self.replay_missed_events();
         r
     }
 
@@ -559,11 +566,7 @@ impl DeviceServer {
     pub fn set_mig_state(&mut self, target: MigState) -> Result<(), RequestError> {
         let (mig, mut parts) = self.parts();
         mig.set_state(target, &mut parts)?;
-        if self.mig.device_runs() {
-            for token in self.mig.take_missed_events() {
-                self.device_event(token);
-            }
-        }
+        self.replay_missed_events();
         Ok(())
     }
 
@@ -579,12 +582,6 @@ impl DeviceServer {
         self.client_gone();
         self.reset();
     }
-}
-
-fn encode<T: zerocopy::IntoBytes + zerocopy::Immutable>(v: &T) -> Vec<u8> {
-    let mut p = Vec::new();
-    put(&mut p, v);
-    p
 }
 
 /// Borrow the fds of a reply for sending.

@@ -156,9 +156,8 @@ impl SocketDma {
                 addr: iova + offset as u64,
                 count: n as u64,
             };
-            let mut p = Vec::with_capacity(16);
-            vfud_protocol::wire::put(&mut p, &req);
             self.counters.reads += 1;
+            let p = vfud_protocol::wire::encode(&req);
             self.send(Command::DmaRead, p, Op::Read { key, offset });
         }
         Err(DmaError::Pending)
@@ -233,20 +232,6 @@ impl SocketDma {
             }
         }
         true
-    }
-
-    /// The client is gone: every request in flight fails (reads and the next settle answer
-    /// [`DmaError::ClientUnavailable`]), and nothing queued is sent.
-    pub fn disconnect(&mut self) {
-        if self.in_flight.values().any(|op| matches!(op, Op::Write)) {
-            self.write_error = Some(DmaError::ClientUnavailable);
-        }
-        self.in_flight.clear();
-        self.outbox.clear();
-        for r in self.reads.values_mut() {
-            r.chunks_left = 0;
-            r.failed.get_or_insert(Errno::ENOTCONN);
-        }
     }
 
     /// Requests to send now, in order.
@@ -329,18 +314,6 @@ mod tests {
         assert_eq!(s.in_flight(), MAX_IN_FLIGHT);
         assert!(matches!(s.write(0x100, &[1]), Err(DmaError::Pending)));
         assert_eq!(s.take_outbox().len(), MAX_IN_FLIGHT);
-    }
-
-    #[test]
-    fn disconnect_fails_what_was_in_flight() {
-        let mut s = SocketDma::new(64, 0);
-        let mut b = [0u8; 4];
-        let _ = s.read(0, &mut b);
-        s.write(8, &[1]).unwrap();
-        s.disconnect();
-        assert!(matches!(s.read(0, &mut b), Err(DmaError::Socket(_))));
-        assert!(matches!(s.settle(), Err(DmaError::ClientUnavailable)));
-        assert!(!s.has_outbox());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use vfud_protocol::messages::feature::{
     MIGRATION_STOP_COPY,
 };
 use vfud_protocol::messages::MigState;
-use vfud_protocol::wire::put;
+use vfud_protocol::wire::{encode, put};
 use zerocopy::FromBytes;
 
 use super::session::{MigrationSession, Parts};
@@ -28,12 +28,6 @@ fn operations(feature: u16, migratable: bool) -> Option<(bool, bool)> {
         vfud::FEATURE_MIGRATION_ORDERING if m => (true, false),
         _ => return None,
     })
-}
-
-fn encode<T: zerocopy::IntoBytes + zerocopy::Immutable>(v: &T) -> Vec<u8> {
-    let mut p = Vec::new();
-    put(&mut p, v);
-    p
 }
 
 impl MigrationSession {

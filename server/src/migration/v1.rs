@@ -52,14 +52,10 @@ pub fn region_info(ordering_flags: u32) -> (RegionInfo, Vec<RegionCap>) {
         size: V1_WINDOW_OFFSET + V1_WINDOW_SIZE as u64,
         offset: 0,
     };
-    let mut ordering = Vec::new();
-    vfud_protocol::wire::put(
-        &mut ordering,
-        &vfud::MigrationOrdering {
-            flags: ordering_flags,
-            reserved: 0,
-        },
-    );
+    let ordering = vfud_protocol::wire::encode(&vfud::MigrationOrdering {
+        flags: ordering_flags,
+        reserved: 0,
+    });
     let caps = vec![
         RegionCap::Type {
             region_type: v1::REGION_TYPE_MIGRATION,
