@@ -366,6 +366,12 @@ impl Loop {
             };
             match listener.accept() {
                 Ok((stream, _)) => {
+                    // The current client may have left just before this one arrived (a
+                    // reconnect): its hang-up is already queued on its socket, so take it
+                    // (and anything it sent before) first rather than refuse the newcomer.
+                    if self.client.is_some() {
+                        self.read_client();
+                    }
                     if self.client.is_some() {
                         tracing::warn!(
                             device = name,
