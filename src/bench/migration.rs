@@ -102,13 +102,15 @@ pub fn mig_data(ctx: &mut Ctx) -> Result<Vec<Row>> {
     for _ in 0..3 {
         c.set_mig_state(MigState::StopCopy)?;
         let (mut bytes, mut reads) = (0usize, 0usize);
+        let mut d = Vec::with_capacity(CHUNK);
         let s = seconds(|| {
             loop {
-                let d = c.mig_data_read(CHUNK as u32)?;
-                if d.is_empty() {
+                d.clear();
+                let n = c.mig_data_read_into(CHUNK as u32, &mut d)?;
+                if n == 0 {
                     break;
                 }
-                bytes += d.len();
+                bytes += n;
                 reads += 1;
             }
             anyhow::Ok(())
@@ -153,9 +155,10 @@ fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
     dch.set_state(&mut dst.client, MigState::Resuming)?;
     let stopped = Instant::now();
     ch.set_state(&mut src.client, MigState::StopCopy)?;
+    let mut data = Vec::with_capacity(CHUNK);
     loop {
-        let data = ch.read(&mut src.client, CHUNK as u32)?;
-        if data.is_empty() {
+        data.clear();
+        if ch.read(&mut src.client, CHUNK as u32, &mut data)? == 0 {
             break;
         }
         dch.write(&mut dst.client, &data)?;
