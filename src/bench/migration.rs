@@ -315,31 +315,33 @@ pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
         }
     }
     let rtt_ms = base.percentile_us(50.0) / 1e3;
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || -> Result<Samples> {
-            let mut s = Samples::default();
-            while !stop.load(Ordering::Relaxed) {
-                s.time(|| c.region_read(0, reg::ID, 4))?;
-            }
-            Ok(s)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    let out = std::process::Command::new(ctx.exe())
-        .args(["migrate", "--handover", "--json", "--from"])
-        .arg(&a_ctl)
-        .arg("--to")
-        .arg(&b_ctl)
-        .env("RUST_LOG", "error")
-        .output()
-        .context("running vfud migrate --handover")?;
-    std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, Ordering::Relaxed);
-    let reads = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    // The same window around a tool that does no handover (`vfud status` on A's control
+    // socket): starting a process on the bench's CPU costs the client reads by itself.
+    let ((idle_reads, idle), c) = reads_while(c, || {
+        std::process::Command::new(ctx.exe())
+            .args(["status", "--json", "--control"])
+            .arg(&a_ctl)
+            .env("RUST_LOG", "error")
+            .output()
+            .context("running vfud status")
+    })?;
+    let ((reads, out), _c) = reads_while(c, || {
+        std::process::Command::new(ctx.exe())
+            .args(["migrate", "--handover", "--json", "--from"])
+            .arg(&a_ctl)
+            .arg("--to")
+            .arg(&b_ctl)
+            .env("RUST_LOG", "error")
+            .output()
+            .context("running vfud migrate --handover")
+    })?;
+    let (idle, out) = (idle?, out?);
+    if !idle.status.success() {
+        bail!(
+            "vfud status failed: {}",
+            String::from_utf8_lossy(&idle.stderr).trim()
+        );
+    }
     if !out.status.success() {
         bail!(
             "handover failed: {}",
@@ -350,7 +352,7 @@ pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
     let pause = report["pause_ms"]
         .as_f64()
         .context("handover report has no pause_ms")?;
-    let longest = reads.0.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+    let longest = |s: &Samples| s.0.iter().copied().max().unwrap_or(0) as f64 / 1e6;
     const BASE: &str = "median 4-byte REGION_READ round trip before the handover";
     Ok(vec![
         Row::new(
@@ -364,10 +366,45 @@ pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
         Row::new(
             "handover longest client read",
             Unit::Ms,
-            longest,
+            longest(&reads),
             rtt_ms,
             BASE,
             Goal::None,
         ),
+        Row::new(
+            "handover longest read vs a tool run",
+            Unit::Ms,
+            longest(&reads),
+            longest(&idle_reads),
+            "longest read in the same window around `vfud status` (no handover)",
+            Goal::None,
+        ),
     ])
+}
+
+/// Back-to-back 4-byte reads on `c` from another thread, from 100 ms before `work` until
+/// 100 ms after it; the read times, `work`'s result and the client back.
+fn reads_while<T>(
+    mut c: Client,
+    work: impl FnOnce() -> Result<T>,
+) -> Result<((Samples, Result<T>), Client)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<(Samples, Client)> {
+            let mut s = Samples::default();
+            while !stop.load(Ordering::Relaxed) {
+                s.time(|| c.region_read(0, reg::ID, 4))?;
+            }
+            Ok((s, c))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let out = work();
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let (s, c) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    Ok(((s, out), c))
 }
