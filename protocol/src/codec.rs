@@ -16,6 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use smallvec::SmallVec;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::error::ProtocolError;
@@ -428,7 +429,13 @@ impl FrameReader {
         Some(header)
     }
 
-    /// Give a frame's payload buffer back for the next frame to reuse.
+    /// Whether a recycled buffer is waiting for the next frame.
+    pub fn has_spare(&self) -> bool {
+        self.spare.capacity() > 0
+    }
+
+    /// Give a frame's payload buffer back for the next frame to reuse (the larger of it and
+    /// the one already held is kept).
     pub fn recycle(&mut self, mut payload: Vec<u8>) {
         if payload.capacity() > self.spare.capacity() {
             payload.clear();
@@ -498,7 +505,8 @@ pub fn send_message(
     parts: &[&[u8]],
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), ProtocolError> {
-    let mut chunks: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+    // On the stack for the usual header + one or two parts: no allocation per message.
+    let mut chunks: SmallVec<[&[u8]; 4]> = SmallVec::new();
     chunks.push(header.as_bytes());
     chunks.extend(parts.iter().copied().filter(|p| !p.is_empty()));
     debug_assert_eq!(
@@ -515,7 +523,7 @@ pub fn send_chunks(
     chunks: &[&[u8]],
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), ProtocolError> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let raw: SmallVec<[RawFd; 4]> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let total: usize = chunks.iter().map(|c| c.len()).sum();
     let mut sent = 0usize;
     let mut first = true;
@@ -523,7 +531,7 @@ pub fn send_chunks(
     while sent < total {
         // Build iovecs for what is left.
         let mut skip = sent;
-        let mut iov = Vec::with_capacity(chunks.len());
+        let mut iov: SmallVec<[IoSlice<'_>; 4]> = SmallVec::new();
         for c in chunks {
             if skip >= c.len() {
                 skip -= c.len();
