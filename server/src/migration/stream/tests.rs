@@ -269,3 +269,47 @@ fn a_refused_section_rolls_memory_back_at_once() {
     dst[2].as_ref().unwrap().read(0, &mut got).unwrap();
     assert_eq!(got, [0; 4]);
 }
+
+#[test]
+fn stop_copy_makes_one_pass_over_device_memory() {
+    let b = bars();
+    let mem = b[2].as_ref().unwrap();
+    let mut s = Saver::new(&header(), &b, true);
+    let mut stream = Vec::new();
+    loop {
+        let chunk = s.read(1 << 20, &b, None).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        stream.extend(chunk);
+    }
+    let precopy = stream.len();
+    mem.write(5000, &[1]).unwrap();
+    let mut f = final_state;
+    stream.extend(s.read(100, &b, Some(&mut f)).unwrap());
+    // Device memory is frozen once stopped (a change now would be a bug elsewhere), so the
+    // pass just made is the last: a second one found nothing and doubled the downtime.
+    mem.write(9000, &[2]).unwrap();
+    assert_eq!(s.dirty_bytes(&b) + 8192, s.stop_copy_estimate(&b));
+    loop {
+        let chunk = s.read(100, &b, Some(&mut f)).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        stream.extend(chunk);
+    }
+    assert!(s.is_finished());
+    assert!(
+        stream.len() - precopy < 4096 + 1024,
+        "one delta page and the final sections"
+    );
+    let dst = bars();
+    let mut l = loader("dma-engine");
+    l.write(&stream, &dst).unwrap();
+    l.finish().unwrap();
+    let mut got = [0u8; 1];
+    dst[2].as_ref().unwrap().read(5000, &mut got).unwrap();
+    assert_eq!(got, [1], "the page dirtied before the stop arrived");
+    dst[2].as_ref().unwrap().read(9000, &mut got).unwrap();
+    assert_eq!(got, [0], "no second pass picked up a write after it");
+}
