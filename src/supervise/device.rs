@@ -115,7 +115,7 @@ impl Supervisor {
         let mut generation = 0u32;
         let mut crashed_at = 0u64;
         loop {
-            let (mut child, link) = self.spawn()?;
+            let (mut child, link) = self.spawn(generation)?;
             self.set_status(|s| {
                 s.device_pid = Some(child.id());
                 s.state = "running".into();
@@ -181,11 +181,25 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self) -> Result<(Child, UnixStream)> {
+    /// The snapshot a device process of `generation` is handed (none for the first one).
+    fn handed(&self, generation: u32) -> Option<&Snapshot> {
+        self.snapshot.as_ref().filter(|_| generation > 0)
+    }
+
+    fn spawn(&self, generation: u32) -> Result<(Child, UnixStream)> {
         let (ours, theirs) = UnixStream::pair().context("supervisor link")?;
         let exe = std::env::current_exe().context("locating the vfud binary")?;
-        let child = Command::new(exe)
-            .args(["device-process", "--device", &self.spec])
+        let mut cmd = Command::new(exe);
+        cmd.args(["device-process", "--device", &self.spec]);
+        // The backend's fds (a UART's listening socket and host connection) are in the
+        // snapshot: the new process adopts them rather than bind a path this process holds.
+        if self
+            .handed(generation)
+            .is_some_and(|s| s.info.backend.is_some())
+        {
+            cmd.arg("--adopt-backend");
+        }
+        let child = cmd
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
             // then stops the device process itself.
@@ -218,7 +232,7 @@ impl Supervisor {
             &p,
             &[self.journal.fd(), self.listener.as_fd()],
         )?;
-        let Some(s) = self.snapshot.as_ref().filter(|_| generation > 0) else {
+        let Some(s) = self.handed(generation) else {
             return Ok(());
         };
         let hello = Hello {

@@ -73,6 +73,10 @@ pub struct DeviceProcessArgs {
     /// Device spec, as for `serve --device`.
     #[arg(long)]
     device: String,
+    /// The backend comes with the session the supervisor hands over (a restart): build the
+    /// device without opening it (see `vfud_devices::create_detached`).
+    #[arg(long)]
+    adopt_backend: bool,
 }
 
 /// The device process: serve one device with the supervisor link on stdin. A panic aborts
@@ -88,7 +92,10 @@ pub fn device_process(a: &DeviceProcessArgs) -> Result<()> {
     // and a client is better off seeing EOF than a server nobody watches.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
         .context("parent-death signal")?;
-    let device = vfud_devices::create(&a.device)?;
+    let device = match a.adopt_backend {
+        true => vfud_devices::create_detached(&a.device)?,
+        false => vfud_devices::create(&a.device)?,
+    };
     let link = UnixStream::from(
         std::io::stdin()
             .as_fd()

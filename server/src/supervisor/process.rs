@@ -2,7 +2,7 @@
 //! and what a restarted process does with the request the dead one was handling.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,9 @@ pub(crate) struct Supervised {
     dirty: bool,
     had_client: bool,
     broken: bool,
+    /// The device's host fds (a UART backend's listener and connection) in the last
+    /// snapshot: when they change, the supervisor needs the new ones.
+    host_fds: Vec<RawFd>,
     /// What the dead process left, until the session is adopted.
     recovered: Option<Recovered>,
     /// The first frame of the adopted stream was being handled when the old process died.
@@ -85,6 +88,7 @@ pub fn serve_device_process(
         dirty: false,
         had_client: false,
         broken: false,
+        host_fds: Vec::new(),
         recovered,
         crashed_in: false,
     };
@@ -187,10 +191,15 @@ impl Loop {
         }
     }
 
-    /// End of a loop turn: checkpoint when the client came or went, or when the device was
-    /// active and the interval has passed.
+    /// End of a loop turn: checkpoint when the client came or went, when the device's host
+    /// fds changed (a UART's host peer connected or left), or when the device was active and
+    /// the interval has passed.
     pub(crate) fn supervise_turn(&mut self, active: bool) {
+        if self.sup.is_none() {
+            return;
+        }
         let client = self.client.is_some();
+        let host_fds = self.host_fds();
         let Some(s) = &mut self.sup else {
             return;
         };
@@ -198,9 +207,21 @@ impl Loop {
         if !client && s.had_client {
             s.journal.clear();
         }
-        if s.first || client != s.had_client || (s.dirty && s.last.elapsed() >= s.interval) {
+        if s.first
+            || client != s.had_client
+            || host_fds != s.host_fds
+            || (s.dirty && s.last.elapsed() >= s.interval)
+        {
             self.checkpoint_now();
         }
+    }
+
+    /// The device's host fds, as the event loop watches them. Compared by number, without a
+    /// system call per turn: a connection closed and another accepted under the same number
+    /// within one turn goes unnoticed until the next checkpoint.
+    fn host_fds(&mut self) -> Vec<RawFd> {
+        let (fds, _) = self.server.device_sources();
+        fds.into_iter().map(|(fd, _)| fd).collect()
     }
 
     /// Send the supervisor a snapshot: the session (with its fds) and a checkpoint. Skipped
@@ -232,11 +253,13 @@ impl Loop {
                 handover::send(s.link.as_fd(), kind::SNAPSHOT, &p, &b).map_err(|e| e.to_string())
             });
         let client = self.client.is_some();
+        let host_fds = self.host_fds();
         let Some(s) = &mut self.sup else {
             return;
         };
         match sent {
             Ok(()) => {
+                s.host_fds = host_fds;
                 s.journal.checkpointed(at);
                 s.first = false;
                 s.dirty = false;
