@@ -7,103 +7,15 @@ mod common;
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::supervised::Supervised;
 use nix::errno::Errno;
-use serde_json::Value;
 use vfud_devices::dma_engine::{
     reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, STATUS_BUSY, STATUS_DONE,
 };
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::{Client, Command, Header, ProtocolError};
-use vfud_server::handover::{self as ho, kind, ControlCommand};
-
-struct Supervised {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        // SIGTERM: the supervisor stops its device process itself.
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Supervised {
-    fn start(spec: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (sock, ctl) = (dir.path().join("dev.sock"), dir.path().join("ctl.sock"));
-        let child = common::serve_command()
-            .args(["--supervise", "--device", spec, "--socket"])
-            .arg(&sock)
-            .arg("--control")
-            .arg(&ctl)
-            .args(extra)
-            .spawn()
-            .unwrap();
-        assert!(common::wait_for_path(&ctl, Duration::from_secs(10)));
-        assert!(common::wait_for_path(&sock, Duration::from_secs(10)));
-        Self { child, dir }
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("dev.sock")
-    }
-
-    fn status(&self) -> Value {
-        let s = UnixStream::connect(self.dir.path().join("ctl.sock")).unwrap();
-        ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).unwrap();
-        let mut r = vfud_protocol::FrameReader::new();
-        let f = ho::recv(&s, &mut r, Duration::from_secs(5)).unwrap();
-        let v: Value = serde_json::from_slice(&f.payload).unwrap();
-        v["supervised"].clone()
-    }
-
-    /// Wait until `f` holds for the status (10 s at most).
-    fn wait_status(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t = Instant::now();
-        loop {
-            let st = self.status();
-            if f(&st) {
-                return st;
-            }
-            assert!(t.elapsed() < Duration::from_secs(10), "{what}: {st}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn device_pid(&self) -> i32 {
-        let st = self.wait_status("a device process", |s| s["device_pid"].is_u64());
-        st["device_pid"].as_u64().unwrap() as i32
-    }
-
-    /// SIGKILL the device process and wait for its successor to run.
-    fn kill_device(&self) -> Value {
-        let pid = self.device_pid();
-        let restarts = self.status()["restarts"].as_u64().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        self.wait_status("restart", |s| {
-            s["restarts"].as_u64() == Some(restarts + 1) && s["state"] == "running"
-        })
-    }
-}
 
 /// A 64 MiB memfd of guest RAM mapped at IOVA 0, filled with a pattern; its CRC32.
 fn map_ram(c: &mut Client) -> (std::fs::File, u32) {

@@ -96,8 +96,9 @@ pub fn serve_device_process(
 }
 
 /// Commands a restarted process may simply run again for the request the old one died in:
-/// they only read, or their effect is already undone by restoring the last session
-/// snapshot (which is taken before any session-changing request is answered).
+/// they only read, their effect is already undone by restoring the last session snapshot
+/// (which is taken before any session-changing request is answered), or running them twice
+/// is running them once (an interrupt mask or unmask).
 fn rerunnable(cmd: u16, payload: &[u8]) -> bool {
     match Command::try_from(cmd) {
         Ok(
@@ -110,8 +111,26 @@ fn rerunnable(cmd: u16, payload: &[u8]) -> bool {
             | Command::DeviceReset,
         ) => true,
         Ok(Command::RegionWrite) => is_config_write(payload),
+        Ok(Command::DeviceSetIrqs) => is_mask_or_unmask(payload),
         _ => false,
     }
+}
+
+/// A SET_IRQS that masks or unmasks without eventfds (`vfio_irq_set`: argsz, flags, ...):
+/// setting a mask again is harmless, and an error would leave QEMU's INTx masked for good
+/// (it unmasks INTx this way after every interrupt). One with eventfds cannot be re-run:
+/// its fds died with the old process.
+fn is_mask_or_unmask(payload: &[u8]) -> bool {
+    use vfud_protocol::messages::irq::{
+        IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_EVENTFD,
+    };
+    payload
+        .get(4..8)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .is_some_and(|f| {
+            f & IRQ_SET_DATA_EVENTFD == 0 && f & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK) != 0
+        })
 }
 
 /// A REGION_WRITE to config space (`RegionAccess`: offset u64, then the region index).
@@ -412,5 +431,24 @@ mod tests {
         assert!(!changes_session(&h, &p) && !rerunnable(h.cmd, &p));
         assert!(rerunnable(Command::RegionRead as u16, &[]));
         assert!(!rerunnable(Command::DmaMap as u16, &[]));
+    }
+
+    #[test]
+    fn only_set_irqs_that_mask_or_unmask_without_fds_are_rerun() {
+        use vfud_protocol::messages::irq::*;
+        let set_irqs = |flags: u32| [20u32, flags, 0, 0, 1].as_bytes().to_vec();
+        let cmd = Command::DeviceSetIrqs as u16;
+
+        let unmask = rerunnable(cmd, &set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK));
+        let mask = rerunnable(cmd, &set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK));
+        let fds = rerunnable(
+            cmd,
+            &set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER),
+        );
+        let trigger = rerunnable(cmd, &set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER));
+
+        assert!(unmask && mask);
+        assert!(!fds && !trigger);
+        assert!(!rerunnable(cmd, &[1, 2]), "truncated");
     }
 }
