@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::supervised::Supervised;
 use nix::errno::Errno;
 use vfud_devices::dma_engine::{
-    reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, STATUS_BUSY, STATUS_DONE,
+    reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, HANG_MAGIC, STATUS_BUSY, STATUS_DONE,
 };
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::{Client, Command, Header, ProtocolError};
@@ -158,6 +158,42 @@ fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served()
     c.send_raw(&burst, &[]).unwrap();
     assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 0x77);
     s.wait_status("second restart", |s| s["restarts"] == 2);
+}
+
+#[test]
+fn a_device_process_hung_in_a_request_is_killed_and_the_request_answered() {
+    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "500"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    c.region_write_u32(0, reg::PATTERN, 7).unwrap();
+    let before = s.status()["snapshots"].as_u64().unwrap();
+    s.wait_status("a checkpoint", |st| {
+        st["snapshots"].as_u64().unwrap() > before
+    });
+    // The model never returns from this write: the supervisor notices the request in
+    // progress, kills the process, and its successor answers the request with an error.
+    let r = c.region_write_u32(0, CRASH_TEST_REG, HANG_MAGIC);
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    let st = s.wait_status("restart", |s| s["restarts"] == 1 && s["state"] == "running");
+    let how = st["last_crash"]["how"].as_str().unwrap();
+    assert!(
+        how.starts_with("hung") && how.ends_with("(signal 9)"),
+        "{how}"
+    );
+    assert_eq!(st["last_crash"]["request_in_progress"], true);
+    // Same connection, state from the checkpoint, serving again.
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 7);
+}
+
+#[test]
+fn an_idle_device_process_is_not_taken_for_hung() {
+    let s = Supervised::start("dma-engine", &["--hang-timeout", "200"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.region_write_u32(0, reg::PATTERN, 3).unwrap();
+    // Idle well past the hang timeout (the supervisor polls every 100 ms), then busy again.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 3);
+    assert_eq!(s.status()["restarts"], 0);
 }
 
 #[test]

@@ -71,6 +71,7 @@ pub(super) struct Supervisor {
     policy: Policy,
     checkpoint_ms: u64,
     limit: RestartLimit,
+    hang_timeout: Option<Duration>,
     snapshot: Option<Snapshot>,
     crashes: VecDeque<Instant>,
     status: Arc<Mutex<Status>>,
@@ -94,6 +95,7 @@ impl Supervisor {
             policy: a.on_crash,
             checkpoint_ms: a.checkpoint_ms,
             limit: a.max_restarts,
+            hang_timeout: (a.hang_timeout > 0).then(|| Duration::from_millis(a.hang_timeout)),
             snapshot: None,
             crashes: VecDeque::new(),
             status: Arc::new(Mutex::new(status)),
@@ -121,13 +123,14 @@ impl Supervisor {
                 s.state = "running".into();
             });
             let mut reader = FrameReader::new();
-            match self.start(&link, &mut reader, generation, crashed_at) {
+            let hung = match self.start(&link, &mut reader, generation, crashed_at) {
                 Ok(()) => self.watch(&link, &mut reader, &mut child, shutdown),
                 Err(e) => {
                     tracing::error!(device = self.spec, "starting the device process: {e:#}");
                     let _ = child.kill();
+                    None
                 }
-            }
+            };
             if shutdown.is_triggered() {
                 stop(&mut child);
                 self.set_status(|s| s.state = "stopped".into());
@@ -140,6 +143,10 @@ impl Supervisor {
                     _ => "unknown".into(),
                 },
                 Err(e) => format!("unknown ({e})"),
+            };
+            let how = match hung {
+                Some(d) => format!("hung: one request for {} ms, killed ({how})", d.as_millis()),
+                None => how,
             };
             crashed_at = ho::now_ns();
             let rec = self.journal.recover();
@@ -257,25 +264,48 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Keep the device process's snapshots until it dies (or shutdown).
+    /// Keep the device process's snapshots until it dies (or shutdown), and kill it when the
+    /// journal shows one request in progress for longer than the hang timeout. Returns how
+    /// long that request had been in progress when the process was killed for it.
     fn watch(
         &mut self,
         link: &UnixStream,
         reader: &mut FrameReader,
         child: &mut Child,
         shutdown: &ShutdownHandle,
-    ) {
+    ) -> Option<Duration> {
+        let mut busy: Option<(u64, Instant)> = None;
         loop {
-            match ho::recv(link, reader, Duration::from_millis(200)) {
+            match ho::recv(link, reader, Duration::from_millis(100)) {
                 Ok(f) if f.header.cmd == sv::kind::SNAPSHOT => self.keep(f),
                 Ok(f) => tracing::debug!(cmd = f.header.cmd, "unexpected frame from the device"),
                 Err(ProtocolError::Timeout) => {
                     if shutdown.is_triggered() || matches!(child.try_wait(), Ok(Some(_))) {
-                        return;
+                        return None;
                     }
                 }
-                Err(_) => return,
+                Err(_) => return None,
             }
+            let Some(limit) = self.hang_timeout else {
+                continue;
+            };
+            busy = match (self.journal.in_progress(), busy) {
+                (Some(n), Some((m, since))) if n == m => {
+                    if since.elapsed() >= limit {
+                        tracing::error!(
+                            device = self.spec,
+                            in_progress_ms = since.elapsed().as_millis() as u64,
+                            "DEVICE PROCESS HUNG: one request in progress beyond --hang-timeout; \
+                             killing it"
+                        );
+                        let _ = child.kill();
+                        return Some(since.elapsed());
+                    }
+                    Some((m, since))
+                }
+                (Some(n), _) => Some((n, Instant::now())),
+                (None, _) => None,
+            };
         }
     }
 

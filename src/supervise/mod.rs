@@ -44,6 +44,11 @@ pub struct SuperviseArgs {
     /// answer every request with an error.
     #[arg(long, default_value = "5/60", requires = "supervise")]
     pub max_restarts: RestartLimit,
+    /// A device process that has handled one request for this long (ms) is taken for hung:
+    /// it is killed and restarted like one that crashed (0: never). Below QEMU's 5 s
+    /// `x-msg-timeout`, so QEMU gets the reply before it gives up on the request.
+    #[arg(long, default_value_t = 3000, requires = "supervise")]
+    pub hang_timeout: u64,
 }
 
 /// At most `count` restarts within `window`.
