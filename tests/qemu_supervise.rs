@@ -97,44 +97,73 @@ impl Rng {
     }
 }
 
-/// The host's reader: every byte the UART passes on.
-struct HostReader {
-    got: Arc<Mutex<Vec<u8>>>,
+/// A host-side thread that appends to a shared log until stopped.
+struct Worker<T, R> {
+    log: Arc<Mutex<Vec<T>>>,
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<R>,
 }
 
-impl HostReader {
-    fn spawn(mut s: UnixStream) -> Self {
-        let got = Arc::new(Mutex::new(Vec::new()));
+impl<T: Send + 'static, R: Send + 'static> Worker<T, R> {
+    fn spawn(body: impl FnOnce(&Mutex<Vec<T>>, &AtomicBool) -> R + Send + 'static) -> Self {
+        let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (got2, stop2) = (got.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let mut buf = [0u8; 8192];
-            while !stop2.load(Ordering::Relaxed) {
-                match s.read(&mut buf) {
-                    Ok(0) => panic!("the UART host connection closed"),
-                    Ok(n) => got2.lock().unwrap().extend_from_slice(&buf[..n]),
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => panic!("reading the UART host socket: {e}"),
-                }
-            }
-        });
-        Self { got, stop, thread }
+        let (log2, stop2) = (log.clone(), stop.clone());
+        let thread = std::thread::spawn(move || body(&log2, &stop2));
+        Self { log, stop, thread }
     }
 
-    /// The `G <n>` lines received so far.
-    fn lines(&self) -> GuestLines {
-        GuestLines::parse(&self.got.lock().unwrap())
-    }
-
-    fn finish(self) -> Vec<u8> {
+    /// Stop; what the thread returned, and the log.
+    fn finish(self) -> (R, Vec<T>) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("host reader");
-        Arc::try_unwrap(self.got).unwrap().into_inner().unwrap()
+        let r = self.thread.join().expect("host thread");
+        (
+            r,
+            Arc::try_unwrap(self.log)
+                .ok()
+                .unwrap()
+                .into_inner()
+                .unwrap(),
+        )
     }
+}
+
+/// The host's reader: every byte the UART passes on.
+fn host_reader(mut s: UnixStream) -> Worker<u8, ()> {
+    Worker::spawn(move |got, stop| {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = [0u8; 8192];
+        while !stop.load(Ordering::Relaxed) {
+            match s.read(&mut buf) {
+                Ok(0) => panic!("the UART host connection closed"),
+                Ok(n) => got.lock().unwrap().extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading the UART host socket: {e}"),
+            }
+        }
+    })
+}
+
+/// The host's writer: `H <n>` every [`HOST_LINE_EVERY`]; logs when each write ended (Unix
+/// ns) and returns the socket.
+fn host_writer(mut s: UnixStream) -> Worker<u64, UnixStream> {
+    Worker::spawn(move |sent, stop| {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            s.write_all(format!("H {n}\n").as_bytes())
+                .expect("write to the UART host socket");
+            sent.lock().unwrap().push(vfud_server::handover::now_ns());
+            n += 1;
+            std::thread::sleep(HOST_LINE_EVERY);
+        }
+        s
+    })
+}
+
+/// The guest lines the host has received so far.
+fn received(reader: &Worker<u8, ()>) -> GuestLines {
+    GuestLines::parse(&reader.log.lock().unwrap())
 }
 
 /// Guest → host lines as received: which numbers arrived whole, and how often.
@@ -164,44 +193,6 @@ impl GuestLines {
 
     fn max(&self) -> Option<u64> {
         self.seen.last().copied()
-    }
-}
-
-/// The host's writer: `H <n>` every [`HOST_LINE_EVERY`]; when each write ended (Unix ns).
-struct HostWriter {
-    sent: Arc<Mutex<Vec<u64>>>,
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<UnixStream>,
-}
-
-impl HostWriter {
-    fn spawn(mut s: UnixStream) -> Self {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (sent2, stop2) = (sent.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop2.load(Ordering::Relaxed) {
-                s.write_all(format!("H {n}\n").as_bytes())
-                    .expect("write to the UART host socket");
-                sent2.lock().unwrap().push(vfud_server::handover::now_ns());
-                n += 1;
-                std::thread::sleep(HOST_LINE_EVERY);
-            }
-            s
-        });
-        Self { sent, stop, thread }
-    }
-
-    fn count(&self) -> usize {
-        self.sent.lock().unwrap().len()
-    }
-
-    /// Stop; the socket and each line's write-end time.
-    fn finish(self) -> (UnixStream, Vec<u64>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let s = self.thread.join().expect("host writer");
-        (s, Arc::try_unwrap(self.sent).unwrap().into_inner().unwrap())
     }
 }
 
@@ -257,7 +248,7 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
     );
     assert!(common::wait_for_path(&host_path, Duration::from_secs(5)));
     let host = UnixStream::connect(&host_path).expect("connect to the UART backend");
-    let reader = HostReader::spawn(host.try_clone().expect("clone"));
+    let reader = host_reader(host.try_clone().expect("clone"));
     let mut rng = Rng::seeded();
     let mut qemu = QemuOpts::new()
         .device(s.sock())
@@ -266,15 +257,15 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
         .start();
     let deadline = Instant::now() + GUEST_DEADLINE;
     qemu.wait_for_serial("streaming=1", GUEST_DEADLINE);
-    let writer = HostWriter::spawn(host);
+    let writer = host_writer(host);
 
     // Act: five kills at random moments, each waited out until the guest wrote on.
     let mut kills = Vec::new();
     for k in 0..KILLS {
         std::thread::sleep(rng.millis(300, 1500));
-        let host_had = reader.lines().max();
+        let host_had = received(&reader).max();
         let crash = s.kill_device()["last_crash"].clone();
-        let host_sent = writer.count();
+        let host_sent = writer.log.lock().unwrap().len();
         let (t, _) = tick(&qemu.serial_log());
         // A tick printed after the restart (one more than needed, for the console's lag).
         let (_, v) = qemu.wait_tick(t + 1);
@@ -302,10 +293,10 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
     let total: u64 = get("g_total").parse().expect("g_total");
     // The guest's last close waited for its output to drain: the tail is on its way.
     let t = Instant::now();
-    while reader.lines().max() != Some(total - 1) && t.elapsed() < Duration::from_secs(10) {
+    while received(&reader).max() != Some(total - 1) && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let received = GuestLines::parse(&reader.finish());
+    let got = GuestLines::parse(&reader.finish().1);
     let host_lines: BTreeSet<usize> = get("hin")
         .split(',')
         .filter_map(|n| n.parse().ok())
@@ -324,8 +315,8 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
     // Guest → host: every missing line falls into one crash's window — after what the host
     // had before the kill, before what the guest wrote after the restart — and no crash
     // spoils more lines than its bytes at risk allow.
-    let missing: Vec<u64> = (0..total).filter(|n| !received.seen.contains(n)).collect();
-    let mut per_kill = vec![0u64; KILLS];
+    let missing: Vec<u64> = (0..total).filter(|n| !got.seen.contains(n)).collect();
+    let mut per_kill = [0u64; KILLS];
     for &m in &missing {
         let k = kills
             .iter()
@@ -349,7 +340,7 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
     let lost: Vec<usize> = (0..sent.len())
         .filter(|n| !host_lines.contains(n))
         .collect();
-    let mut joins = vec![0u64; KILLS];
+    let mut joins = [0u64; KILLS];
     for &m in &lost {
         let k = kills
             .iter()
@@ -370,7 +361,7 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
     eprintln!(
         "[test] guest lines {total}, lost {} {per_kill:?}, repeated {}; host lines {}, lost {}",
         missing.len(),
-        received.repeats,
+        got.repeats,
         sent.len(),
         lost.len()
     );

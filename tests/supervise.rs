@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::supervised::Supervised;
 use nix::errno::Errno;
+use serde_json::Value;
 use vfud_devices::dma_engine::{
     reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, HANG_MAGIC, STATUS_BUSY, STATUS_DONE,
 };
@@ -134,20 +135,30 @@ fn posted_write(id: u16, off: u64, v: u32) -> Vec<u8> {
     m
 }
 
+/// Write PATTERN and let a checkpoint be taken after it (`restore` goes back to that one).
+fn pattern_checkpointed(s: &Supervised, c: &mut Client, v: u32) {
+    c.region_write_u32(0, reg::PATTERN, v).unwrap();
+    next_snapshot(s, s.status()["snapshots"].as_u64().unwrap());
+}
+
+/// Write `magic` to the crash-test register: the device process dies (or hangs and is
+/// killed), and its successor answers the request with EIO. Returns the status then.
+fn fault_answered_with_eio(s: &Supervised, c: &mut Client, magic: u32) -> Value {
+    let restarts = s.status()["restarts"].as_u64().unwrap();
+    let r = c.region_write_u32(0, CRASH_TEST_REG, magic);
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    s.wait_status("restart", |st| {
+        st["restarts"].as_u64() == Some(restarts + 1) && st["state"] == "running"
+    })
+}
+
 #[test]
 fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served() {
     let s = Supervised::start("dma-engine,crash-test=on", &[]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
-    c.region_write_u32(0, reg::PATTERN, 1).unwrap();
-    // `restore` goes back to the last checkpoint: let one be taken after that write.
-    let before = s.status()["snapshots"].as_u64().unwrap();
-    s.wait_status("a checkpoint", |st| {
-        st["snapshots"].as_u64().unwrap() > before
-    });
+    pattern_checkpointed(&s, &mut c, 1);
     // The request the model panics in is answered with an error, not lost: no hang.
-    let r = c.region_write_u32(0, CRASH_TEST_REG, CRASH_MAGIC);
-    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
-    let st = s.wait_status("restart", |s| s["restarts"] == 1 && s["state"] == "running");
+    let st = fault_answered_with_eio(&s, &mut c, CRASH_MAGIC);
     assert_eq!(st["last_crash"]["how"], "signal 6"); // a panic aborts the process
     assert_eq!(st["last_crash"]["request_in_progress"], true);
     assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 1);
@@ -165,16 +176,10 @@ fn a_device_process_hung_in_a_request_is_killed_and_the_request_answered() {
     let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "500"]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
     c.set_timeout(Duration::from_secs(10)).unwrap();
-    c.region_write_u32(0, reg::PATTERN, 7).unwrap();
-    let before = s.status()["snapshots"].as_u64().unwrap();
-    s.wait_status("a checkpoint", |st| {
-        st["snapshots"].as_u64().unwrap() > before
-    });
+    pattern_checkpointed(&s, &mut c, 7);
     // The model never returns from this write: the supervisor notices the request in
     // progress, kills the process, and its successor answers the request with an error.
-    let r = c.region_write_u32(0, CRASH_TEST_REG, HANG_MAGIC);
-    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
-    let st = s.wait_status("restart", |s| s["restarts"] == 1 && s["state"] == "running");
+    let st = fault_answered_with_eio(&s, &mut c, HANG_MAGIC);
     let how = st["last_crash"]["how"].as_str().unwrap();
     assert!(
         how.starts_with("hung") && how.ends_with("(signal 9)"),
@@ -274,13 +279,18 @@ fn a_uart_socket_backend_and_its_host_peer_survive_restarts() {
         &format!("uart16550,backend=socket:{}", host_path.display()),
         &["--checkpoint-ms", "600000"],
     );
+    // Connect a host peer and wait for the snapshot that carries its connection.
+    let connect_host = || {
+        let before = s.status()["snapshots"].as_u64().unwrap();
+        let host = UnixStream::connect(&host_path).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        next_snapshot(&s, before);
+        host
+    };
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
     c.region_write(0, 2, &[0x07]).unwrap(); // FIFO on
-    let before = s.status()["snapshots"].as_u64().unwrap();
-    let mut host = UnixStream::connect(&host_path).unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    next_snapshot(&s, before);
+    let mut host = connect_host();
 
     // The restarted process adopts the listener and the connected peer (binding the path
     // again would fail: the supervisor holds it).
@@ -290,11 +300,7 @@ fn a_uart_socket_backend_and_its_host_peer_survive_restarts() {
     // A new host peer replaces the first: the supervisor gets its fd, and it is the one
     // served after the next restart.
     drop(host);
-    let before = s.status()["snapshots"].as_u64().unwrap();
-    let mut host = UnixStream::connect(&host_path).unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    next_snapshot(&s, before);
+    let mut host = connect_host();
     s.kill_device();
     uart_exchange(&mut c, &mut host, b"after-2\n", b"in-2\n");
     assert_eq!(s.status()["restarts"], 2);
