@@ -191,6 +191,26 @@ fn a_device_process_hung_in_a_request_is_killed_and_the_request_answered() {
 }
 
 #[test]
+fn a_read_the_model_hung_in_is_answered_with_an_error_not_run_again() {
+    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "300"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    // A read is safe to re-run after a crash, but not after a hang: it would hang again.
+    let r = c.region_read_u32(0, CRASH_TEST_REG);
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    assert_eq!(
+        c.region_read_u32(0, reg::ID).unwrap(),
+        vfud_devices::dma_engine::ID
+    );
+    let st = s.status();
+    assert_eq!(st["restarts"], 1, "{st}");
+    assert!(st["last_crash"]["how"]
+        .as_str()
+        .unwrap()
+        .starts_with("hung"));
+}
+
+#[test]
 fn an_idle_device_process_is_not_taken_for_hung() {
     let s = Supervised::start("dma-engine", &["--hang-timeout", "200"]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();

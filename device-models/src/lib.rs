@@ -115,8 +115,8 @@ pub const MODELS: &[Model] = &[
             ),
             (
                 "crash-test",
-                "TESTING ONLY: on makes a write of 0xdeaddead to BAR0 0xffc panic the model \
-                 and one of 0xdead1001 hang it",
+                "TESTING ONLY: on makes a write of 0xdeaddead to BAR0 0xffc panic the model, \
+                 and one of 0xdead1001 or a read there hang it",
             ),
         ],
         create: |o| {

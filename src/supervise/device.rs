@@ -116,6 +116,7 @@ impl Supervisor {
     pub(super) fn run(mut self, shutdown: &ShutdownHandle) -> Result<()> {
         let mut generation = 0u32;
         let mut crashed_at = 0u64;
+        let mut hung_before = false;
         loop {
             let (mut child, link) = self.spawn(generation)?;
             self.set_status(|s| {
@@ -123,7 +124,8 @@ impl Supervisor {
                 s.state = "running".into();
             });
             let mut reader = FrameReader::new();
-            let hung = match self.start(&link, &mut reader, generation, crashed_at) {
+            let started = self.start(&link, &mut reader, generation, crashed_at, hung_before);
+            let hung = match started {
                 Ok(()) => self.watch(&link, &mut reader, &mut child, shutdown),
                 Err(e) => {
                     tracing::error!(device = self.spec, "starting the device process: {e:#}");
@@ -144,6 +146,7 @@ impl Supervisor {
                 },
                 Err(e) => format!("unknown ({e})"),
             };
+            hung_before = hung.is_some();
             let how = match hung {
                 Some(d) => format!("hung: one request for {} ms, killed ({how})", d.as_millis()),
                 None => how,
@@ -224,6 +227,7 @@ impl Supervisor {
         reader: &mut FrameReader,
         generation: u32,
         crashed_at: u64,
+        hung: bool,
     ) -> Result<()> {
         let sup = Supervise {
             policy: self.policy,
@@ -231,6 +235,7 @@ impl Supervisor {
             generation,
             journal: 0,
             listener: Some(1),
+            hung,
         };
         let p = serde_json::to_vec(&sup)?;
         ho::send(

@@ -199,9 +199,9 @@ pub struct DmaEngine {
     /// vfio-user client aborts when it unplugs a device with MSI-X, so a device that
     /// `vfud qemu-migrate --replug` must move goes without).
     msix: bool,
-    /// Testing only (`crash-test=on`): writing [`CRASH_MAGIC`] to [`CRASH_TEST_REG`] panics
-    /// and writing [`HANG_MAGIC`] there never returns, to exercise crash and hang recovery
-    /// (`vfud serve --supervise`).
+    /// Testing only (`crash-test=on`): writing [`CRASH_MAGIC`] to [`CRASH_TEST_REG`] panics,
+    /// and writing [`HANG_MAGIC`] there or reading it never returns, to exercise crash and
+    /// hang recovery (`vfud serve --supervise`).
     crash_test: bool,
 }
 
@@ -209,8 +209,17 @@ pub struct DmaEngine {
 pub const CRASH_TEST_REG: u64 = 0xffc;
 /// Testing only: the value that panics the model at [`CRASH_TEST_REG`].
 pub const CRASH_MAGIC: u32 = 0xdead_dead;
-/// Testing only: the value at [`CRASH_TEST_REG`] whose write never returns (the model hangs).
+/// Testing only: the value at [`CRASH_TEST_REG`] whose write never returns (the model hangs;
+/// so does a read of that register).
 pub const HANG_MAGIC: u32 = 0xdead_1001;
+
+/// Testing only (`crash-test=on`): never return, as a model stuck in a request would.
+fn hang_on_purpose() -> ! {
+    tracing::error!("dma-engine: hang-test register accessed: hanging on purpose");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
 
 impl Default for DmaEngine {
     fn default() -> Self {
@@ -319,6 +328,9 @@ impl Device for DmaEngine {
             data.fill(0);
             return Ok(());
         }
+        if self.crash_test && offset == CRASH_TEST_REG {
+            hang_on_purpose();
+        }
         let r = &self.regs;
         let v = match access_u32(offset, data.len())? {
             reg::ID => ID,
@@ -358,10 +370,7 @@ impl Device for DmaEngine {
             panic!("dma-engine: crash-test register written: panicking on purpose");
         }
         if self.crash_test && off == CRASH_TEST_REG && v == HANG_MAGIC {
-            tracing::error!("dma-engine: hang-test value written: hanging on purpose");
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
-            }
+            hang_on_purpose();
         }
         let r = &mut self.regs;
         match off {

@@ -42,6 +42,8 @@ pub(crate) struct Supervised {
     recovered: Option<Recovered>,
     /// The first frame of the adopted stream was being handled when the old process died.
     crashed_in: bool,
+    /// The old process was killed for hanging in that frame: never re-run it.
+    hung: bool,
 }
 
 /// Run one device as a supervised device process: `link` is the socket to the supervisor
@@ -91,6 +93,7 @@ pub fn serve_device_process(
         host_fds: Vec::new(),
         recovered,
         crashed_in: false,
+        hung: sup.hung,
     };
     crate::event_loop::serve_inner(device, listener, None, Some(s), settings, shutdown).map(|_| ())
 }
@@ -341,7 +344,9 @@ impl Loop {
         let h = frame.header;
         let name = self.server.description().name;
         match h.kind() {
-            Ok(MessageKind::Command { no_reply }) if !rerunnable(h.cmd, &frame.payload) => {
+            Ok(MessageKind::Command { no_reply })
+                if s.hung || !rerunnable(h.cmd, &frame.payload) =>
+            {
                 if no_reply {
                     tracing::warn!(
                         device = name,
