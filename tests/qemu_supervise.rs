@@ -12,6 +12,11 @@
 //!   ended after `at_unix_ns − checkpoint_age_ms`, plus the lines spoilt where two streams
 //!   join (below).
 //!
+//! And a guest driving a dma-engine through `devmem` carries on, with its registers and a new
+//! job, after the model panics on a test-only register write and after it hangs in one (the
+//! supervisor notices the request in progress and restarts the process before QEMU's 5 s
+//! message timeout).
+//!
 //! Bytes in flight at the checkpoint may arrive twice (the restored device sends them
 //! again), and where the stream before a crash ends mid-line and the restored one goes on,
 //! the line at the join is garbled; the test takes the last whole number of each line,
@@ -27,7 +32,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::qemu::{guest_values, last_tick, QemuOpts, PCI_GUEST_LIB, UART_KERNEL_ARG};
+use common::qemu::{
+    guest_values, last_tick, QemuOpts, DMA_ENGINE_GUEST_LIB, GUEST_TIMEOUT, PCI_GUEST_LIB,
+    UART_KERNEL_ARG,
+};
 use common::supervised::Supervised;
 use serde_json::Value;
 
@@ -369,4 +377,55 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
         host_lines.len() > sent.len() / 2,
         "host lines mostly arrive"
     );
+}
+
+#[test]
+fn guest_carries_on_after_the_model_panics_and_after_it_hangs() {
+    // Arrange: a dma-engine with the test-only fault register, hangs noticed after 1 s.
+    let s = Supervised::start(
+        "dma-engine,crash-test=on",
+        &["--on-crash", "restore", "--hang-timeout", "1000"],
+    );
+    let script = format!(
+        "{DMA_ENGINE_GUEST_LIB}{}",
+        r#"
+ok "id0=$(rd 0x00)"
+wr 0x28 0x5a
+sleep 1   # a checkpoint holds PATTERN now
+# Posted writes: the model panics in the first; the read after it waits for the new process.
+wr 0xffc 0xdeaddead
+ok "id1=$(rd 0x00) pattern1=$(rd 0x28)"
+# A job in the new process: FILL_DEVICE, 4 KiB of 0x5a at BAR2 offset 0.
+wr 0x0c 3
+wr 0x18 0; wr 0x1c 0; wr 0x20 4096; wr 0x24 6
+run_op
+ok "fill_status=$(rd 0x0c) bar2=$(rd2 0x0)"
+# The model hangs in this write; the read waits until the hung process is replaced.
+wr 0xffc 0xdead1001
+ok "id2=$(rd 0x00) pattern2=$(rd 0x28)"
+exit $fails
+"#
+    );
+
+    // Act
+    let mut qemu = QemuOpts::new().device(s.sock()).guest(&script).start();
+    let status = qemu.wait_guest_exit(GUEST_TIMEOUT);
+    let v = guest_values(&qemu.serial_log());
+    let get = |k: &str| v.get(k).map(String::as_str).unwrap_or("<missing>");
+    let st = s.status();
+
+    // Assert: the same device throughout (never all-ones), its state from the checkpoint,
+    // a job run by the restarted process, one restart per fault, the last one a hang.
+    let diag = || qemu.diagnostics();
+    for k in ["id0", "id1", "id2"] {
+        assert_eq!(get(k), "0x4d444656", "{k}: {}", diag());
+    }
+    assert_eq!(get("pattern1"), "0x0000005a", "{}", diag());
+    assert_eq!(get("pattern2"), "0x0000005a", "{}", diag());
+    assert_eq!(get("fill_status"), "0x00000001", "DONE only: {}", diag());
+    assert_eq!(get("bar2"), "0x5a5a5a5a", "{}", diag());
+    assert_eq!(status, 0, "guest failures: {}", diag());
+    assert_eq!(st["restarts"], 2, "{st}");
+    let how = st["last_crash"]["how"].as_str().unwrap_or_default();
+    assert!(how.starts_with("hung"), "{st}");
 }

@@ -121,6 +121,37 @@ fn reset_policy_shows_a_reset_device_never_a_hang() {
     assert_eq!(wait_not_busy(&mut c) & STATUS_DONE, STATUS_DONE);
 }
 
+#[test]
+fn the_bar_memory_the_client_mapped_stays_the_devices_across_restarts() {
+    use std::os::unix::fs::FileExt;
+    let s = Supervised::start("dma-engine", &["--checkpoint-ms", "10"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    // The client maps BAR2 (device memory) with the fd GET_REGION_INFO gives, as QEMU does.
+    let (info, fd) = c.region_info(2).unwrap();
+    let bar2 = std::fs::File::from(fd.expect("BAR2 fd"));
+
+    for round in 0..2u8 {
+        s.kill_device();
+        // A restarted process fills device memory: the client's mapping must show it.
+        let pattern = 0x40 + u32::from(round);
+        for (o, v) in [
+            (reg::DST_LO, 0),
+            (reg::DST_HI, 0),
+            (reg::LEN, 4096),
+            (reg::OPCODE, Opcode::FillDevice as u32),
+            (reg::PATTERN, pattern),
+            (reg::DOORBELL, 1),
+        ] {
+            c.region_write_u32(0, o, v).unwrap();
+        }
+        assert_eq!(wait_not_busy(&mut c) & STATUS_DONE, STATUS_DONE);
+        let mut seen = [0u8; 4096];
+        bar2.read_exact_at(&mut seen, info.info.offset).unwrap();
+        assert_eq!(seen, [pattern as u8; 4096], "round {round}");
+        assert_eq!(c.region_read(2, 4096, 1).unwrap(), [0], "past the fill");
+    }
+}
+
 /// A raw posted (NO_REPLY) 4-byte BAR0 write.
 fn posted_write(id: u16, off: u64, v: u32) -> Vec<u8> {
     let mut p = Vec::new();

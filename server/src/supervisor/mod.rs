@@ -118,6 +118,7 @@ mod tests {
             client: Some(0),
             listener: None,
             backend: None,
+            bars: Vec::new(),
             stopped_at_unix_ns: 0,
         };
         let p = encode_snapshot(&info, b"stream").unwrap();
