@@ -183,6 +183,13 @@ impl DeviceServer {
     fn reset_model(&mut self) {
         self.with_device(|d, cx| d.reset(cx));
     }
+
+    /// `Policy::Restore`: tell the model its state is a checkpoint the driver may be ahead of.
+    fn restored_after_crash(&mut self) {
+        if let Some(m) = self.device.migration() {
+            m.restored_after_crash();
+        }
+    }
 }
 
 impl Loop {
@@ -325,8 +332,9 @@ impl Loop {
         if let Some(c) = &mut self.client {
             c.reader_mut().prefill(&rec.unhandled);
         }
-        if policy == Policy::Reset {
-            self.server.reset_model();
+        match policy {
+            Policy::Reset => self.server.reset_model(),
+            Policy::Restore => self.server.restored_after_crash(),
         }
     }
 
