@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::qemu::{
-    guest_values, last_tick, QemuOpts, DMA_ENGINE_GUEST_LIB, GUEST_TIMEOUT, PCI_GUEST_LIB,
+    guest_values, last_tick, Qemu, QemuOpts, DMA_ENGINE_GUEST_LIB, GUEST_TIMEOUT, PCI_GUEST_LIB,
     UART_KERNEL_ARG,
 };
 use common::supervised::Supervised;
@@ -244,6 +244,18 @@ impl Kill {
     }
 }
 
+/// QEMU got a reply to every request in time, and no stray one (it logs each such fault).
+fn assert_qemu_got_every_reply(qemu: &Qemu) {
+    let stderr = qemu.stderr_log();
+    for bad in ["timed out", "unexpected reply", "bad header"] {
+        assert!(
+            !stderr.contains(bad),
+            "QEMU said {bad:?}: {}",
+            qemu.diagnostics()
+        );
+    }
+}
+
 /// The number of the last complete tick on the console, and its `g=`.
 fn tick(log: &str) -> (u64, u64) {
     last_tick(log).map_or((0, 0), |(n, v)| {
@@ -282,11 +294,13 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
         let host_sent = writer.log.lock().unwrap().len();
         let (t, _) = tick(&qemu.serial_log());
         // A tick printed after the restart (one more than needed, for the console's lag).
+        let seen = Instant::now();
         let (_, v) = qemu.wait_tick(t + 1);
         let written_after = v["g"].parse().expect("tick g=");
         eprintln!(
             "[test] kill {k}: host had line {host_had:?}, restart seen with {host_sent} host \
-             lines sent, guest at line {written_after}; {crash}"
+             lines sent, guest at line {written_after} {:.1?} later; {crash}",
+            seen.elapsed()
         );
         kills.push(Kill {
             host_had,
@@ -321,6 +335,7 @@ fn guest_streams_both_ways_through_five_device_process_kills() {
     assert_eq!(get("write_errors"), "0", "{}", diag());
     assert_eq!(get("kernel_errors"), "0", "{}", diag());
     assert_eq!(status, 0, "guest failures: {}", diag());
+    assert_qemu_got_every_reply(&qemu);
     assert_eq!(s.status()["restarts"], KILLS as u64);
     for (k, kill) in kills.iter().enumerate() {
         assert_eq!(kill.crash["how"], "signal 9", "kill {k}");
@@ -431,6 +446,7 @@ exit $fails
     assert_eq!(get("fill_status"), "0x00000001", "DONE only: {}", diag());
     assert_eq!(get("bar2"), "0x5a5a5a5a", "{}", diag());
     assert_eq!(status, 0, "guest failures: {}", diag());
+    assert_qemu_got_every_reply(&qemu);
     assert_eq!(st["restarts"], 2, "{st}");
     let how = st["last_crash"]["how"].as_str().unwrap_or_default();
     assert!(how.starts_with("hung"), "{st}");
