@@ -7,103 +7,16 @@ mod common;
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::supervised::Supervised;
 use nix::errno::Errno;
 use serde_json::Value;
 use vfud_devices::dma_engine::{
-    reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, STATUS_BUSY, STATUS_DONE,
+    reg, Opcode, CRASH_MAGIC, CRASH_TEST_REG, HANG_MAGIC, STATUS_BUSY, STATUS_DONE,
 };
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::{Client, Command, Header, ProtocolError};
-use vfud_server::handover::{self as ho, kind, ControlCommand};
-
-struct Supervised {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        // SIGTERM: the supervisor stops its device process itself.
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Supervised {
-    fn start(spec: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (sock, ctl) = (dir.path().join("dev.sock"), dir.path().join("ctl.sock"));
-        let child = common::serve_command()
-            .args(["--supervise", "--device", spec, "--socket"])
-            .arg(&sock)
-            .arg("--control")
-            .arg(&ctl)
-            .args(extra)
-            .spawn()
-            .unwrap();
-        assert!(common::wait_for_path(&ctl, Duration::from_secs(10)));
-        assert!(common::wait_for_path(&sock, Duration::from_secs(10)));
-        Self { child, dir }
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("dev.sock")
-    }
-
-    fn status(&self) -> Value {
-        let s = UnixStream::connect(self.dir.path().join("ctl.sock")).unwrap();
-        ho::send_json(s.as_fd(), kind::COMMAND, &ControlCommand::Status).unwrap();
-        let mut r = vfud_protocol::FrameReader::new();
-        let f = ho::recv(&s, &mut r, Duration::from_secs(5)).unwrap();
-        let v: Value = serde_json::from_slice(&f.payload).unwrap();
-        v["supervised"].clone()
-    }
-
-    /// Wait until `f` holds for the status (10 s at most).
-    fn wait_status(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t = Instant::now();
-        loop {
-            let st = self.status();
-            if f(&st) {
-                return st;
-            }
-            assert!(t.elapsed() < Duration::from_secs(10), "{what}: {st}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn device_pid(&self) -> i32 {
-        let st = self.wait_status("a device process", |s| s["device_pid"].is_u64());
-        st["device_pid"].as_u64().unwrap() as i32
-    }
-
-    /// SIGKILL the device process and wait for its successor to run.
-    fn kill_device(&self) -> Value {
-        let pid = self.device_pid();
-        let restarts = self.status()["restarts"].as_u64().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        self.wait_status("restart", |s| {
-            s["restarts"].as_u64() == Some(restarts + 1) && s["state"] == "running"
-        })
-    }
-}
 
 /// A 64 MiB memfd of guest RAM mapped at IOVA 0, filled with a pattern; its CRC32.
 fn map_ram(c: &mut Client) -> (std::fs::File, u32) {
@@ -208,6 +121,37 @@ fn reset_policy_shows_a_reset_device_never_a_hang() {
     assert_eq!(wait_not_busy(&mut c) & STATUS_DONE, STATUS_DONE);
 }
 
+#[test]
+fn the_bar_memory_the_client_mapped_stays_the_devices_across_restarts() {
+    use std::os::unix::fs::FileExt;
+    let s = Supervised::start("dma-engine", &["--checkpoint-ms", "10"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    // The client maps BAR2 (device memory) with the fd GET_REGION_INFO gives, as QEMU does.
+    let (info, fd) = c.region_info(2).unwrap();
+    let bar2 = std::fs::File::from(fd.expect("BAR2 fd"));
+
+    for round in 0..2u8 {
+        s.kill_device();
+        // A restarted process fills device memory: the client's mapping must show it.
+        let pattern = 0x40 + u32::from(round);
+        for (o, v) in [
+            (reg::DST_LO, 0),
+            (reg::DST_HI, 0),
+            (reg::LEN, 4096),
+            (reg::OPCODE, Opcode::FillDevice as u32),
+            (reg::PATTERN, pattern),
+            (reg::DOORBELL, 1),
+        ] {
+            c.region_write_u32(0, o, v).unwrap();
+        }
+        assert_eq!(wait_not_busy(&mut c) & STATUS_DONE, STATUS_DONE);
+        let mut seen = [0u8; 4096];
+        bar2.read_exact_at(&mut seen, info.info.offset).unwrap();
+        assert_eq!(seen, [pattern as u8; 4096], "round {round}");
+        assert_eq!(c.region_read(2, 4096, 1).unwrap(), [0], "past the fill");
+    }
+}
+
 /// A raw posted (NO_REPLY) 4-byte BAR0 write.
 fn posted_write(id: u16, off: u64, v: u32) -> Vec<u8> {
     let mut p = Vec::new();
@@ -222,20 +166,30 @@ fn posted_write(id: u16, off: u64, v: u32) -> Vec<u8> {
     m
 }
 
+/// Write PATTERN and let a checkpoint be taken after it (`restore` goes back to that one).
+fn pattern_checkpointed(s: &Supervised, c: &mut Client, v: u32) {
+    c.region_write_u32(0, reg::PATTERN, v).unwrap();
+    next_snapshot(s, s.status()["snapshots"].as_u64().unwrap());
+}
+
+/// Write `magic` to the crash-test register: the device process dies (or hangs and is
+/// killed), and its successor answers the request with EIO. Returns the status then.
+fn fault_answered_with_eio(s: &Supervised, c: &mut Client, magic: u32) -> Value {
+    let restarts = s.status()["restarts"].as_u64().unwrap();
+    let r = c.region_write_u32(0, CRASH_TEST_REG, magic);
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    s.wait_status("restart", |st| {
+        st["restarts"].as_u64() == Some(restarts + 1) && st["state"] == "running"
+    })
+}
+
 #[test]
 fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served() {
     let s = Supervised::start("dma-engine,crash-test=on", &[]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
-    c.region_write_u32(0, reg::PATTERN, 1).unwrap();
-    // `restore` goes back to the last checkpoint: let one be taken after that write.
-    let before = s.status()["snapshots"].as_u64().unwrap();
-    s.wait_status("a checkpoint", |st| {
-        st["snapshots"].as_u64().unwrap() > before
-    });
+    pattern_checkpointed(&s, &mut c, 1);
     // The request the model panics in is answered with an error, not lost: no hang.
-    let r = c.region_write_u32(0, CRASH_TEST_REG, CRASH_MAGIC);
-    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
-    let st = s.wait_status("restart", |s| s["restarts"] == 1 && s["state"] == "running");
+    let st = fault_answered_with_eio(&s, &mut c, CRASH_MAGIC);
     assert_eq!(st["last_crash"]["how"], "signal 6"); // a panic aborts the process
     assert_eq!(st["last_crash"]["request_in_progress"], true);
     assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 1);
@@ -246,6 +200,56 @@ fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served()
     c.send_raw(&burst, &[]).unwrap();
     assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 0x77);
     s.wait_status("second restart", |s| s["restarts"] == 2);
+}
+
+#[test]
+fn a_device_process_hung_in_a_request_is_killed_and_the_request_answered() {
+    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "500"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    pattern_checkpointed(&s, &mut c, 7);
+    // The model never returns from this write: the supervisor notices the request in
+    // progress, kills the process, and its successor answers the request with an error.
+    let st = fault_answered_with_eio(&s, &mut c, HANG_MAGIC);
+    let how = st["last_crash"]["how"].as_str().unwrap();
+    assert!(
+        how.starts_with("hung") && how.ends_with("(signal 9)"),
+        "{how}"
+    );
+    assert_eq!(st["last_crash"]["request_in_progress"], true);
+    // Same connection, state from the checkpoint, serving again.
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 7);
+}
+
+#[test]
+fn a_read_the_model_hung_in_is_answered_with_an_error_not_run_again() {
+    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "300"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    // A read is safe to re-run after a crash, but not after a hang: it would hang again.
+    let r = c.region_read_u32(0, CRASH_TEST_REG);
+    assert!(matches!(r, Err(ProtocolError::Remote(Errno::EIO))), "{r:?}");
+    assert_eq!(
+        c.region_read_u32(0, reg::ID).unwrap(),
+        vfud_devices::dma_engine::ID
+    );
+    let st = s.status();
+    assert_eq!(st["restarts"], 1, "{st}");
+    assert!(st["last_crash"]["how"]
+        .as_str()
+        .unwrap()
+        .starts_with("hung"));
+}
+
+#[test]
+fn an_idle_device_process_is_not_taken_for_hung() {
+    let s = Supervised::start("dma-engine", &["--hang-timeout", "200"]);
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.region_write_u32(0, reg::PATTERN, 3).unwrap();
+    // Idle well past the hang timeout (the supervisor polls every 100 ms), then busy again.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 3);
+    assert_eq!(s.status()["restarts"], 0);
 }
 
 #[test]
@@ -282,4 +286,73 @@ fn a_crash_loop_stops_restarting_and_every_request_gets_an_error() {
         c2.negotiate(&Default::default()),
         Err(ProtocolError::Remote(Errno::EIO))
     ));
+}
+
+/// One byte read from the UART's BAR0 register `off`.
+fn uart_rd(c: &mut Client, off: u64) -> u8 {
+    c.region_read(0, off, 1).unwrap()[0]
+}
+
+/// The guest side of a UART: write `out` to THR, then read `n` bytes from RBR.
+fn uart_exchange(c: &mut Client, host: &mut UnixStream, out: &[u8], input: &[u8]) {
+    use std::io::{Read, Write};
+    for b in out {
+        c.region_write(0, 0, &[*b]).unwrap();
+    }
+    let mut back = vec![0u8; out.len()];
+    host.read_exact(&mut back).unwrap();
+    assert_eq!(back, out, "guest → host");
+    host.write_all(input).unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while got.len() < input.len() && t.elapsed() < Duration::from_secs(10) {
+        if uart_rd(c, 5) & 1 == 1 {
+            got.push(uart_rd(c, 0));
+        }
+    }
+    assert_eq!(got, input, "host → guest");
+}
+
+/// Wait for a snapshot newer than `before` (the supervisor's count).
+fn next_snapshot(s: &Supervised, before: u64) {
+    s.wait_status("a snapshot", |st| {
+        st["snapshots"].as_u64().unwrap() > before
+    });
+}
+
+#[test]
+fn a_uart_socket_backend_and_its_host_peer_survive_restarts() {
+    // A checkpoint interval far beyond the test: snapshots come only from session changes
+    // and from the backend's fds changing (a host peer connecting).
+    let host_dir = tempfile::tempdir().unwrap();
+    let host_path = host_dir.path().join("uart.host");
+    let s = Supervised::start(
+        &format!("uart16550,backend=socket:{}", host_path.display()),
+        &["--checkpoint-ms", "600000"],
+    );
+    // Connect a host peer and wait for the snapshot that carries its connection.
+    let connect_host = || {
+        let before = s.status()["snapshots"].as_u64().unwrap();
+        let host = UnixStream::connect(&host_path).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        next_snapshot(&s, before);
+        host
+    };
+    let mut c = Client::connect_negotiated(s.sock()).unwrap();
+    c.region_write(0, 2, &[0x07]).unwrap(); // FIFO on
+    let mut host = connect_host();
+
+    // The restarted process adopts the listener and the connected peer (binding the path
+    // again would fail: the supervisor holds it).
+    s.kill_device();
+    uart_exchange(&mut c, &mut host, b"after-1\n", b"in-1\n");
+
+    // A new host peer replaces the first: the supervisor gets its fd, and it is the one
+    // served after the next restart.
+    drop(host);
+    let mut host = connect_host();
+    s.kill_device();
+    uart_exchange(&mut c, &mut host, b"after-2\n", b"in-2\n");
+    assert_eq!(s.status()["restarts"], 2);
 }

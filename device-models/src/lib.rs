@@ -115,7 +115,8 @@ pub const MODELS: &[Model] = &[
             ),
             (
                 "crash-test",
-                "TESTING ONLY: on makes a write of 0xdeaddead to BAR0 0xffc panic the model",
+                "TESTING ONLY: on makes a write of 0xdeaddead to BAR0 0xffc panic the model, \
+                 and one of 0xdead1001 or a read there hang it",
             ),
         ],
         create: |o| {
@@ -231,6 +232,21 @@ pub fn create(spec: &str) -> Result<Box<dyn Device>, SpecError> {
     (m.create)(&opts)
 }
 
+/// Construct a device that adopts its host backend from another vfud process (the receiving
+/// side of a live handover, or a device process restarted by `--supervise`): a `backend=`
+/// option becomes `backend=null`, so nothing is opened or bound that the other side still
+/// holds (a UART's `socket:PATH` would be "in use"); `HostIo::adopt` installs the real one.
+pub fn create_detached(spec: &str) -> Result<Box<dyn Device>, SpecError> {
+    let parts: Vec<&str> = spec
+        .split(',')
+        .map(|p| match p.starts_with("backend=") {
+            true => "backend=null",
+            false => p,
+        })
+        .collect();
+    create(&parts.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +296,21 @@ mod tests {
         assert!(refusal("nvme,queues=0").contains("1 to 127"));
         assert!(refusal("nvme,shadow=maybe").contains("on or off"));
         assert!(refusal("uart16550,backend=null,bar=pio").contains("mem or io"));
+    }
+
+    #[test]
+    fn detached_uart_leaves_a_socket_backend_held_elsewhere_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uart.host");
+        let _held = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let spec = format!("uart16550,backend=socket:{},bar=io", path.display());
+
+        let bound = refusal(&spec);
+        let detached = create_detached(&spec).unwrap();
+
+        assert!(bound.contains("in use"), "{bound}");
+        assert_eq!(detached.describe().ids.vendor, 0x5646, "other options kept");
+        assert!(path.exists(), "the held socket is not unlinked");
     }
 
     #[test]

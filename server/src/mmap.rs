@@ -55,6 +55,21 @@ impl SharedMemory {
         Ok(Self { file, map, len })
     }
 
+    /// Map `len` bytes of BAR memory a peer vfud process passed on (a handover, or the
+    /// supervisor after a crash), refusing a memfd whose size is not sealed: shrunk under
+    /// the mapping, it would fault this process.
+    pub fn from_sealed_fd(fd: OwnedFd, len: usize) -> Result<Self, DeviceError> {
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)
+            .map(SealFlag::from_bits_truncate)
+            .map_err(|e| DeviceError::Other(format!("BAR memory seals: {e}")))?;
+        if !seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
+            return Err(DeviceError::Other(
+                "BAR memory from the peer is not sealed against resizing".into(),
+            ));
+        }
+        Self::from_fd(fd, len)
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> usize {
         self.len

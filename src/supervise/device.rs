@@ -71,6 +71,7 @@ pub(super) struct Supervisor {
     policy: Policy,
     checkpoint_ms: u64,
     limit: RestartLimit,
+    hang_timeout: Option<Duration>,
     snapshot: Option<Snapshot>,
     crashes: VecDeque<Instant>,
     status: Arc<Mutex<Status>>,
@@ -94,6 +95,7 @@ impl Supervisor {
             policy: a.on_crash,
             checkpoint_ms: a.checkpoint_ms,
             limit: a.max_restarts,
+            hang_timeout: (a.hang_timeout > 0).then(|| Duration::from_millis(a.hang_timeout)),
             snapshot: None,
             crashes: VecDeque::new(),
             status: Arc::new(Mutex::new(status)),
@@ -114,20 +116,23 @@ impl Supervisor {
     pub(super) fn run(mut self, shutdown: &ShutdownHandle) -> Result<()> {
         let mut generation = 0u32;
         let mut crashed_at = 0u64;
+        let mut hung_before = false;
         loop {
-            let (mut child, link) = self.spawn()?;
+            let (mut child, link) = self.spawn(generation)?;
             self.set_status(|s| {
                 s.device_pid = Some(child.id());
                 s.state = "running".into();
             });
             let mut reader = FrameReader::new();
-            match self.start(&link, &mut reader, generation, crashed_at) {
+            let started = self.start(&link, &mut reader, generation, crashed_at, hung_before);
+            let hung = match started {
                 Ok(()) => self.watch(&link, &mut reader, &mut child, shutdown),
                 Err(e) => {
                     tracing::error!(device = self.spec, "starting the device process: {e:#}");
                     let _ = child.kill();
+                    None
                 }
-            }
+            };
             if shutdown.is_triggered() {
                 stop(&mut child);
                 self.set_status(|s| s.state = "stopped".into());
@@ -140,6 +145,11 @@ impl Supervisor {
                     _ => "unknown".into(),
                 },
                 Err(e) => format!("unknown ({e})"),
+            };
+            hung_before = hung.is_some();
+            let how = match hung {
+                Some(d) => format!("hung: one request for {} ms, killed ({how})", d.as_millis()),
+                None => how,
             };
             crashed_at = ho::now_ns();
             let rec = self.journal.recover();
@@ -181,11 +191,25 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self) -> Result<(Child, UnixStream)> {
+    /// The snapshot a device process of `generation` is handed (none for the first one).
+    fn handed(&self, generation: u32) -> Option<&Snapshot> {
+        self.snapshot.as_ref().filter(|_| generation > 0)
+    }
+
+    fn spawn(&self, generation: u32) -> Result<(Child, UnixStream)> {
         let (ours, theirs) = UnixStream::pair().context("supervisor link")?;
         let exe = std::env::current_exe().context("locating the vfud binary")?;
-        let child = Command::new(exe)
-            .args(["device-process", "--device", &self.spec])
+        let mut cmd = Command::new(exe);
+        cmd.args(["device-process", "--device", &self.spec]);
+        // The backend's fds (a UART's listening socket and host connection) are in the
+        // snapshot: the new process adopts them rather than bind a path this process holds.
+        if self
+            .handed(generation)
+            .is_some_and(|s| s.info.backend.is_some())
+        {
+            cmd.arg("--adopt-backend");
+        }
+        let child = cmd
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
             // then stops the device process itself.
@@ -203,6 +227,7 @@ impl Supervisor {
         reader: &mut FrameReader,
         generation: u32,
         crashed_at: u64,
+        hung: bool,
     ) -> Result<()> {
         let sup = Supervise {
             policy: self.policy,
@@ -210,6 +235,7 @@ impl Supervisor {
             generation,
             journal: 0,
             listener: Some(1),
+            hung,
         };
         let p = serde_json::to_vec(&sup)?;
         ho::send(
@@ -218,7 +244,7 @@ impl Supervisor {
             &p,
             &[self.journal.fd(), self.listener.as_fd()],
         )?;
-        let Some(s) = self.snapshot.as_ref().filter(|_| generation > 0) else {
+        let Some(s) = self.handed(generation) else {
             return Ok(());
         };
         let hello = Hello {
@@ -243,25 +269,48 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Keep the device process's snapshots until it dies (or shutdown).
+    /// Keep the device process's snapshots until it dies (or shutdown), and kill it when the
+    /// journal shows one request in progress for longer than the hang timeout. Returns how
+    /// long that request had been in progress when the process was killed for it.
     fn watch(
         &mut self,
         link: &UnixStream,
         reader: &mut FrameReader,
         child: &mut Child,
         shutdown: &ShutdownHandle,
-    ) {
+    ) -> Option<Duration> {
+        let mut busy: Option<(u64, Instant)> = None;
         loop {
-            match ho::recv(link, reader, Duration::from_millis(200)) {
+            match ho::recv(link, reader, Duration::from_millis(100)) {
                 Ok(f) if f.header.cmd == sv::kind::SNAPSHOT => self.keep(f),
                 Ok(f) => tracing::debug!(cmd = f.header.cmd, "unexpected frame from the device"),
                 Err(ProtocolError::Timeout) => {
                     if shutdown.is_triggered() || matches!(child.try_wait(), Ok(Some(_))) {
-                        return;
+                        return None;
                     }
                 }
-                Err(_) => return,
+                Err(_) => return None,
             }
+            let Some(limit) = self.hang_timeout else {
+                continue;
+            };
+            busy = match (self.journal.in_progress(), busy) {
+                (Some(n), Some((m, since))) if n == m => {
+                    if since.elapsed() >= limit {
+                        tracing::error!(
+                            device = self.spec,
+                            in_progress_ms = since.elapsed().as_millis() as u64,
+                            "DEVICE PROCESS HUNG: one request in progress beyond --hang-timeout; \
+                             killing it"
+                        );
+                        let _ = child.kill();
+                        return Some(since.elapsed());
+                    }
+                    Some((m, since))
+                }
+                (Some(n), _) => Some((n, Instant::now())),
+                (None, _) => None,
+            };
         }
     }
 

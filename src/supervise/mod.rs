@@ -44,6 +44,11 @@ pub struct SuperviseArgs {
     /// answer every request with an error.
     #[arg(long, default_value = "5/60", requires = "supervise")]
     pub max_restarts: RestartLimit,
+    /// A device process that has handled one request for this long (ms) is taken for hung:
+    /// it is killed and restarted like one that crashed (0: never). Below QEMU's 5 s
+    /// `x-msg-timeout`, so QEMU gets the reply before it gives up on the request.
+    #[arg(long, default_value_t = 3000, requires = "supervise")]
+    pub hang_timeout: u64,
 }
 
 /// At most `count` restarts within `window`.
@@ -73,6 +78,10 @@ pub struct DeviceProcessArgs {
     /// Device spec, as for `serve --device`.
     #[arg(long)]
     device: String,
+    /// The backend comes with the session the supervisor hands over (a restart): build the
+    /// device without opening it (see `vfud_devices::create_detached`).
+    #[arg(long)]
+    adopt_backend: bool,
 }
 
 /// The device process: serve one device with the supervisor link on stdin. A panic aborts
@@ -88,7 +97,10 @@ pub fn device_process(a: &DeviceProcessArgs) -> Result<()> {
     // and a client is better off seeing EOF than a server nobody watches.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
         .context("parent-death signal")?;
-    let device = vfud_devices::create(&a.device)?;
+    let device = match a.adopt_backend {
+        true => vfud_devices::create_detached(&a.device)?,
+        false => vfud_devices::create(&a.device)?,
+    };
     let link = UnixStream::from(
         std::io::stdin()
             .as_fd()

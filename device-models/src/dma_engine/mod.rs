@@ -200,7 +200,8 @@ pub struct DmaEngine {
     /// `vfud qemu-migrate --replug` must move goes without).
     msix: bool,
     /// Testing only (`crash-test=on`): writing [`CRASH_MAGIC`] to [`CRASH_TEST_REG`] panics,
-    /// to exercise crash recovery (`vfud serve --supervise`).
+    /// and writing [`HANG_MAGIC`] there or reading it never returns, to exercise crash and
+    /// hang recovery (`vfud serve --supervise`).
     crash_test: bool,
 }
 
@@ -208,6 +209,17 @@ pub struct DmaEngine {
 pub const CRASH_TEST_REG: u64 = 0xffc;
 /// Testing only: the value that panics the model at [`CRASH_TEST_REG`].
 pub const CRASH_MAGIC: u32 = 0xdead_dead;
+/// Testing only: the value at [`CRASH_TEST_REG`] whose write never returns (the model hangs;
+/// so does a read of that register).
+pub const HANG_MAGIC: u32 = 0xdead_1001;
+
+/// Testing only (`crash-test=on`): never return, as a model stuck in a request would.
+fn hang_on_purpose() -> ! {
+    tracing::error!("dma-engine: hang-test register accessed: hanging on purpose");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
 
 impl Default for DmaEngine {
     fn default() -> Self {
@@ -232,7 +244,8 @@ impl DmaEngine {
     }
 
     /// Testing only: the same device, but a write of [`CRASH_MAGIC`] to [`CRASH_TEST_REG`]
-    /// panics (a stand-in for a buggy model, for crash-recovery tests).
+    /// panics and one of [`HANG_MAGIC`] hangs (stand-ins for a buggy model, for crash- and
+    /// hang-recovery tests).
     pub fn with_crash_test(mut self) -> Self {
         self.crash_test = true;
         self
@@ -315,6 +328,9 @@ impl Device for DmaEngine {
             data.fill(0);
             return Ok(());
         }
+        if self.crash_test && offset == CRASH_TEST_REG {
+            hang_on_purpose();
+        }
         let r = &self.regs;
         let v = match access_u32(offset, data.len())? {
             reg::ID => ID,
@@ -352,6 +368,9 @@ impl Device for DmaEngine {
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         if self.crash_test && off == CRASH_TEST_REG && v == CRASH_MAGIC {
             panic!("dma-engine: crash-test register written: panicking on purpose");
+        }
+        if self.crash_test && off == CRASH_TEST_REG && v == HANG_MAGIC {
+            hang_on_purpose();
         }
         let r = &mut self.regs;
         match off {

@@ -403,6 +403,18 @@ impl Migratable for Uart16550 {
         )
     }
 
+    /// The 8250 driver keeps IER in a shadow and writes it only when a bit changes: if it
+    /// enabled the THR-empty interrupt after the checkpoint, it now waits for an interrupt
+    /// the restored IER will never raise, and output stalls for good. So while the port is
+    /// open (receive interrupts on), enable it and report THR empty: a driver with nothing to
+    /// send answers that interrupt by disabling it again.
+    fn restored_after_crash(&mut self) {
+        if self.regs.ier & IER_RDI != 0 {
+            self.regs.ier |= IER_THRI;
+            self.regs.thre_pending = true;
+        }
+    }
+
     fn load(
         &mut self,
         state: &DeviceState,

@@ -326,3 +326,17 @@ fn nothing_runs_between_stop_and_running() {
     }
     assert_eq!(got, b"late");
 }
+
+#[test]
+fn a_crash_restore_of_an_open_port_offers_a_thr_empty_interrupt_and_a_closed_one_stays_quiet() {
+    let mut open = Uart16550::new(Backend::Null);
+    open.regs.ier = IER_RDI | IER_RLSI; // as 8250 leaves it while the port is open
+    let mut closed = Uart16550::new(Backend::Null);
+
+    Migratable::restored_after_crash(&mut open);
+    Migratable::restored_after_crash(&mut closed);
+
+    assert_eq!(open.regs.pending_iir(), IIR_THRI);
+    assert_eq!(closed.regs.ier, 0);
+    assert_eq!(closed.regs.pending_iir(), IIR_NO_INT);
+}

@@ -95,6 +95,13 @@ pub trait Migratable {
     /// memory, config space and interrupt state are saved by the server. Called stopped.
     fn save(&mut self) -> Result<DeviceState, DeviceError>;
 
+    /// The state just loaded is a checkpoint from before a crash (`vfud serve --supervise`,
+    /// `--on-crash restore`): the driver may be ahead of it, having written registers after
+    /// the checkpoint that are now lost, and may wait for what those writes would have
+    /// caused. Make the device safe for such a driver (e.g. raise the interrupt it waits
+    /// for, which it will find nothing to do in if it was not waiting). Default: nothing.
+    fn restored_after_crash(&mut self) {}
+
     /// Replace the device's state with a saved one. Must validate everything (the bytes come
     /// from a peer) and change nothing when it fails. `config` is the restored config space
     /// when it was restored before the device data (always so for a device that

@@ -62,6 +62,12 @@ impl DeviceServer {
                 fd,
             });
         }
+        let mut bars = Vec::new();
+        for (i, mem) in self.function.bars().iter().enumerate() {
+            if let Some(m) = mem {
+                bars.push((i, push(m.fd().try_clone_to_owned()?)));
+            }
+        }
         let client = client.map(Connection::dup).transpose()?.map(&mut push);
         let backend = self
             .device
@@ -76,6 +82,7 @@ impl DeviceServer {
             client,
             listener: None,
             backend,
+            bars,
             stopped_at_unix_ns: 0,
         })
     }
@@ -184,8 +191,22 @@ impl DeviceServer {
                 .ok_or_else(|| protocol("this device has no backend to adopt"))?;
             host.adopt(desc, b).map_err(|e| boxed(e.into()))?;
         }
+        let mut bars = Vec::new();
+        for &(i, fd) in &info.bars {
+            let fd = take(Some(fd))?.ok_or_else(|| protocol("BAR memory fd missing"))?;
+            let mem = self
+                .function
+                .check_bar_memory(i, fd)
+                .map_err(|e| boxed(e.into()))?;
+            bars.push((i, mem));
+        }
         let client = take(info.client)?;
         self.set_mig_state(MigState::Running).map_err(boxed)?;
+        // Only once the device runs: until then a failed handover leaves the old memory,
+        // which the old process goes on serving, untouched.
+        for (i, mem) in bars {
+            self.function.adopt_bar_memory(i, mem);
+        }
         Ok(match client {
             Some(fd) => Some(Connection::new(UnixStream::from(fd))?),
             None => None,

@@ -118,6 +118,10 @@ pub struct SessionInfo {
     pub listener: Option<usize>,
     /// Device backend description and fd indices.
     pub backend: Option<(String, Vec<usize>)>,
+    /// Shared BAR memory as (BAR index, fd index): the client mapped these memfds, so the
+    /// new process must keep serving the same memory.
+    #[serde(default)]
+    pub bars: Vec<(usize, usize)>,
     /// When A stopped reading the client (Unix time, ns), to measure the pause.
     pub stopped_at_unix_ns: u64,
 }

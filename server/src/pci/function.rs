@@ -97,6 +97,33 @@ impl PciFunction {
         &self.bars
     }
 
+    /// Map BAR `index`'s memory as a peer vfud process passed it on (see
+    /// [`PciFunction::adopt_bar_memory`]), checked against this device's BAR.
+    pub fn check_bar_memory(&self, index: usize, fd: OwnedFd) -> Result<SharedMemory, DeviceError> {
+        let len = self
+            .bars
+            .get(index)
+            .and_then(Option::as_ref)
+            .map(SharedMemory::len)
+            .ok_or_else(|| DeviceError::Other(format!("BAR {index} has no shared memory")))?;
+        SharedMemory::from_sealed_fd(fd, len)
+    }
+
+    /// Serve BAR `index` from `mem` from now on, with the contents the BAR has now. The
+    /// client mapped the memfd it got in GET_REGION_INFO, which after a handover or a
+    /// supervised restart is the previous process's: the device must go on using that
+    /// memory, or what it writes there would never reach the client's view.
+    pub fn adopt_bar_memory(&mut self, index: usize, mem: SharedMemory) {
+        let Some(Some(own)) = self.bars.get_mut(index) else {
+            return;
+        };
+        let mut contents = Vec::with_capacity(own.len());
+        // Same length (checked when `mem` was mapped), so neither copy can fail.
+        if own.append_to(0, own.len(), &mut contents).is_ok() && mem.write(0, &contents).is_ok() {
+            *own = mem;
+        }
+    }
+
     /// Interrupt state.
     pub fn irqs(&self) -> &Interrupts {
         &self.irqs

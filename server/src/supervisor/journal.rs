@@ -8,7 +8,9 @@
 //! compare and one 8-byte store, plus a copy of newly received bytes once per `recvmsg`);
 //! only a process that starts after the writer died reads it, so no locking is needed. The
 //! cursor (where unhandled bytes start, and the "busy" bit) is one 8-byte store, so a crash
-//! sees either the old or the new cursor, never a mix.
+//! sees either the old or the new cursor, never a mix. The supervisor also reads the busy
+//! bit and a count of frames taken while the writer runs ([`Journal::in_progress`]), to
+//! notice a request that never finishes; a view taken mid-update only delays that by a poll.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{compiler_fence, Ordering};
@@ -26,6 +28,8 @@ const OFF_LEN: u64 = 8;
 const OFF_CURSOR: u64 = 16;
 const OFF_FRAMES: u64 = 24;
 const OFF_CHECKPOINT_NS: u64 = 32;
+/// Frames taken by this writer so far: tells one request in progress from the next.
+const OFF_TAKEN: u64 = 40;
 const HEADER: u64 = 64;
 /// Room for the largest frame (1 MiB of data) and a full read buffer behind it.
 const DATA_CAP: usize = 4 << 20;
@@ -59,6 +63,7 @@ pub struct Journal {
     /// A frame was taken and not yet marked handled.
     in_hand: bool,
     frames: u64,
+    taken: u64,
 }
 
 impl Journal {
@@ -82,6 +87,7 @@ impl Journal {
             frame_len: 0,
             in_hand: false,
             frames: 0,
+            taken: 0,
         }
     }
 
@@ -127,6 +133,16 @@ impl Journal {
         r
     }
 
+    /// The request being handled now, if any, as the number of frames its writer had taken:
+    /// the supervisor reads this while the device process runs, to notice one that hangs
+    /// (the same number, busy, for too long).
+    pub fn in_progress(&self) -> Option<u64> {
+        let len = self.get(OFF_LEN);
+        let cursor = self.get(OFF_CURSOR);
+        let valid = self.get(OFF_MAGIC) as u32 == MAGIC && len <= DATA_CAP as u64;
+        (valid && cursor & 1 == 1 && cursor >> 1 < len).then(|| self.get(OFF_TAKEN))
+    }
+
     /// Rewrite the data as `parts` (starting at reader offset `base`) with cursor `cursor`.
     fn rewrite(&mut self, base: u64, parts: &[&[u8]], cursor: u64) {
         self.put(OFF_LEN, 0);
@@ -160,6 +176,8 @@ impl Journal {
         let start = after.saturating_sub(len);
         self.frame_len = len;
         self.in_hand = true;
+        self.taken += 1;
+        self.put(OFF_TAKEN, self.taken);
         if after + pending.len() as u64 != self.end {
             // New bytes were received since the last record: this frame (busy, at the start)
             // and what follows.
@@ -251,10 +269,12 @@ mod tests {
         j.take(&f1, &r);
         let rec = j.recover();
         assert!(rec.busy);
+        assert_eq!(j.in_progress(), Some(1));
         assert_eq!(rec.unhandled, burst);
         j.handled(&r);
         let rec = j.recover();
         assert!(!rec.busy);
+        assert_eq!(j.in_progress(), None);
         assert_eq!(rec.unhandled, burst[b1.len()..]);
         assert_eq!(rec.frames_since_checkpoint, 1);
     }

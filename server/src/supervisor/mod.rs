@@ -75,6 +75,10 @@ pub struct Supervise {
     pub journal: usize,
     /// Index of the listening socket among the frame's fds.
     pub listener: Option<usize>,
+    /// The previous device process was killed for hanging in a request: answer that request
+    /// with an error even when it could be re-run (it would most likely hang again).
+    #[serde(default)]
+    pub hung: bool,
 }
 
 /// Encode a snapshot payload: a 4-byte length, the session JSON, then the stream bytes.
@@ -114,6 +118,7 @@ mod tests {
             client: Some(0),
             listener: None,
             backend: None,
+            bars: Vec::new(),
             stopped_at_unix_ns: 0,
         };
         let p = encode_snapshot(&info, b"stream").unwrap();

@@ -2,7 +2,7 @@
 //! and what a restarted process does with the request the dead one was handling.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -35,10 +35,15 @@ pub(crate) struct Supervised {
     dirty: bool,
     had_client: bool,
     broken: bool,
+    /// The device's host fds (a UART backend's listener and connection) in the last
+    /// snapshot: when they change, the supervisor needs the new ones.
+    host_fds: Vec<RawFd>,
     /// What the dead process left, until the session is adopted.
     recovered: Option<Recovered>,
     /// The first frame of the adopted stream was being handled when the old process died.
     crashed_in: bool,
+    /// The old process was killed for hanging in that frame: never re-run it.
+    hung: bool,
 }
 
 /// Run one device as a supervised device process: `link` is the socket to the supervisor
@@ -85,15 +90,18 @@ pub fn serve_device_process(
         dirty: false,
         had_client: false,
         broken: false,
+        host_fds: Vec::new(),
         recovered,
         crashed_in: false,
+        hung: sup.hung,
     };
     crate::event_loop::serve_inner(device, listener, None, Some(s), settings, shutdown).map(|_| ())
 }
 
 /// Commands a restarted process may simply run again for the request the old one died in:
-/// they only read, or their effect is already undone by restoring the last session
-/// snapshot (which is taken before any session-changing request is answered).
+/// they only read, their effect is already undone by restoring the last session snapshot
+/// (which is taken before any session-changing request is answered), or running them twice
+/// is running them once (an interrupt mask or unmask).
 fn rerunnable(cmd: u16, payload: &[u8]) -> bool {
     match Command::try_from(cmd) {
         Ok(
@@ -106,8 +114,26 @@ fn rerunnable(cmd: u16, payload: &[u8]) -> bool {
             | Command::DeviceReset,
         ) => true,
         Ok(Command::RegionWrite) => is_config_write(payload),
+        Ok(Command::DeviceSetIrqs) => is_mask_or_unmask(payload),
         _ => false,
     }
+}
+
+/// A SET_IRQS that masks or unmasks without eventfds (`vfio_irq_set`: argsz, flags, ...):
+/// setting a mask again is harmless, and an error would leave QEMU's INTx masked for good
+/// (it unmasks INTx this way after every interrupt). One with eventfds cannot be re-run:
+/// its fds died with the old process.
+fn is_mask_or_unmask(payload: &[u8]) -> bool {
+    use vfud_protocol::messages::irq::{
+        IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_EVENTFD,
+    };
+    payload
+        .get(4..8)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .is_some_and(|f| {
+            f & IRQ_SET_DATA_EVENTFD == 0 && f & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK) != 0
+        })
 }
 
 /// A REGION_WRITE to config space (`RegionAccess`: offset u64, then the region index).
@@ -157,6 +183,13 @@ impl DeviceServer {
     fn reset_model(&mut self) {
         self.with_device(|d, cx| d.reset(cx));
     }
+
+    /// `Policy::Restore`: tell the model its state is a checkpoint the driver may be ahead of.
+    fn restored_after_crash(&mut self) {
+        if let Some(m) = self.device.migration() {
+            m.restored_after_crash();
+        }
+    }
 }
 
 impl Loop {
@@ -187,10 +220,15 @@ impl Loop {
         }
     }
 
-    /// End of a loop turn: checkpoint when the client came or went, or when the device was
-    /// active and the interval has passed.
+    /// End of a loop turn: checkpoint when the client came or went, when the device's host
+    /// fds changed (a UART's host peer connected or left), or when the device was active and
+    /// the interval has passed.
     pub(crate) fn supervise_turn(&mut self, active: bool) {
+        if self.sup.is_none() {
+            return;
+        }
         let client = self.client.is_some();
+        let host_fds = self.host_fds();
         let Some(s) = &mut self.sup else {
             return;
         };
@@ -198,9 +236,21 @@ impl Loop {
         if !client && s.had_client {
             s.journal.clear();
         }
-        if s.first || client != s.had_client || (s.dirty && s.last.elapsed() >= s.interval) {
+        if s.first
+            || client != s.had_client
+            || host_fds != s.host_fds
+            || (s.dirty && s.last.elapsed() >= s.interval)
+        {
             self.checkpoint_now();
         }
+    }
+
+    /// The device's host fds, as the event loop watches them. Compared by number, without a
+    /// system call per turn: a connection closed and another accepted under the same number
+    /// within one turn goes unnoticed until the next checkpoint.
+    fn host_fds(&mut self) -> Vec<RawFd> {
+        let (fds, _) = self.server.device_sources();
+        fds.into_iter().map(|(fd, _)| fd).collect()
     }
 
     /// Send the supervisor a snapshot: the session (with its fds) and a checkpoint. Skipped
@@ -232,11 +282,13 @@ impl Loop {
                 handover::send(s.link.as_fd(), kind::SNAPSHOT, &p, &b).map_err(|e| e.to_string())
             });
         let client = self.client.is_some();
+        let host_fds = self.host_fds();
         let Some(s) = &mut self.sup else {
             return;
         };
         match sent {
             Ok(()) => {
+                s.host_fds = host_fds;
                 s.journal.checkpointed(at);
                 s.first = false;
                 s.dirty = false;
@@ -280,8 +332,9 @@ impl Loop {
         if let Some(c) = &mut self.client {
             c.reader_mut().prefill(&rec.unhandled);
         }
-        if policy == Policy::Reset {
-            self.server.reset_model();
+        match policy {
+            Policy::Reset => self.server.reset_model(),
+            Policy::Restore => self.server.restored_after_crash(),
         }
     }
 
@@ -299,7 +352,9 @@ impl Loop {
         let h = frame.header;
         let name = self.server.description().name;
         match h.kind() {
-            Ok(MessageKind::Command { no_reply }) if !rerunnable(h.cmd, &frame.payload) => {
+            Ok(MessageKind::Command { no_reply })
+                if s.hung || !rerunnable(h.cmd, &frame.payload) =>
+            {
                 if no_reply {
                     tracing::warn!(
                         device = name,
@@ -389,5 +444,24 @@ mod tests {
         assert!(!changes_session(&h, &p) && !rerunnable(h.cmd, &p));
         assert!(rerunnable(Command::RegionRead as u16, &[]));
         assert!(!rerunnable(Command::DmaMap as u16, &[]));
+    }
+
+    #[test]
+    fn only_set_irqs_that_mask_or_unmask_without_fds_are_rerun() {
+        use vfud_protocol::messages::irq::*;
+        let set_irqs = |flags: u32| [20u32, flags, 0, 0, 1].as_bytes().to_vec();
+        let cmd = Command::DeviceSetIrqs as u16;
+
+        let unmask = rerunnable(cmd, &set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK));
+        let mask = rerunnable(cmd, &set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK));
+        let fds = rerunnable(
+            cmd,
+            &set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER),
+        );
+        let trigger = rerunnable(cmd, &set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER));
+
+        assert!(unmask && mask);
+        assert!(!fds && !trigger);
+        assert!(!rerunnable(cmd, &[1, 2]), "truncated");
     }
 }
