@@ -204,7 +204,9 @@ fn a_panicking_model_is_restarted_and_the_requests_behind_the_crash_are_served()
 
 #[test]
 fn a_device_process_hung_in_a_request_is_killed_and_the_request_answered() {
-    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "500"]);
+    // Timeouts well above what a loaded CI machine takes to start a device process and
+    // answer a request (a short one killed the successor too, as hung, on a busy machine).
+    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "1500"]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
     c.set_timeout(Duration::from_secs(10)).unwrap();
     pattern_checkpointed(&s, &mut c, 7);
@@ -223,7 +225,7 @@ fn a_device_process_hung_in_a_request_is_killed_and_the_request_answered() {
 
 #[test]
 fn a_read_the_model_hung_in_is_answered_with_an_error_not_run_again() {
-    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "300"]);
+    let s = Supervised::start("dma-engine,crash-test=on", &["--hang-timeout", "1500"]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
     c.set_timeout(Duration::from_secs(10)).unwrap();
     // A read is safe to re-run after a crash, but not after a hang: it would hang again.
@@ -243,11 +245,11 @@ fn a_read_the_model_hung_in_is_answered_with_an_error_not_run_again() {
 
 #[test]
 fn an_idle_device_process_is_not_taken_for_hung() {
-    let s = Supervised::start("dma-engine", &["--hang-timeout", "200"]);
+    let s = Supervised::start("dma-engine", &["--hang-timeout", "1000"]);
     let mut c = Client::connect_negotiated(s.sock()).unwrap();
     c.region_write_u32(0, reg::PATTERN, 3).unwrap();
     // Idle well past the hang timeout (the supervisor polls every 100 ms), then busy again.
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(c.region_read_u32(0, reg::PATTERN).unwrap(), 3);
     assert_eq!(s.status()["restarts"], 0);
 }
