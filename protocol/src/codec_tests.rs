@@ -4,6 +4,7 @@ use super::*;
 use crate::header::Command;
 
 #[test]
+#[cfg_attr(miri, ignore = "sendmsg/recvmsg on a socketpair: Miri cannot run them")]
 fn skipping_a_60_mib_command_never_grows_the_buffer() {
     let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
     let size = 60usize << 20;
@@ -31,6 +32,7 @@ fn skipping_a_60_mib_command_never_grows_the_buffer() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "sendmsg/recvmsg on a socketpair: Miri cannot run them")]
 fn a_recycled_payload_buffer_carries_the_next_frame() {
     let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
     let payload = vec![7u8; 64 * 1024];
