@@ -158,6 +158,10 @@ pub const MODELS: &[Model] = &[
                 "shadow",
                 "on or off (default on): offer Doorbell Buffer Config (shadow doorbells)",
             ),
+            (
+                "doorbells",
+                "trap (default; posted writes) or mmap (a shared page a thread polls)",
+            ),
         ],
         create: |o| {
             let shadow = match o.get("shadow") {
@@ -171,7 +175,13 @@ pub const MODELS: &[Model] = &[
                 o.number("queues")?,
                 shadow,
             )?;
-            Ok(Box::new(dev))
+            let mode = match o.get("doorbells") {
+                None => nvme::dbpage::DoorbellMode::default(),
+                Some(v) => nvme::dbpage::DoorbellMode::parse(v).ok_or_else(|| {
+                    SpecError::BadValue(format!("doorbells={v}: give trap or mmap"))
+                })?,
+            };
+            Ok(Box::new(dev.with_doorbells(mode)?))
         },
     },
     Model {

@@ -119,8 +119,15 @@ impl Nvme {
                     };
                     match r {
                         Ok(Outcome::Done(status, result)) => {
+                            let mut result = result;
                             if cmd.sqid == 0 && cmd.sqe.opcode() == op::DELETE_SQ {
                                 self.abort_queue(cmd.sqe.cdw(10) as u16);
+                            }
+                            if cmd.sqid == 0 && cmd.sqe.opcode() == op::ABORT {
+                                let cdw10 = cmd.sqe.cdw(10);
+                                if self.abort_waiting(cdw10 as u16, (cdw10 >> 16) as u16) {
+                                    result = 0; // bit 0 clear: aborted
+                                }
                             }
                             cmd.stage = Stage::Finish { status, result };
                         }
@@ -168,7 +175,8 @@ impl Nvme {
                     }
                     if let Some(cq) = self.ctrl.cqs[usize::from(cqid)].as_ref() {
                         if cq.ien {
-                            cx.raise(u32::from(cq.iv));
+                            let iv = cq.iv;
+                            self.signal(iv, cx);
                         }
                     }
                     return Fate::Done;
@@ -234,6 +242,31 @@ impl Nvme {
                     result: 0,
                 };
             }
+        }
+    }
+
+    /// Abort: a command fetched but not started yet (the turn that fetched an Abort fetched
+    /// the I/O queues' new entries too, and admin commands run first) ends "Command Abort
+    /// Requested"; one already moving data runs on and the Abort reports "not aborted", as
+    /// the spec allows (NVMe 1.4 §5.1).
+    fn abort_waiting(&mut self, sqid: u16, cid: u16) -> bool {
+        let target = self.inflight.iter_mut().find(|c| {
+            c.sqid == sqid
+                && c.sqe.cid() == cid
+                && c.stage == Stage::Exec
+                && c.done == 0
+                && c.prp.is_none()
+                && c.buf.is_empty()
+        });
+        match target {
+            Some(c) => {
+                c.stage = Stage::Finish {
+                    status: status::ABORTED_BY_REQUEST,
+                    result: 0,
+                };
+                true
+            }
+            None => false,
         }
     }
 

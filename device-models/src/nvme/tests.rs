@@ -515,3 +515,177 @@ fn a_state_with_live_queues_needs_its_config_and_the_same_storage() {
 vfud_server::migration_roundtrip_tests!(Box::new(
     Nvme::new(Namespace::open(None, Some(MIB)).unwrap(), 2).unwrap()
 ));
+
+fn read_sqe() -> [u32; 16] {
+    let mut s = sqe(iop::READ, BUF, 0, [0; 4]);
+    s[1] = 1;
+    s
+}
+
+#[test]
+fn intms_masks_msi_until_intmc_and_msix_ignores_it() {
+    let (_d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.b.wire_irqs(1, 1);
+    h.enable();
+    h.create_queues(1, 0);
+    h.b.interrupts();
+    h.b.write32(0, reg::INTMS, 1).unwrap();
+    assert_eq!(
+        h.b.read32(0, reg::INTMC).unwrap(),
+        1,
+        "INTMC reads the mask"
+    );
+    let cid = h.submit(1, read_sqe());
+    h.b.run(100);
+    assert!(h.b.interrupts().is_empty(), "masked: no MSI");
+    h.b.write32(0, reg::INTMC, 1).unwrap();
+    assert_eq!(
+        h.b.interrupts(),
+        vec![(1, 0, 1)],
+        "unmasked while the completion waits: signalled"
+    );
+    assert_eq!(h.reap(1).unwrap().0, cid);
+    h.b.write32(0, reg::INTMC, 1).unwrap();
+    assert!(h.b.interrupts().is_empty(), "nothing waiting: no signal");
+
+    let (_d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.b.wire_irqs(2, 2);
+    h.enable();
+    h.create_queues(1, 1);
+    h.b.interrupts();
+    h.b.write32(0, reg::INTMS, u32::MAX).unwrap();
+    assert_eq!(h.rw(1, iop::READ, 0, 1, BUF, 0), 0);
+    assert_eq!(h.b.interrupts(), vec![(2, 1, 1)], "MSI-X: INTMS ignored");
+}
+
+#[test]
+fn intms_drops_intx_and_intmc_raises_it_again() {
+    const STATUS_INTERRUPT: u16 = 1 << 3;
+    let (_d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.b.wire_irqs(0, 1);
+    h.enable();
+    h.create_queues(1, 0);
+    h.submit(1, read_sqe());
+    h.b.run(100);
+    assert_ne!(
+        h.b.config16(6) & STATUS_INTERRUPT,
+        0,
+        "a completion: INTx up"
+    );
+    h.b.write32(0, reg::INTMS, 1).unwrap();
+    assert_eq!(h.b.config16(6) & STATUS_INTERRUPT, 0, "masked: INTx down");
+    let cid = h.submit(1, read_sqe());
+    h.b.run(100);
+    assert_eq!(h.b.config16(6) & STATUS_INTERRUPT, 0, "masked: stays down");
+    h.b.write32(0, reg::INTMC, 1).unwrap();
+    assert_ne!(h.b.config16(6) & STATUS_INTERRUPT, 0, "unmasked: up again");
+    h.reap(1).unwrap();
+    assert_eq!(h.reap(1).unwrap().0, cid);
+    assert_eq!(h.b.config16(6) & STATUS_INTERRUPT, 0, "consumed: down");
+}
+
+#[test]
+fn abort_takes_a_command_not_started_and_reports_others_not_aborted() {
+    let (_d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.enable();
+    h.create_queues(1, 1);
+    // A read and an Abort naming it, both queued before the controller takes a turn.
+    let target = h.submit(1, read_sqe());
+    let abort = h.submit(
+        0,
+        sqe(aop::ABORT, 0, 0, [1 | u32::from(target) << 16, 0, 0, 0]),
+    );
+    h.b.run(100);
+    assert_eq!(
+        h.reap(0),
+        Some((abort, 0, 0)),
+        "result bit 0 clear: aborted"
+    );
+    let (cid, st, _) = h.reap(1).unwrap();
+    assert_eq!(
+        (cid, st & !status::DNR),
+        (target, status::ABORTED_BY_REQUEST)
+    );
+    // A command that already completed (or never existed) is not aborted.
+    let done = h.submit(1, read_sqe());
+    h.b.run(100);
+    assert_eq!(h.reap(1).unwrap().0, done);
+    let a = sqe(aop::ABORT, 0, 0, [1 | u32::from(done) << 16, 0, 0, 0]);
+    assert_eq!(h.cmd(0, a), (0, 1), "bit 0 set: not aborted");
+}
+
+#[test]
+fn mmap_doorbells_are_taken_from_the_shared_page() {
+    use vfud_server::mmap::SharedMemory;
+    use vfud_server::vfud_protocol_reexport::region::{
+        RegionCap, RegionInfo, RegionInfoReply, SparseArea, REGION_FLAG_MMAP,
+    };
+    use vfud_server::vfud_protocol_reexport::Request;
+
+    let (_d, _p, dev) = file_backed(MIB);
+    let dev = dev.with_doorbells(dbpage::DoorbellMode::Mmap).unwrap();
+    let mut h = Host::new(dev, RamMode::Fd);
+    // BAR0 offers the doorbell page, and only it, for mmap.
+    let req = RegionInfo {
+        argsz: 256,
+        flags: 0,
+        index: 0,
+        cap_offset: 0,
+        size: 0,
+        offset: 0,
+    };
+    let reply =
+        h.b.server()
+            .handle(Request::GetRegionInfo(req), 32)
+            .unwrap();
+    let info = RegionInfoReply::decode(&reply.payload).unwrap();
+    assert_ne!(info.info.flags & REGION_FLAG_MMAP, 0);
+    let area = SparseArea {
+        offset: 0x1000,
+        size: 0x1000,
+    };
+    assert_eq!(info.caps, vec![RegionCap::SparseMmap(vec![area])]);
+    let fd = reply.fds.into_iter().next().expect("the page's fd");
+    let page = SharedMemory::from_fd(fd, BAR0_SIZE as usize).unwrap();
+    let db = |page: &SharedMemory, i: u64| {
+        let mut b = [0u8; 4];
+        page.read(reg::DOORBELLS + 4 * i, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+
+    // Registers stay trapped; doorbells written over the socket land in the page.
+    h.enable();
+    h.create_queues(1, 1);
+    assert_eq!(
+        db(&page, 0),
+        u32::from(h.tails[0]),
+        "admin SQ tail in the page"
+    );
+    assert_eq!(
+        db(&page, 1),
+        u32::from(h.heads[0]),
+        "admin CQ head in the page"
+    );
+
+    // A doorbell stored in the page, as a guest with the page mapped rings it: no message.
+    let mut s = read_sqe();
+    s[0] |= 0x77 << 16;
+    let bytes: Vec<u8> = s.iter().flat_map(|d| d.to_le_bytes()).collect();
+    h.b.ram_write(sq_base(1), &bytes);
+    h.tails[1] = 1;
+    page.write(reg::DOORBELLS + 8, &1u32.to_le_bytes()).unwrap();
+    h.b.server().device_event(0);
+    h.b.run(100);
+    let (cid, st, _) = h
+        .reap(1)
+        .expect("the command rung through the page completed");
+    assert_eq!((cid, st), (0x77, 0));
+
+    // A controller reset zeroes the page: the driver counts from 0 again.
+    h.b.write32(0, reg::CC, 0).unwrap();
+    assert!((0..4).all(|i| db(&page, i) == 0));
+}

@@ -62,6 +62,12 @@ impl DeviceServer {
                 fd,
             });
         }
+        let mut bar_memory = Vec::new();
+        for (bar, mem) in self.function.bars().iter().enumerate() {
+            if let Some(mem) = mem {
+                bar_memory.push((bar, push(mem.fd().try_clone_to_owned()?)));
+            }
+        }
         let client = client.map(Connection::dup).transpose()?.map(&mut push);
         let backend = self
             .device
@@ -77,6 +83,7 @@ impl DeviceServer {
             listener: None,
             backend,
             stopped_at_unix_ns: 0,
+            bar_memory,
         })
     }
 
@@ -183,6 +190,12 @@ impl DeviceServer {
                 .host_io()
                 .ok_or_else(|| protocol("this device has no backend to adopt"))?;
             host.adopt(desc, b).map_err(|e| boxed(e.into()))?;
+        }
+        for &(bar, i) in &info.bar_memory {
+            let fd = take(Some(i))?.ok_or_else(|| protocol("BAR memory fd missing"))?;
+            self.function
+                .adopt_bar_memory(bar, fd)
+                .map_err(|e| boxed(e.into()))?;
         }
         let client = take(info.client)?;
         self.set_mig_state(MigState::Running).map_err(boxed)?;

@@ -120,6 +120,9 @@ pub struct SessionInfo {
     pub backend: Option<(String, Vec<usize>)>,
     /// When A stopped reading the client (Unix time, ns), to measure the pause.
     pub stopped_at_unix_ns: u64,
+    /// Shared BAR memory (BAR index, fd index): the client mmapped A's memfds.
+    #[serde(default)]
+    pub bar_memory: Vec<(usize, usize)>,
 }
 
 /// Limits for control frames (stream chunks up to 16 MiB, many fds).

@@ -97,6 +97,22 @@ impl PciFunction {
         &self.bars
     }
 
+    /// Live handover, receiving side: serve shared BAR `bar` from the memfd the old process
+    /// handed over. The client mapped that memfd, not this process's, so only the same memory
+    /// keeps what the guest writes there visible.
+    pub fn adopt_bar_memory(&mut self, bar: usize, fd: OwnedFd) -> Result<(), DeviceError> {
+        let size = match self.desc.bars.get(bar) {
+            Some(Some(spec)) if spec.backing != BarBacking::Trapped => spec.size,
+            _ => {
+                return Err(DeviceError::Other(format!(
+                    "BAR {bar} has no shared memory"
+                )))
+            }
+        };
+        self.bars[bar] = Some(SharedMemory::from_fd(fd, size as usize)?);
+        Ok(())
+    }
+
     /// Interrupt state.
     pub fn irqs(&self) -> &Interrupts {
         &self.irqs
@@ -164,8 +180,11 @@ impl PciFunction {
             }
         }
         Ok(match spec.backing {
-            BarBacking::Shared { .. } => BarTarget::Shared,
-            BarBacking::Trapped => BarTarget::Trapped,
+            BarBacking::Shared { mmap_areas: None } => BarTarget::Shared,
+            BarBacking::Shared {
+                mmap_areas: Some(_),
+            }
+            | BarBacking::Trapped => BarTarget::Trapped,
         })
     }
 

@@ -115,6 +115,7 @@ mod tests {
             listener: None,
             backend: None,
             stopped_at_unix_ns: 0,
+            bar_memory: Vec::new(),
         };
         let p = encode_snapshot(&info, b"stream").unwrap();
         let (i, s) = decode_snapshot(&p).unwrap();
