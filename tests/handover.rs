@@ -376,3 +376,37 @@ fn a_dma_engine_job_in_flight_finishes_in_the_new_process_exactly_once() {
     assert_eq!(fired(&irq, 2000), 1, "one completion interrupt");
     assert_eq!(fired(&irq, 200), 0, "and only one");
 }
+
+#[test]
+fn the_clients_mapping_of_device_memory_stays_the_devices_memory_after_a_handover() {
+    // QEMU maps mmap-able BAR memory once, at attach; after a handover the new process must
+    // serve that same memory, or the guest's stores (an NVMe doorbell page) would go nowhere.
+    let s = Setup::new();
+    let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
+    let mut a = s.old("dma-engine", &a_ctl);
+    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    let (info, fd) = c.region_info(2).unwrap();
+    let mapped = vfud_server::mmap::SharedMemory::from_fd(
+        fd.expect("BAR2 is mmap-able"),
+        info.info.size as usize,
+    )
+    .unwrap();
+    mapped.write(0x100, b"before").unwrap();
+    let _b = s.new_process("dma-engine", &b_ctl);
+    let out = handover(&a_ctl, &b_ctl);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
+    // A store through the old mapping after the handover reaches the new process...
+    mapped.write(0x200, b"after the handover").unwrap();
+    assert_eq!(c.region_read(2, 0x100, 6).unwrap(), b"before");
+    assert_eq!(c.region_read(2, 0x200, 18).unwrap(), b"after the handover");
+    // ...and what the new process writes shows in the client's mapping.
+    c.region_write(2, 0x300, b"from B").unwrap();
+    let mut got = [0u8; 6];
+    mapped.read(0x300, &mut got).unwrap();
+    assert_eq!(&got, b"from B");
+}

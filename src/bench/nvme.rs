@@ -22,7 +22,7 @@ use vfud_protocol::messages::region::PCI_CONFIG_REGION_INDEX;
 use vfud_protocol::Client;
 use vfud_server::mmap::SharedMemory;
 
-use super::harness::{Ctx, Goal, Row, Samples, Unit};
+use super::harness::{Ctx, Row, Samples};
 
 const IOVA: u64 = 0x1_0000_0000;
 const RAM: usize = 1 << 20;
@@ -227,14 +227,7 @@ pub fn doorbell(ctx: &mut Ctx) -> Result<Vec<Row>> {
     let it = measure(&mut trap, AFTER_IDLE, Some(IDLE))?;
     const BASE: &str = "the same Read with the doorbell trapped (posted REGION_WRITE)";
     let row = |name: &str, m: &Samples, t: &Samples, p: f64| {
-        Row::new(
-            format!("nvme-doorbell {name}"),
-            Unit::Us,
-            m.percentile_us(p),
-            t.percentile_us(p),
-            BASE,
-            Goal::None,
-        )
+        Row::percentile(format!("nvme-doorbell {name}"), m, t, p, BASE)
     };
     Ok(vec![
         row("4 KiB read, back to back, median", &bm, &bt, 50.0),

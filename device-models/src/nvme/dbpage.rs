@@ -144,15 +144,17 @@ fn read_words(mem: &SharedMemory, words: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Adaptive polling: spin while doorbells ring, nap longer and longer once they stop.
-fn poll(mem: &SharedMemory, mut last: Vec<u32>, stop: &AtomicBool, wake: &EventFd) {
-    let words = last.len();
+/// Adaptive polling: spin while doorbells ring, nap longer and longer once they stop. Reads
+/// the page into a buffer it keeps (no allocation per look).
+fn poll(mem: &SharedMemory, last: Vec<u32>, stop: &AtomicBool, wake: &EventFd) {
+    let mut last: Vec<u8> = last.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut now = vec![0u8; last.len()];
     let mut busy_until = Instant::now();
     let mut nap = MIN_NAP;
     while !stop.load(Ordering::Relaxed) {
-        let now = read_words(mem, words);
+        let _ = mem.read(reg::DOORBELLS, &mut now);
         if now != last {
-            last = now;
+            std::mem::swap(&mut now, &mut last);
             let _ = wake.write(1);
             busy_until = Instant::now() + SPIN;
             nap = MIN_NAP;

@@ -516,6 +516,18 @@ vfud_server::migration_roundtrip_tests!(Box::new(
     Nvme::new(Namespace::open(None, Some(MIB)).unwrap(), 2).unwrap()
 ));
 
+/// A file-backed controller, enabled, with `count` vectors of interrupt `index` wired and I/O
+/// queue pair 1 on vector `iv`; interrupts so far drained.
+fn queue_on(index: u32, count: u32, iv: u16) -> (tempfile::TempDir, Host) {
+    let (d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.b.wire_irqs(index, count);
+    h.enable();
+    h.create_queues(1, iv);
+    h.b.interrupts();
+    (d, h)
+}
+
 fn read_sqe() -> [u32; 16] {
     let mut s = sqe(iop::READ, BUF, 0, [0; 4]);
     s[1] = 1;
@@ -524,12 +536,7 @@ fn read_sqe() -> [u32; 16] {
 
 #[test]
 fn intms_masks_msi_until_intmc_and_msix_ignores_it() {
-    let (_d, _p, dev) = file_backed(MIB);
-    let mut h = Host::new(dev, RamMode::Fd);
-    h.b.wire_irqs(1, 1);
-    h.enable();
-    h.create_queues(1, 0);
-    h.b.interrupts();
+    let (_d, mut h) = queue_on(1, 1, 0);
     h.b.write32(0, reg::INTMS, 1).unwrap();
     assert_eq!(
         h.b.read32(0, reg::INTMC).unwrap(),
@@ -549,12 +556,7 @@ fn intms_masks_msi_until_intmc_and_msix_ignores_it() {
     h.b.write32(0, reg::INTMC, 1).unwrap();
     assert!(h.b.interrupts().is_empty(), "nothing waiting: no signal");
 
-    let (_d, _p, dev) = file_backed(MIB);
-    let mut h = Host::new(dev, RamMode::Fd);
-    h.b.wire_irqs(2, 2);
-    h.enable();
-    h.create_queues(1, 1);
-    h.b.interrupts();
+    let (_d, mut h) = queue_on(2, 2, 1);
     h.b.write32(0, reg::INTMS, u32::MAX).unwrap();
     assert_eq!(h.rw(1, iop::READ, 0, 1, BUF, 0), 0);
     assert_eq!(h.b.interrupts(), vec![(2, 1, 1)], "MSI-X: INTMS ignored");
@@ -563,11 +565,7 @@ fn intms_masks_msi_until_intmc_and_msix_ignores_it() {
 #[test]
 fn intms_drops_intx_and_intmc_raises_it_again() {
     const STATUS_INTERRUPT: u16 = 1 << 3;
-    let (_d, _p, dev) = file_backed(MIB);
-    let mut h = Host::new(dev, RamMode::Fd);
-    h.b.wire_irqs(0, 1);
-    h.enable();
-    h.create_queues(1, 0);
+    let (_d, mut h) = queue_on(0, 1, 0);
     h.submit(1, read_sqe());
     h.b.run(100);
     assert_ne!(
