@@ -7,9 +7,19 @@
 //! that store, so a [`Watcher`] thread polls the page: it spins for [`SPIN`] after the last
 //! change it saw (a busy queue rings again soon), then naps, doubling the nap from
 //! [`MIN_NAP`] to [`MAX_NAP`]. When a doorbell changes it wakes the event loop through an
-//! eventfd, and the device compares the page with the values it last took
-//! ([`super::Nvme::take_doorbells`]) on the event loop thread, where all controller state
-//! lives. The cost: one core busy while doorbells ring at least every [`SPIN`]; idle, about
+//! eventfd, and the device takes the new values on the event loop thread, where all
+//! controller state lives ([`super::Nvme::take_doorbells`]).
+//!
+//! **Take and reset.** A value only tells that the driver wrote if it differs from what the
+//! page held, and the same tail can be written twice in a row: with shadow doorbells the
+//! controller follows the tail through guest memory, the driver rings the register only now
+//! and then, and after a wrap its value may equal the last one rung. So the device takes each
+//! value and swaps [`EMPTY`] into the word with a compare-and-swap (a store the driver made in
+//! between makes it fail, and that value is taken too): a word other than [`EMPTY`] is a
+//! write not yet taken, whatever its value, and nothing needs remembering across a migration
+//! or handover (a doorbell not yet taken is still in the page, which travels).
+//!
+//! The cost: one core busy while doorbells ring at least every [`SPIN`]; idle, about
 //! 1 000 naps a second, measured at 1.2 % of a core. The first doorbell after idle waits up
 //! to [`MAX_NAP`] (about 0.9 ms median in `vfud bench --only nvme-doorbell`), which is why
 //! `trap` is the default: on hosts without a core to spare, polling costs more than it saves.
@@ -26,6 +36,9 @@ use vfud_server::{DeviceCtx, DeviceError};
 
 use super::ctrl::Effect;
 use super::spec::reg;
+
+/// A doorbell word the device has taken (no queue has 2³² entries, so no driver writes it).
+pub const EMPTY: u32 = u32::MAX;
 
 /// How long the watcher spins after the last doorbell change it saw.
 pub const SPIN: Duration = Duration::from_micros(50);
@@ -83,6 +96,9 @@ impl Wake {
 pub struct Watcher {
     mem: Arc<SharedMemory>,
     words: usize,
+    /// Set by [`Watcher::take`], cleared by the thread when it wakes the event loop: one
+    /// wake-up per take, however long a written word waits to be taken.
+    armed: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -100,30 +116,44 @@ impl Watcher {
             .map_err(|e| DeviceError::Other(format!("dup of the doorbell page: {e}")))?;
         let mem = Arc::new(SharedMemory::from_fd(fd, bar_size)?);
         let stop = Arc::new(AtomicBool::new(false));
-        let (m, s, w) = (mem.clone(), stop.clone(), wake.0.clone());
-        // The baseline is read before the caller looks at the page itself: a doorbell rung
-        // after this read is seen as a change, one rung before it by the caller.
-        let last = read_words(&mem, words);
+        let armed = Arc::new(AtomicBool::new(true));
+        let (m, a, s, w) = (mem.clone(), armed.clone(), stop.clone(), wake.0.clone());
         let thread = std::thread::Builder::new()
             .name("vfud-nvme-db".into())
-            .spawn(move || poll(&m, last, &s, &w))
+            .spawn(move || poll(&m, words, &a, &s, &w))
             .map_err(|e| DeviceError::Other(format!("doorbell watcher thread: {e}")))?;
         Ok(Self {
             mem,
             words,
+            armed,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// The doorbell values now in the page.
-    pub fn read(&self) -> Vec<u32> {
-        read_words(&self.mem, self.words)
+    /// Take every doorbell written since last taken, as (word index, value), leaving
+    /// [`EMPTY`] in its place.
+    pub fn take(&self) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for (i, mut v) in read_words(&self.mem, self.words).into_iter().enumerate() {
+            let at = reg::DOORBELLS + 4 * i as u64;
+            while v != EMPTY {
+                out.push((i, v));
+                match self.mem.compare_exchange_u32(at, v, EMPTY) {
+                    Ok(found) if found == v => break,
+                    Ok(newer) => v = newer, // written again meanwhile: take that too
+                    Err(_) => break,
+                }
+            }
+        }
+        // After the words are emptied: a store from now on finds the thread armed.
+        self.armed.store(true, Ordering::SeqCst);
+        out
     }
 
-    /// Zero the doorbells (controller reset: the driver starts again from 0).
+    /// Empty every doorbell (controller reset: what the driver wrote before is void).
     pub fn clear(&self) {
-        let _ = self.mem.fill(reg::DOORBELLS, self.words * 4, 0);
+        let _ = self.mem.fill(reg::DOORBELLS, self.words * 4, 0xff);
     }
 }
 
@@ -144,17 +174,17 @@ fn read_words(mem: &SharedMemory, words: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Adaptive polling: spin while doorbells ring, nap longer and longer once they stop. Reads
-/// the page into a buffer it keeps (no allocation per look).
-fn poll(mem: &SharedMemory, last: Vec<u32>, stop: &AtomicBool, wake: &EventFd) {
-    let mut last: Vec<u8> = last.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let mut now = vec![0u8; last.len()];
+/// Adaptive polling: spin while doorbells ring, nap longer and longer once they stop. A word
+/// other than [`EMPTY`] is a write not taken yet; the thread wakes the event loop for it once
+/// per take (values are not compared: the same value rung twice is two writes).
+fn poll(mem: &SharedMemory, words: usize, armed: &AtomicBool, stop: &AtomicBool, wake: &EventFd) {
+    let mut now = vec![0u8; words * 4];
     let mut busy_until = Instant::now();
     let mut nap = MIN_NAP;
     while !stop.load(Ordering::Relaxed) {
         let _ = mem.read(reg::DOORBELLS, &mut now);
-        if now != last {
-            std::mem::swap(&mut now, &mut last);
+        let pending = now.chunks_exact(4).any(|w| w != EMPTY.to_le_bytes());
+        if pending && armed.swap(false, Ordering::SeqCst) {
             let _ = wake.write(1);
             busy_until = Instant::now() + SPIN;
             nap = MIN_NAP;
@@ -187,25 +217,18 @@ impl super::Nvme {
             Ok(w) => self.watcher = Some(w),
             Err(e) => tracing::error!("nvme: cannot watch the doorbell page: {e}"),
         }
-        if self.seen.len() != words {
-            self.seen = vec![0; words];
-        }
     }
 
-    /// Take the doorbells that changed in the page since last taken, as the controller's
-    /// effects (the caller applies them, or drops them when stopped).
+    /// Take the doorbells written to the page since last taken, as the controller's effects
+    /// (the caller applies them, or drops them when stopped).
     pub(super) fn take_doorbells(&mut self) -> Vec<Effect> {
         let Some(w) = &self.watcher else {
             return Vec::new();
         };
-        let mut effects = Vec::new();
-        for (i, (now, seen)) in w.read().into_iter().zip(self.seen.iter_mut()).enumerate() {
-            if now != *seen {
-                *seen = now;
-                effects.push(self.ctrl.doorbell(i as u64 * 4, now));
-            }
-        }
-        effects
+        w.take()
+            .into_iter()
+            .map(|(i, v)| self.ctrl.doorbell(i as u64 * 4, v))
+            .collect()
     }
 
     /// Act on every doorbell rung in the page.
@@ -237,12 +260,11 @@ impl super::Nvme {
         Ok(true)
     }
 
-    /// Controller reset: the driver counts from 0 again, so must the page.
+    /// Controller reset: doorbells written before it are void.
     pub(super) fn clear_doorbells(&mut self) {
         if let Some(w) = &self.watcher {
             w.clear();
         }
-        self.seen.iter_mut().for_each(|s| *s = 0);
     }
 }
 
@@ -252,19 +274,31 @@ mod tests {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
     #[test]
-    fn the_watcher_wakes_the_event_loop_when_a_doorbell_changes() {
+    fn the_watcher_wakes_on_writes_and_the_device_takes_each_once() {
         let mem = SharedMemory::new("dbpage-test", 16 * 1024).unwrap();
         let wake = Wake::new().unwrap();
         let w = Watcher::start(mem.fd(), mem.len(), 4, &wake).unwrap();
-        mem.write(reg::DOORBELLS + 8, &5u32.to_le_bytes()).unwrap();
-        let mut fds = [PollFd::new(wake.0.as_fd(), PollFlags::POLLIN)];
+        let wait = |ms: u16| {
+            let mut fds = [PollFd::new(wake.0.as_fd(), PollFlags::POLLIN)];
+            let n = poll(&mut fds, PollTimeout::from(ms)).unwrap();
+            wake.drain();
+            n
+        };
+        // A fresh page reads as writes of 0, taken once.
+        assert_eq!(w.take(), (0..4).map(|i| (i, 0)).collect::<Vec<_>>());
+        assert_eq!(w.take(), vec![]);
+        let db = |i: u64, v: u32| mem.write(reg::DOORBELLS + 4 * i, &v.to_le_bytes()).unwrap();
+        db(2, 5);
         // Bounded wait (the watcher naps at most MAX_NAP between looks).
-        let n = poll(&mut fds, PollTimeout::from(10_000u16)).unwrap();
-        assert_eq!(n, 1, "the watcher signalled the eventfd");
-        wake.drain();
-        assert_eq!(w.read(), vec![0, 0, 5, 0]);
+        assert_eq!(wait(10_000), 1, "the watcher signalled the eventfd");
+        assert_eq!(w.take(), vec![(2, 5)]);
+        // The same value again is a new write: the word was emptied when taken.
+        db(2, 5);
+        assert_eq!(wait(10_000), 1, "the same value rung again wakes too");
+        assert_eq!(w.take(), vec![(2, 5)]);
+        db(1, 3);
         w.clear();
-        assert_eq!(w.read(), vec![0; 4]);
+        assert_eq!(w.take(), vec![], "a reset voids what was written");
         drop(w); // joins the thread
     }
 }

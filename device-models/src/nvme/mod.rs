@@ -31,10 +31,10 @@
 //!
 //! # Migration
 //! State: registers, queues (addresses, sizes, heads, tails, phases, vectors), shadow doorbell
-//! addresses and event indexes, features, parked AERs, the commands in flight and, with
-//! `doorbells=mmap`, the doorbell values last taken from the page (the page itself is BAR
-//! memory the server migrates; a live handover passes its memfd, which QEMU keeps mapped, so
-//! doorbells the guest rang during the handover are found on the other side). A command
+//! addresses and event indexes, features, parked AERs and the commands in flight. With
+//! `doorbells=mmap` a doorbell not yet taken is still in the page, which is BAR memory the
+//! server migrates; a live handover passes its memfd, which QEMU keeps mapped, so doorbells
+//! the guest rings during the handover are found on the other side. A command
 //! whose completion entry was not written yet is saved to run again from its start on the
 //! destination (reads and writes are idempotent until completed: the driver does not touch
 //! the buffers before the completion); one whose entry was written is saved with the entry,
@@ -94,12 +94,11 @@ pub struct Nvme {
     offer_dbbuf: bool,
     slice: u64,
     doorbells: DoorbellMode,
-    /// `doorbells=mmap`: the watcher's eventfd, the watcher once started, the doorbell
-    /// values last taken from the page, and whether `on_timer` must (re)start the watcher
-    /// and run a turn (at start, after a load, after a stop).
+    /// `doorbells=mmap`: the watcher's eventfd, the watcher once started, and whether
+    /// `on_timer` must (re)start the watcher and run a turn (at start, after a load, after a
+    /// stop).
     wake: Option<Wake>,
     watcher: Option<Watcher>,
-    seen: Vec<u32>,
     rewatch: bool,
 }
 
@@ -110,9 +109,6 @@ struct Saved {
     inflight: Vec<Command>,
     /// Namespace size in blocks: the destination must see the same storage.
     blocks: u64,
-    /// `doorbells=mmap`: the doorbell values last taken from the page.
-    #[serde(default)]
-    seen: Vec<u32>,
 }
 
 impl Nvme {
@@ -134,7 +130,6 @@ impl Nvme {
             doorbells: DoorbellMode::Trap,
             wake: None,
             watcher: None,
-            seen: Vec::new(),
             rewatch: false,
         })
     }
@@ -336,7 +331,6 @@ impl Migratable for Nvme {
             ctrl: self.ctrl.clone(),
             inflight,
             blocks: self.ns.blocks(),
-            seen: self.seen.clone(),
         };
         DeviceState::encode(STATE_VERSION, &saved)
     }
@@ -356,9 +350,6 @@ impl Migratable for Nvme {
             ));
         }
         s.ctrl.validate(self.io_queues)?;
-        if !s.seen.is_empty() && s.seen.len() != self.doorbell_words() {
-            return invalid(format!("{} doorbell values saved", s.seen.len()));
-        }
         if s.inflight.len() > engine::MAX_IN_FLIGHT {
             return invalid("too many commands in flight".into());
         }
@@ -406,7 +397,6 @@ impl Migratable for Nvme {
         // The page this process watched may not be the one the client maps (a handover
         // passes the old process's memfd after this): watch afresh once running.
         self.watcher = None;
-        self.seen = s.seen;
         self.rewatch = self.doorbells == DoorbellMode::Mmap;
         Ok(())
     }
