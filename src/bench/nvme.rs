@@ -8,7 +8,9 @@
 //! register write), then times each 4 KiB Read from the SQ tail doorbell to the completion's
 //! interrupt, the entry checked in RAM; the CQ head doorbell follows the same way, untimed.
 //! Back to back the watcher thread stays in its spin; after 2 ms idle it naps, which is the
-//! worst case of mmap'd doorbells. The ratio is mmap ÷ trap.
+//! worst case of mmap'd doorbells. A last row is the server's CPU time (all its threads, from
+//! `/proc/PID/task/*/schedstat`) per back-to-back read: what the polling costs. The ratio is
+//! mmap ÷ trap.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -22,7 +24,7 @@ use vfud_protocol::messages::region::PCI_CONFIG_REGION_INDEX;
 use vfud_protocol::Client;
 use vfud_server::mmap::SharedMemory;
 
-use super::harness::{Ctx, Row, Samples};
+use super::harness::{Ctx, Goal, Row, Samples, Unit};
 
 const IOVA: u64 = 0x1_0000_0000;
 const RAM: usize = 1 << 20;
@@ -214,17 +216,23 @@ fn measure(d: &mut Driver, n: usize, gap: Option<Duration>) -> Result<Samples> {
 
 /// Scenario `nvme-doorbell`.
 pub fn doorbell(ctx: &mut Ctx) -> Result<Vec<Row>> {
-    let (_m, mut mmap) = Driver::start(ctx, Ring::Mmap)?;
-    let (_t, mut trap) = Driver::start(ctx, Ring::Trap)?;
+    let (ms, mut mmap) = Driver::start(ctx, Ring::Mmap)?;
+    let (ts, mut trap) = Driver::start(ctx, Ring::Trap)?;
     measure(&mut mmap, 500, None)?;
     measure(&mut trap, 500, None)?;
     let (mut bm, mut bt) = (Samples::default(), Samples::default());
+    let (mut cpu_m, mut cpu_t) = (0, 0);
     for _ in 0..4 {
+        let c = cpu_ns(ms.pid())?;
         bm.0.extend(measure(&mut mmap, BACK_TO_BACK / 4, None)?.0);
+        cpu_m += cpu_ns(ms.pid())? - c;
+        let c = cpu_ns(ts.pid())?;
         bt.0.extend(measure(&mut trap, BACK_TO_BACK / 4, None)?.0);
+        cpu_t += cpu_ns(ts.pid())? - c;
     }
     let im = measure(&mut mmap, AFTER_IDLE, Some(IDLE))?;
     let it = measure(&mut trap, AFTER_IDLE, Some(IDLE))?;
+    let per_read = |ns: u64| ns as f64 / BACK_TO_BACK as f64 / 1e3;
     const BASE: &str = "the same Read with the doorbell trapped (posted REGION_WRITE)";
     let row = |name: &str, m: &Samples, t: &Samples, p: f64| {
         Row::percentile(format!("nvme-doorbell {name}"), m, t, p, BASE)
@@ -233,5 +241,28 @@ pub fn doorbell(ctx: &mut Ctx) -> Result<Vec<Row>> {
         row("4 KiB read, back to back, median", &bm, &bt, 50.0),
         row("4 KiB read, back to back, p99", &bm, &bt, 99.0),
         row("4 KiB read, after 2 ms idle, median", &im, &it, 50.0),
+        Row::new(
+            "nvme-doorbell server CPU per read, back to back",
+            Unit::Us,
+            per_read(cpu_m),
+            per_read(cpu_t),
+            "the same Read with the doorbell trapped (posted REGION_WRITE)",
+            Goal::None,
+        ),
     ])
+}
+
+/// CPU time of every thread of process `pid` so far, in ns (`/proc/PID/task/*/schedstat`;
+/// with `--wrap` that is the wrapper's, so the row means little then).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(t?.path().join("schedstat")).unwrap_or_default();
+        sum += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(sum)
 }
