@@ -109,6 +109,15 @@ impl PciFunction {
                 )))
             }
         };
+        // The fd comes from a peer: a memfd that could still shrink would SIGBUS this process.
+        let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map(nix::fcntl::SealFlag::from_bits_truncate)
+            .unwrap_or(nix::fcntl::SealFlag::empty());
+        if !seals.contains(nix::fcntl::SealFlag::F_SEAL_SHRINK) {
+            return Err(DeviceError::Other(format!(
+                "BAR {bar} memory handed over is not sealed against shrinking"
+            )));
+        }
         self.bars[bar] = Some(SharedMemory::from_fd(fd, size as usize)?);
         Ok(())
     }
