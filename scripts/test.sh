@@ -9,4 +9,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 # shellcheck source-path=SCRIPTDIR
 source scripts/lib.sh
 need_pkgs systemd   # systemd-socket-activate, for tests/activation.rs
-cargo test --workspace
+cargo test --workspace --no-fail-fast

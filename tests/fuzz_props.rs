@@ -89,6 +89,31 @@ fn saved_stream() -> Vec<u8> {
     out
 }
 
+/// The fuzz target reuses one destination for every input: refused streams must leave it
+/// as fit as a fresh one, so the saved stream still loads after a run of broken ones.
+#[test]
+fn one_destination_loads_a_good_stream_after_many_broken_ones() {
+    let good = [&[0x10][..], &saved_stream()].concat();
+    let mut target = fuzzing::MigrationStreamTarget::new(dev()).expect("target");
+    assert!(target.load(&good), "the saved stream loads");
+    let mut refused = 0;
+    for i in 0..64usize {
+        let mut bad = good.clone();
+        let at = 1 + (i * 7919) % (bad.len() - 1);
+        bad[at] ^= 0x5a;
+        bad.truncate(bad.len() - i % 5);
+        refused += usize::from(!target.load(&bad));
+    }
+    assert!(
+        refused > 32,
+        "most damaged streams are refused ({refused} of 64)"
+    );
+    assert!(
+        target.load(&good),
+        "the saved stream still loads afterwards"
+    );
+}
+
 /// A session that touches most commands: the seed of the `session` target.
 fn session_seed() -> Vec<u8> {
     let reqs = vec![

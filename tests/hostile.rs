@@ -152,7 +152,7 @@ enum Pre {
 type Fds = fn() -> Vec<OwnedFd>;
 
 struct Case {
-    name: &'static str,
+    name: std::borrow::Cow<'static, str>,
     pre: Pre,
     bytes: Vec<u8>,
     fds: Fds,
@@ -165,9 +165,15 @@ fn none() -> Vec<OwnedFd> {
     Vec::new()
 }
 
-fn case(name: &'static str, pre: Pre, cmd: Command, payload: Vec<u8>, expect: Outcome) -> Case {
+fn case(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    pre: Pre,
+    cmd: Command,
+    payload: Vec<u8>,
+    expect: Outcome,
+) -> Case {
     Case {
-        name,
+        name: name.into(),
         pre,
         bytes: frame(CASE_ID, cmd as u16, 0, &payload),
         fds: none,
@@ -181,9 +187,14 @@ fn with_fds(mut c: Case, fds: Fds) -> Case {
     c
 }
 
-fn raw(name: &'static str, pre: Pre, bytes: Vec<u8>, expect: Outcome) -> Case {
+fn raw(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    pre: Pre,
+    bytes: Vec<u8>,
+    expect: Outcome,
+) -> Case {
     Case {
-        name,
+        name: name.into(),
         pre,
         bytes,
         fds: none,
@@ -406,7 +417,7 @@ fn cases() -> Vec<Case> {
     // Every command with a payload of 1 and 4095 garbage bytes.
     for cmd in [2u16, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 18] {
         for (n, name) in [(1, "1 garbage byte"), (4095, "4095 garbage bytes")] {
-            let name: &'static str = Box::leak(format!("command {cmd} with {name}").into_boxed_str());
+            let name = format!("command {cmd} with {name}");
             // 0xa5 bytes: argsz and counts of 0xa5a5a5a5. GET_INFO's argsz is merely large
             // and its extra bytes ignored; MIG_DATA_READ's size exceeds max_data_xfer_size.
             let expect = match (cmd, n) {
@@ -520,7 +531,7 @@ fn hostile_clients_get_exact_answers_and_a_fresh_client_is_served() {
     let mut names = std::collections::HashSet::new();
     let mut failures = Vec::new();
     for c in &cases {
-        assert!(names.insert(c.name), "duplicate case {}", c.name);
+        assert!(names.insert(c.name.clone()), "duplicate case {}", c.name);
         let got = run_case_retrying(&server.path, c);
         if got != c.expect {
             failures.push(format!(

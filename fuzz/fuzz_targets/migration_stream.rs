@@ -1,6 +1,19 @@
-//! The migration stream as a destination device (dma-engine) loads it.
+//! The migration stream as a destination device (dma-engine) loads it, one device reused for
+//! every input (see `MigrationStreamTarget`).
 #![no_main]
+use std::cell::RefCell;
+
+use vfud_server::fuzzing::MigrationStreamTarget;
+
+thread_local! {
+    static TARGET: RefCell<MigrationStreamTarget> = RefCell::new(
+        MigrationStreamTarget::new(vfud_devices::create("dma-engine").expect("dma-engine"))
+            .expect("dma-engine is served"),
+    );
+}
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let dev = vfud_devices::create("dma-engine").expect("dma-engine");
-    vfud_server::fuzzing::migration_stream(dev, data);
+    TARGET.with(|t| {
+        t.borrow_mut().load(data);
+    });
 });

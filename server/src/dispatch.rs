@@ -12,7 +12,7 @@ use vfud_protocol::messages::region::{
 };
 use vfud_protocol::messages::version::{negotiate, Negotiated, ServerOffer};
 use vfud_protocol::messages::{DeviceInfo, MigState, Request};
-use vfud_protocol::wire::encode;
+use vfud_protocol::wire::{encode, put};
 
 use crate::device::{BarIndex, Device, DeviceCtx, DeviceDescription};
 use crate::dma::socket::Outgoing;
@@ -234,11 +234,20 @@ impl DeviceServer {
         }
     }
 
-    /// Give back a sent reply's buffer for reuse (only large ones are kept).
-    pub fn recycle(&mut self, buf: Vec<u8>) {
-        if buf.capacity() >= 64 * 1024 && buf.capacity() > self.spare.capacity() {
+    /// Give back a buffer (a sent reply's, a handled write's) for the next reply to be built
+    /// in; the larger of it and the one held is kept, so steady traffic allocates nothing.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() > self.spare.capacity() {
+            buf.clear();
             self.spare = buf;
         }
+    }
+
+    /// The recycled buffer (empty), or a new one.
+    fn take_spare(&mut self) -> Vec<u8> {
+        let mut b = std::mem::take(&mut self.spare);
+        b.clear();
+        b
     }
 
     /// Server→client requests (socket DMA) to send now.
@@ -374,14 +383,27 @@ impl DeviceServer {
                 if !allowed.region_read {
                     return Err(busy("REGION_READ"));
                 }
-                let mut buf = vec![0u8; a.count as usize];
-                self.region_access(a.region, a.offset, Access::Read(&mut buf))?;
-                Ok(Reply::bytes(a.encode_with_data(&buf)))
+                // The reply is built in place in a recycled buffer: the fixed part, then
+                // the device reads straight into the data after it.
+                let mut out = self.take_spare();
+                put(&mut out, &a);
+                out.resize(out.len() + a.count as usize, 0);
+                let at = out.len() - a.count as usize;
+                let read = self.region_access(a.region, a.offset, Access::Read(&mut out[at..]));
+                if let Err(e) = read {
+                    self.recycle(out);
+                    return Err(e);
+                }
+                Ok(Reply::bytes(out))
             }
             Request::RegionWrite(a, data) => {
                 self.check_write_allowed(a.region)?;
-                self.region_access(a.region, a.offset, Access::Write(&data))?;
-                Ok(Reply::bytes(encode(&a)))
+                let written = self.region_access(a.region, a.offset, Access::Write(&data));
+                self.recycle(data);
+                written?;
+                let mut out = self.take_spare();
+                put(&mut out, &a);
+                Ok(Reply::bytes(out))
             }
             Request::RegionWriteMulti(entries) => {
                 for e in entries {
@@ -415,7 +437,7 @@ impl DeviceServer {
                     });
                 }
                 let max = (m.size as usize).min(self.limits().max_data_xfer_size as usize);
-                let buf = std::mem::take(&mut self.spare);
+                let buf = self.take_spare();
                 let (mig, mut parts) = self.parts();
                 Ok(Reply::bytes(mig.mig_data_reply(buf, max, &mut parts)?))
             }

@@ -216,6 +216,7 @@ pub(crate) fn serve_inner(
         lp.adopt_supervision(s)?;
     }
     let mut events = Events::with_capacity(64);
+    let mut tokens: Vec<Token> = Vec::with_capacity(64);
     tracing::info!(device = name, "serving");
     while !shutdown.is_triggered() {
         let (dev_fds, deadline) = lp.server.device_sources();
@@ -231,8 +232,9 @@ pub(crate) fn serve_inner(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        let tokens: Vec<Token> = events.iter().map(|ev| ev.token()).collect();
-        for token in tokens {
+        tokens.clear();
+        tokens.extend(events.iter().map(|ev| ev.token()));
+        for &token in &tokens {
             lp.contained("event", |lp| match token {
                 LISTENER => lp.accept_clients(),
                 CLIENT => lp.read_client(),
@@ -481,7 +483,12 @@ impl Loop {
         };
         let len = frame.payload.len();
         let snapshot = self.needs_snapshot(&h, &frame.payload);
-        let result = Request::decode(h.cmd, &frame.payload, frame.fds, &self.server.limits())
+        let (req, payload) =
+            Request::decode_owned(h.cmd, frame.payload, frame.fds, &self.server.limits());
+        if let Some(p) = payload {
+            self.give_back(p);
+        }
+        let result = req
             .map_err(crate::error::RequestError::from)
             .and_then(|req| self.server.handle(req, len));
         self.counters.record(h.cmd, result.is_ok());
@@ -496,7 +503,7 @@ impl Loop {
             Ok(_) if no_reply => Ok(()),
             Ok(reply) => {
                 let sent = c.reply(&h, &reply);
-                self.server.recycle(reply.payload);
+                self.give_back(reply.payload);
                 sent
             }
             Err(e) => {
@@ -513,6 +520,15 @@ impl Loop {
             self.note_reply_after_handover();
         }
         sent
+    }
+
+    /// Return a buffer to whichever of the frame reader and the reply builder has none, so
+    /// that steady request/reply traffic allocates nothing (`tests/allocations.rs`).
+    fn give_back(&mut self, buf: Vec<u8>) {
+        match self.client.as_mut() {
+            Some(c) if !c.reader().has_spare() => c.reader_mut().recycle(buf),
+            _ => self.server.recycle(buf),
+        }
     }
 
     /// Accept control connections, at most [`MAX_CONTROLS`] at once; failures are logged.

@@ -103,22 +103,52 @@ pub fn session(device: Box<dyn Device>, data: &[u8]) {
 /// DATA): `device` goes to RESUMING, `data[0]` picks the chunk size the rest arrives in, then
 /// the device is asked to run; whatever the stream, it must end RUNNING or refuse cleanly.
 pub fn migration_stream(device: Box<dyn Device>, data: &[u8]) {
-    let Some((&chunk, rest)) = data.split_first() else {
-        return;
-    };
-    let Ok(mut server) = DeviceServer::new(device, ServerSettings::default()) else {
-        return;
-    };
-    if server.set_mig_state(MigState::Resuming).is_err() {
-        return;
+    if let Some(mut target) = MigrationStreamTarget::new(device) {
+        target.load(data);
     }
-    for c in rest.chunks(usize::from(chunk).max(1) * 16) {
-        if server.handover_write(c).is_err() {
-            break;
+}
+
+/// One destination device that loads stream after stream, as [`migration_stream`] does for
+/// one. The fuzz target keeps one for the whole run: a fresh device per input spends most
+/// of its time faulting in the pages of its BAR memory, not in the loader. Reuse is also a
+/// test of its own: every load must leave the device fit for the next.
+pub struct MigrationStreamTarget {
+    server: DeviceServer,
+}
+
+impl MigrationStreamTarget {
+    /// A destination around `device`, or `None` if the device cannot be served at all.
+    pub fn new(device: Box<dyn Device>) -> Option<Self> {
+        let server = DeviceServer::new(device, ServerSettings::default()).ok()?;
+        Some(Self { server })
+    }
+
+    /// Load `data` (first byte: chunk size / 16) and run; whether the stream was accepted.
+    /// Panics if the device does not end RUNNING, since a refused stream must roll back, not
+    /// strand the device.
+    pub fn load(&mut self, data: &[u8]) -> bool {
+        let Some((&chunk, rest)) = data.split_first() else {
+            return false;
+        };
+        let server = &mut self.server;
+        server
+            .set_mig_state(MigState::Resuming)
+            .expect("a running device accepts RESUMING");
+        for c in rest.chunks(usize::from(chunk).max(1) * 16) {
+            if server.handover_write(c).is_err() {
+                break;
+            }
         }
-    }
-    if server.set_mig_state(MigState::Running).is_err() {
-        server.abandon();
+        let accepted = server.set_mig_state(MigState::Running).is_ok();
+        if !accepted {
+            server.abandon();
+        }
+        assert_eq!(
+            server.mig_state(),
+            MigState::Running,
+            "a loaded or refused stream leaves the device running"
+        );
+        accepted
     }
 }
 

@@ -102,13 +102,15 @@ pub fn mig_data(ctx: &mut Ctx) -> Result<Vec<Row>> {
     for _ in 0..3 {
         c.set_mig_state(MigState::StopCopy)?;
         let (mut bytes, mut reads) = (0usize, 0usize);
+        let mut d = Vec::with_capacity(CHUNK);
         let s = seconds(|| {
             loop {
-                let d = c.mig_data_read(CHUNK as u32)?;
-                if d.is_empty() {
+                d.clear();
+                let n = c.mig_data_read_into(CHUNK as u32, &mut d)?;
+                if n == 0 {
                     break;
                 }
-                bytes += d.len();
+                bytes += n;
                 reads += 1;
             }
             anyhow::Ok(())
@@ -153,9 +155,10 @@ fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
     dch.set_state(&mut dst.client, MigState::Resuming)?;
     let stopped = Instant::now();
     ch.set_state(&mut src.client, MigState::StopCopy)?;
+    let mut data = Vec::with_capacity(CHUNK);
     loop {
-        let data = ch.read(&mut src.client, CHUNK as u32)?;
-        if data.is_empty() {
+        data.clear();
+        if ch.read(&mut src.client, CHUNK as u32, &mut data)? == 0 {
             break;
         }
         dch.write(&mut dst.client, &data)?;
@@ -312,31 +315,33 @@ pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
         }
     }
     let rtt_ms = base.percentile_us(50.0) / 1e3;
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || -> Result<Samples> {
-            let mut s = Samples::default();
-            while !stop.load(Ordering::Relaxed) {
-                s.time(|| c.region_read(0, reg::ID, 4))?;
-            }
-            Ok(s)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    let out = std::process::Command::new(ctx.exe())
-        .args(["migrate", "--handover", "--json", "--from"])
-        .arg(&a_ctl)
-        .arg("--to")
-        .arg(&b_ctl)
-        .env("RUST_LOG", "error")
-        .output()
-        .context("running vfud migrate --handover")?;
-    std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, Ordering::Relaxed);
-    let reads = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    // The same window around a tool that does no handover (`vfud status` on A's control
+    // socket): starting a process on the bench's CPU costs the client reads by itself.
+    let ((idle_reads, idle), c) = reads_while(c, || {
+        std::process::Command::new(ctx.exe())
+            .args(["status", "--json", "--control"])
+            .arg(&a_ctl)
+            .env("RUST_LOG", "error")
+            .output()
+            .context("running vfud status")
+    })?;
+    let ((reads, out), _c) = reads_while(c, || {
+        std::process::Command::new(ctx.exe())
+            .args(["migrate", "--handover", "--json", "--from"])
+            .arg(&a_ctl)
+            .arg("--to")
+            .arg(&b_ctl)
+            .env("RUST_LOG", "error")
+            .output()
+            .context("running vfud migrate --handover")
+    })?;
+    let (idle, out) = (idle?, out?);
+    if !idle.status.success() {
+        bail!(
+            "vfud status failed: {}",
+            String::from_utf8_lossy(&idle.stderr).trim()
+        );
+    }
     if !out.status.success() {
         bail!(
             "handover failed: {}",
@@ -347,7 +352,7 @@ pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
     let pause = report["pause_ms"]
         .as_f64()
         .context("handover report has no pause_ms")?;
-    let longest = reads.0.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+    let longest = |s: &Samples| s.0.iter().copied().max().unwrap_or(0) as f64 / 1e6;
     const BASE: &str = "median 4-byte REGION_READ round trip before the handover";
     Ok(vec![
         Row::new(
@@ -361,10 +366,45 @@ pub fn handover(ctx: &mut Ctx) -> Result<Vec<Row>> {
         Row::new(
             "handover longest client read",
             Unit::Ms,
-            longest,
+            longest(&reads),
             rtt_ms,
             BASE,
             Goal::None,
         ),
+        Row::new(
+            "handover longest read vs a tool run",
+            Unit::Ms,
+            longest(&reads),
+            longest(&idle_reads),
+            "longest read in the same window around `vfud status` (no handover)",
+            Goal::None,
+        ),
     ])
+}
+
+/// Back-to-back 4-byte reads on `c` from another thread, from 100 ms before `work` until
+/// 100 ms after it; the read times, `work`'s result and the client back.
+fn reads_while<T>(
+    mut c: Client,
+    work: impl FnOnce() -> Result<T>,
+) -> Result<((Samples, Result<T>), Client)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<(Samples, Client)> {
+            let mut s = Samples::default();
+            while !stop.load(Ordering::Relaxed) {
+                s.time(|| c.region_read(0, reg::ID, 4))?;
+            }
+            Ok((s, c))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let out = work();
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let (s, c) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    Ok(((s, out), c))
 }

@@ -132,26 +132,31 @@ impl Channel {
         }
     }
 
-    /// The next piece of the stream (empty: nothing more now / the end in stop-copy).
-    pub fn read(&self, c: &mut Client, max: u32) -> Result<Vec<u8>, ProtocolError> {
+    /// Append the next piece of the stream to `out`; how many bytes came (0: nothing more now
+    /// / the end in stop-copy). Reusing `out` across calls keeps the loop allocation-free.
+    pub fn read(
+        &self,
+        c: &mut Client,
+        max: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, ProtocolError> {
         match self.kind {
-            ChannelKind::V2 => c.mig_data_read(max),
+            ChannelKind::V2 => c.mig_data_read_into(max, out),
             ChannelKind::V1 => {
                 let pending = read_u64(c, self.region, v1::OFF_PENDING_BYTES)?;
                 if pending == 0 {
-                    return Ok(Vec::new());
+                    return Ok(0);
                 }
                 let off = read_u64(c, self.region, v1::OFF_DATA_OFFSET)?;
                 let size = read_u64(c, self.region, v1::OFF_DATA_SIZE)?;
                 let step = c.negotiated().max_data_xfer_size.min(1 << 20);
-                let mut out = Vec::with_capacity(size as usize);
                 let mut done = 0;
                 while done < size {
                     let n = (size - done).min(step) as u32;
                     out.extend(c.region_read(self.region, off + done, n)?);
                     done += u64::from(n);
                 }
-                Ok(out)
+                Ok(size as usize)
             }
         }
     }

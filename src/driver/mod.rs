@@ -379,9 +379,10 @@ fn pump(
     mut held: Option<&mut Vec<Vec<u8>>>,
 ) -> Result<u64, MigrateError> {
     let mut total = 0u64;
+    let mut data = Vec::new();
     loop {
-        let mut data = ch
-            .read(&mut src.client, chunk)
+        data.clear();
+        ch.read(&mut src.client, chunk, &mut data)
             .step("read migration data")?;
         if data.is_empty() {
             return Ok(total);
@@ -395,7 +396,7 @@ fn pump(
         fault.offset += data.len() as u64;
         let n = data.len();
         match held.as_deref_mut() {
-            Some(h) => h.push(data),
+            Some(h) => h.push(std::mem::take(&mut data)),
             None => dch
                 .write(&mut dst.client, &data)
                 .step("write migration data")?,
@@ -420,15 +421,11 @@ pub fn save_to_file(
     let r = (|| {
         ch.set_state(&mut src.client, MigState::StopCopy)
             .step("source to STOP_COPY")?;
-        loop {
-            let d = ch
-                .read(&mut src.client, opts.chunk)
-                .step("read migration data")?;
-            if d.is_empty() {
-                break;
-            }
-            out.extend(d);
-        }
+        while ch
+            .read(&mut src.client, opts.chunk, &mut out)
+            .step("read migration data")?
+            > 0
+        {}
         Ok::<(), MigrateError>(())
     })();
     let back = ch.set_state(&mut src.client, MigState::Running);

@@ -133,6 +133,18 @@ impl Client {
     /// size (libvfio-user servers do this) is accepted, the padding ignored and logged once per
     /// connection at debug level; [`Client::saw_padded_mig_data`] tells whether it happened.
     pub fn mig_data_read(&mut self, size: u32) -> Result<Vec<u8>, ProtocolError> {
+        let mut data = Vec::new();
+        self.mig_data_read_into(size, &mut data)?;
+        Ok(data)
+    }
+
+    /// [`Client::mig_data_read`] appending to `out`; returns how many bytes came. A loop that
+    /// reuses `out` (and so the reply buffer this recycles) allocates nothing per read.
+    pub fn mig_data_read_into(
+        &mut self,
+        size: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, ProtocolError> {
         let mut p = Vec::new();
         put(
             &mut p,
@@ -151,7 +163,10 @@ impl Client {
                 "MIG_DATA_READ reply padded to the requested size; using the announced bytes"
             );
         }
-        Ok(data.to_vec())
+        out.extend_from_slice(data);
+        let n = data.len();
+        self.reader.recycle(r.payload);
+        Ok(n)
     }
 
     /// Whether a MIG_DATA_READ reply on this connection carried padding after its data.

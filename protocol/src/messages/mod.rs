@@ -73,7 +73,42 @@ fn no_fds(cmd: Command, fds: &[OwnedFd]) -> Result<(), ProtocolError> {
     }
 }
 
+/// A REGION_WRITE's fixed part and data, checked against `limits`.
+fn region_write<'a>(
+    payload: &'a [u8],
+    fds: &[OwnedFd],
+    limits: &Limits,
+) -> Result<(RegionAccess, &'a [u8]), ProtocolError> {
+    no_fds(Command::RegionWrite, fds)?;
+    let (a, data) = RegionAccess::decode_write(payload)?;
+    limits.check_xfer(a.count.into())?;
+    Ok((a, data))
+}
+
 impl Request {
+    /// [`Request::decode`] taking the payload by value. A REGION_WRITE keeps the payload
+    /// buffer itself as its data (the fixed part drained off) rather than a copy, so a server
+    /// that recycles its buffers takes writes without allocating; for every other command,
+    /// and on error, the buffer comes back as the second value for reuse.
+    pub fn decode_owned(
+        cmd: u16,
+        mut payload: Vec<u8>,
+        fds: Vec<OwnedFd>,
+        limits: &Limits,
+    ) -> (Result<Request, ProtocolError>, Option<Vec<u8>>) {
+        if cmd != Command::RegionWrite as u16 {
+            let r = Self::decode(cmd, &payload, fds, limits);
+            return (r, Some(payload));
+        }
+        match region_write(&payload, &fds, limits).map(|(a, data)| (a, data.len())) {
+            Ok((a, n)) => {
+                payload.drain(..payload.len() - n);
+                (Ok(Request::RegionWrite(a, payload)), None)
+            }
+            Err(e) => (Err(e), Some(payload)),
+        }
+    }
+
     /// The command this request is.
     pub fn command(&self) -> Command {
         match self {
@@ -151,9 +186,7 @@ impl Request {
                 Request::RegionRead(a)
             }
             Command::RegionWrite => {
-                no_fds(cmd, &fds)?;
-                let (a, data) = RegionAccess::decode_write(payload)?;
-                limits.check_xfer(a.count.into())?;
+                let (a, data) = region_write(payload, &fds, limits)?;
                 Request::RegionWrite(a, data.to_vec())
             }
             Command::DeviceReset => {
