@@ -105,7 +105,15 @@ pub struct Ctrl {
     pub dbbuf: Option<Dbbuf>,
     /// SMART counters.
     pub counters: Counters,
+    /// Commands an Abort named while still in their submission queue (SQ id, command id):
+    /// they complete "Command Abort Requested" when fetched.
+    #[serde(default)]
+    pub aborts: Vec<(u16, u16)>,
 }
+
+/// Most aborts of queued commands remembered at once (beyond it an Abort reports "not
+/// aborted").
+pub const MAX_ABORTS: usize = 64;
 
 impl Ctrl {
     /// Whether INTMS masks vector `iv` (MSI and INTx only: with MSI-X the registers are
@@ -287,6 +295,7 @@ impl Ctrl {
         self.cqs = vec![None; n];
         self.features = default_features();
         self.dbbuf = None;
+        self.aborts.clear();
     }
 
     /// A doorbell write at `off` from the doorbell base; bad doorbells are ignored (the
@@ -359,6 +368,11 @@ impl Ctrl {
                     "submission queue bound to a missing completion queue".into(),
                 ));
             }
+        }
+        if self.aborts.len() > MAX_ABORTS {
+            return Err(vfud_server::DeviceError::InvalidState(
+                "too many pending aborts".into(),
+            ));
         }
         if self.ready() && (self.sqs[0].is_none() || self.cqs[0].is_none()) {
             return Err(vfud_server::DeviceError::InvalidState(

@@ -17,7 +17,8 @@
 //! Admin: Identify (CNS 0 namespace, 1 controller, 2 active namespace list, 3 namespace
 //! descriptors), Create/Delete I/O SQ and CQ, Get Log Page (error, SMART, firmware slot),
 //! Set/Get Features (number of queues, coalescing and the other basic features are accepted
-//! and remembered), Abort (aborts a command fetched and not started, else "not aborted"),
+//! and remembered), Abort (aborts a command still queued or fetched and not started, else
+//! "not aborted"),
 //! Asynchronous Event Request (parked: the controller
 //! reports no events), Doorbell Buffer Config (shadow doorbells with event indexes).
 //! NVM: Read, Write, Flush (`fdatasync`), Write Zeroes and Dataset Management deallocate (a

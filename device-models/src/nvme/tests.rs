@@ -614,6 +614,29 @@ fn abort_takes_a_command_not_started_and_reports_others_not_aborted() {
     assert_eq!(h.reap(1).unwrap().0, done);
     let a = sqe(aop::ABORT, 0, 0, [1 | u32::from(done) << 16, 0, 0, 0]);
     assert_eq!(h.cmd(0, a), (0, 1), "bit 0 set: not aborted");
+
+    // A command still in its submission queue: a turn fetches at most 32 entries a queue,
+    // so the 40th of 40 reads is still queued when the Abort runs.
+    let cids: Vec<u16> = (0..40).map(|_| h.submit(1, read_sqe())).collect();
+    let last = cids[39];
+    let abort = h.submit(
+        0,
+        sqe(aop::ABORT, 0, 0, [1 | u32::from(last) << 16, 0, 0, 0]),
+    );
+    h.b.run(100);
+    assert_eq!(h.reap(0), Some((abort, 0, 0)), "aborted while queued");
+    let done: Vec<(u16, u16)> = std::iter::from_fn(|| h.reap(1))
+        .map(|(c, st, _)| (c, st & !status::DNR))
+        .collect();
+    assert_eq!(done.len(), 40, "every read completed once");
+    for (c, st) in done {
+        let want = if c == last {
+            status::ABORTED_BY_REQUEST
+        } else {
+            0
+        };
+        assert_eq!(st, want, "command {c}");
+    }
 }
 
 #[test]
