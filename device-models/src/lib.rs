@@ -289,6 +289,7 @@ mod tests {
         assert!(refusal("nvme,size=12Q").contains("not a size"));
         assert!(refusal("nvme,queues=0").contains("1 to 127"));
         assert!(refusal("nvme,shadow=maybe").contains("on or off"));
+        assert!(refusal("nvme,doorbells=fast").contains("trap or mmap"));
         assert!(refusal("uart16550,backend=null,bar=pio").contains("mem or io"));
     }
 
