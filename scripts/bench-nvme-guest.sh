@@ -67,6 +67,8 @@ VFUD_GUEST_MODULES="crc64_rocksoft_generic nvme" VFUD_GUEST_TOOLS=1 \
   --qemu-arg=-device --qemu-arg=nvme,drive=qns,serial=qemu0001 |
   tee "$dir/console.log" | grep 'VFUD-BENCH' >&2 || true
 grep -q 'VFUD-BENCH: FAIL' "$dir/console.log" && die "$(grep 'VFUD-BENCH: FAIL' "$dir/console.log")"
+[[ $(grep -c 'VFUD-BENCH: [vq]' "$dir/console.log") == 8 ]] ||
+  die "the guest did not report all 8 jobs; its console: $(tail -20 "$dir/console.log")"
 
 echo
 echo "| fio 4 KiB | QD | vfud nvme (doorbells=$doorbells) IOPS | QEMU nvme IOPS | vfud/QEMU |"
