@@ -101,6 +101,12 @@ impl Setup {
         )
     }
 
+    /// dma-engine served by an old process with control socket `a.ctl`, and a client.
+    fn attached_dma_engine(&self) -> (Proc, Client) {
+        let a = self.old("dma-engine", &self.p("a.ctl"));
+        (a, Client::connect_negotiated(&self.sock).unwrap())
+    }
+
     /// A new process waiting on `ctl` for a handover.
     fn new_process(&self, spec: &str, ctl: &Path) -> Proc {
         serve(
@@ -382,9 +388,7 @@ fn the_clients_mapping_of_device_memory_stays_the_devices_memory_after_a_handove
     // QEMU maps mmap-able BAR memory once, at attach; after a handover the new process must
     // serve that same memory, or the guest's stores (an NVMe doorbell page) would go nowhere.
     let s = Setup::new();
-    let (a_ctl, b_ctl) = (s.p("a.ctl"), s.p("b.ctl"));
-    let mut a = s.old("dma-engine", &a_ctl);
-    let mut c = Client::connect_negotiated(&s.sock).unwrap();
+    let (mut a, mut c) = s.attached_dma_engine();
     let (info, fd) = c.region_info(2).unwrap();
     let mapped = vfud_server::mmap::SharedMemory::from_fd(
         fd.expect("BAR2 is mmap-able"),
@@ -392,14 +396,10 @@ fn the_clients_mapping_of_device_memory_stays_the_devices_memory_after_a_handove
     )
     .unwrap();
     mapped.write(0x100, b"before").unwrap();
-    let _b = s.new_process("dma-engine", &b_ctl);
-    let out = handover(&a_ctl, &b_ctl);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
+    let _b = s.new_process("dma-engine", &s.p("b.ctl"));
+    let out = handover(&s.p("a.ctl"), &s.p("b.ctl"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0), "A let go");
     // A store through the old mapping after the handover reaches the new process...
     mapped.write(0x200, b"after the handover").unwrap();
     assert_eq!(c.region_read(2, 0x100, 6).unwrap(), b"before");
