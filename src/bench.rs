@@ -20,6 +20,7 @@
 //! | `dma-maps` | 65 535 DMA_MAPs then DMA_UNMAPs | raw ping-pong of the same sizes, same count | — |
 //! | `dma-lookup` | `GuestMem` 8-byte reads with 65 535 maps | the same reads with 16 maps | — |
 //! | `msix-2048` | 2 048 MSI-X eventfds in one SET_IRQS sequence (16 fds a message) | raw messages carrying the same fds | — |
+//! | `nvme-doorbell` | 4 KiB NVMe Read from SQ doorbell to MSI-X interrupt with `doorbells=mmap` (a store into the mmap'd page), back to back and after 2 ms idle | the same with `doorbells=trap` (posted REGION_WRITE) | — |
 //! | `devices-64` | RSS per extra device of one `vfud serve` with 64 devices | RSS of a 1-device process | — |
 //!
 //! **Placement.** On a small virtual machine the scheduler decides whether client and server
@@ -32,7 +33,7 @@
 //! `--wrap 'perf record …'` or `--wrap 'strace -c -f …'` profile the servers of a run.
 //!
 //! Scenario modules: [`region`] (round trips, posted writes), [`migration`] (stream bandwidth,
-//! downtime, handover), [`dma`], [`scale`]. The raw peer is in [`raw`], process, placement and
+//! downtime, handover), [`dma`], [`scale`], [`nvme`]. The raw peer is in [`raw`], process, placement and
 //! statistics plumbing in [`harness`], and the bench-only device models in [`bigmem`]
 //! (256 MiB of mmap-able state) and [`msix2048`]. Both models run in a child process started
 //! with the hidden `--internal-serve MODEL --socket PATH` flags, so server and client never
@@ -46,6 +47,7 @@ mod dma;
 mod harness;
 mod migration;
 mod msix2048;
+mod nvme;
 mod raw;
 mod region;
 mod scale;
@@ -159,6 +161,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "msix-2048",
         what: "2 048 MSI-X eventfds in one SET_IRQS sequence vs raw fd passing",
         run: scale::msix,
+    },
+    Scenario {
+        name: "nvme-doorbell",
+        what: "NVMe Read latency, doorbell to interrupt: mmap'd doorbell page vs trapped",
+        run: nvme::doorbell,
     },
     Scenario {
         name: "devices-64",

@@ -101,6 +101,12 @@ impl Setup {
         )
     }
 
+    /// dma-engine served by an old process with control socket `a.ctl`, and a client.
+    fn attached_dma_engine(&self) -> (Proc, Client) {
+        let a = self.old("dma-engine", &self.p("a.ctl"));
+        (a, Client::connect_negotiated(&self.sock).unwrap())
+    }
+
     /// A new process waiting on `ctl` for a handover.
     fn new_process(&self, spec: &str, ctl: &Path) -> Proc {
         serve(
@@ -375,4 +381,32 @@ fn a_dma_engine_job_in_flight_finishes_in_the_new_process_exactly_once() {
     assert_eq!(c.region_read_u32(0, reg::COMPLETIONS).unwrap(), 1);
     assert_eq!(fired(&irq, 2000), 1, "one completion interrupt");
     assert_eq!(fired(&irq, 200), 0, "and only one");
+}
+
+#[test]
+fn the_clients_mapping_of_device_memory_stays_the_devices_memory_after_a_handover() {
+    // QEMU maps mmap-able BAR memory once, at attach; after a handover the new process must
+    // serve that same memory, or the guest's stores (an NVMe doorbell page) would go nowhere.
+    let s = Setup::new();
+    let (mut a, mut c) = s.attached_dma_engine();
+    let (info, fd) = c.region_info(2).unwrap();
+    let mapped = vfud_server::mmap::SharedMemory::from_fd(
+        fd.expect("BAR2 is mmap-able"),
+        info.info.size as usize,
+    )
+    .unwrap();
+    mapped.write(0x100, b"before").unwrap();
+    let _b = s.new_process("dma-engine", &s.p("b.ctl"));
+    let out = handover(&s.p("a.ctl"), &s.p("b.ctl"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0), "A let go");
+    // A store through the old mapping after the handover reaches the new process...
+    mapped.write(0x200, b"after the handover").unwrap();
+    assert_eq!(c.region_read(2, 0x100, 6).unwrap(), b"before");
+    assert_eq!(c.region_read(2, 0x200, 18).unwrap(), b"after the handover");
+    // ...and what the new process writes shows in the client's mapping.
+    c.region_write(2, 0x300, b"from B").unwrap();
+    let mut got = [0u8; 6];
+    mapped.read(0x300, &mut got).unwrap();
+    assert_eq!(&got, b"from B");
 }

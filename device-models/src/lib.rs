@@ -159,6 +159,10 @@ pub const MODELS: &[Model] = &[
                 "shadow",
                 "on or off (default on): offer Doorbell Buffer Config (shadow doorbells)",
             ),
+            (
+                "doorbells",
+                "trap (default; posted writes) or mmap (a shared page a thread polls)",
+            ),
         ],
         create: |o| {
             let shadow = match o.get("shadow") {
@@ -172,7 +176,13 @@ pub const MODELS: &[Model] = &[
                 o.number("queues")?,
                 shadow,
             )?;
-            Ok(Box::new(dev))
+            let mode = match o.get("doorbells") {
+                None => nvme::dbpage::DoorbellMode::default(),
+                Some(v) => nvme::dbpage::DoorbellMode::parse(v).ok_or_else(|| {
+                    SpecError::BadValue(format!("doorbells={v}: give trap or mmap"))
+                })?,
+            };
+            Ok(Box::new(dev.with_doorbells(mode)?))
         },
     },
     Model {
@@ -295,6 +305,7 @@ mod tests {
         assert!(refusal("nvme,size=12Q").contains("not a size"));
         assert!(refusal("nvme,queues=0").contains("1 to 127"));
         assert!(refusal("nvme,shadow=maybe").contains("on or off"));
+        assert!(refusal("nvme,doorbells=fast").contains("trap or mmap"));
         assert!(refusal("uart16550,backend=null,bar=pio").contains("mem or io"));
     }
 

@@ -148,6 +148,35 @@ impl SharedMemory {
         }
     }
 
+    /// Atomically replace the 4-byte word at `offset` (4-aligned) with `new` if it holds
+    /// `current`; returns the value found (equal to `current` when replaced). For words the
+    /// client writes through its own mapping while the device takes and resets them (NVMe
+    /// doorbells): a plain read-then-write could overwrite a value written in between.
+    pub fn compare_exchange_u32(
+        &self,
+        offset: u64,
+        current: u32,
+        new: u32,
+    ) -> Result<u32, DeviceError> {
+        let off = self.check(offset, 4)?;
+        if off % 4 != 0 {
+            return Err(DeviceError::BadAccess(format!(
+                "atomic word at {offset:#x} is not 4-byte aligned"
+            )));
+        }
+        // SAFETY: the word lies inside the live mapping (checked), which is page-aligned, so
+        // `off % 4 == 0` makes the pointer 4-byte aligned as AtomicU32 needs. Every access to
+        // the mapping goes through raw pointers (no Rust reference aliases it), and other
+        // processes sharing the memory can only race on its bytes, which atomics tolerate.
+        let word = unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(self.map.as_mut_ptr().add(off).cast::<u32>())
+        };
+        let order = std::sync::atomic::Ordering::SeqCst;
+        Ok(match word.compare_exchange(current, new, order, order) {
+            Ok(v) | Err(v) => v,
+        })
+    }
+
     /// Fill `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), DeviceError> {
         let off = self.check(offset, len)?;

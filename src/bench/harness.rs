@@ -416,6 +416,19 @@ impl Row {
         }
     }
 
+    /// A latency row: the `pct`-th percentile of vfud's and the baseline's samples, in µs,
+    /// reported for information.
+    pub fn percentile(
+        name: impl Into<String>,
+        vfud: &Samples,
+        baseline: &Samples,
+        pct: f64,
+        baseline_is: &'static str,
+    ) -> Self {
+        let (v, b) = (vfud.percentile_us(pct), baseline.percentile_us(pct));
+        Self::new(name, Unit::Us, v, b, baseline_is, Goal::None)
+    }
+
     /// vfud ÷ baseline.
     pub fn ratio(&self) -> f64 {
         self.vfud / self.baseline

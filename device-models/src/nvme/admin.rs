@@ -142,7 +142,7 @@ pub fn exec(
                 _ => Err(fail(status::INVALID_FIELD)),
             }
         }
-        admin::ABORT => ok(1), // bit 0: the command was not aborted
+        admin::ABORT => ok(1), // bit 0 "not aborted" unless the engine finds the target waiting
         admin::ASYNC_EVENT => {
             if a.parked_aers >= MAX_AERS {
                 return Err(fail(status::AER_LIMIT));

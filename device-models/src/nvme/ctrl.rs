@@ -105,6 +105,31 @@ pub struct Ctrl {
     pub dbbuf: Option<Dbbuf>,
     /// SMART counters.
     pub counters: Counters,
+    /// Commands an Abort named while still in their submission queue (SQ id, command id):
+    /// they complete "Command Abort Requested" when fetched.
+    #[serde(default)]
+    pub aborts: Vec<(u16, u16)>,
+}
+
+/// Most aborts of queued commands remembered at once (beyond it an Abort reports "not
+/// aborted").
+pub const MAX_ABORTS: usize = 64;
+
+impl Ctrl {
+    /// Whether INTMS masks vector `iv` (MSI and INTx only: with MSI-X the registers are
+    /// not used, NVMe 1.4 §3.1.3).
+    pub fn masked(&self, iv: u16) -> bool {
+        iv < 32 && self.intms & (1 << iv) != 0
+    }
+
+    /// Vectors of interrupt-enabled completion queues that hold unconsumed entries.
+    pub fn pending_vectors(&self) -> u32 {
+        self.cqs
+            .iter()
+            .flatten()
+            .filter(|c| c.ien && c.has_entries() && c.iv < 32)
+            .fold(0, |m, c| m | 1 << c.iv)
+    }
 }
 
 /// Result of a register write the device must act on.
@@ -118,6 +143,10 @@ pub enum Effect {
     Kick,
     /// A completion queue head moved: interrupts may be lowered, posting may resume.
     CqHead,
+    /// INTMS set these vectors' mask bits.
+    Masked(u32),
+    /// INTMC cleared these vectors' mask bits.
+    Unmasked(u32),
 }
 
 impl Ctrl {
@@ -189,8 +218,14 @@ impl Ctrl {
             (reg::ACQ, 4) => self.acq = (self.acq & !0xffff_ffff) | u64::from(lo) & !(PAGE - 1),
             (0x34, 4) => self.acq = (self.acq & 0xffff_ffff) | u64::from(lo) << 32,
             (reg::AQA, 4) => self.aqa = lo & 0x0fff_0fff,
-            (reg::INTMS, 4) => self.intms |= lo,
-            (reg::INTMC, 4) => self.intms &= !lo,
+            (reg::INTMS, 4) => {
+                self.intms |= lo;
+                return Effect::Masked(lo);
+            }
+            (reg::INTMC, 4) => {
+                self.intms &= !lo;
+                return Effect::Unmasked(lo);
+            }
             (reg::CC, 4) => return self.write_cc(lo & spec::CC_WRITABLE),
             _ => {} // read-only or reserved: ignored
         }
@@ -260,6 +295,7 @@ impl Ctrl {
         self.cqs = vec![None; n];
         self.features = default_features();
         self.dbbuf = None;
+        self.aborts.clear();
     }
 
     /// A doorbell write at `off` from the doorbell base; bad doorbells are ignored (the
@@ -332,6 +368,11 @@ impl Ctrl {
                     "submission queue bound to a missing completion queue".into(),
                 ));
             }
+        }
+        if self.aborts.len() > MAX_ABORTS {
+            return Err(vfud_server::DeviceError::InvalidState(
+                "too many pending aborts".into(),
+            ));
         }
         if self.ready() && (self.sqs[0].is_none() || self.cqs[0].is_none()) {
             return Err(vfud_server::DeviceError::InvalidState(

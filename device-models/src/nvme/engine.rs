@@ -87,8 +87,16 @@ impl Nvme {
                 }
                 sq.head = (sq.head + 1) % sq.size;
                 let cqid = sq.cqid;
-                self.inflight
-                    .push(Command::new(qid as u16, cqid, spec::sqe_from_bytes(&raw)));
+                let mut cmd = Command::new(qid as u16, cqid, spec::sqe_from_bytes(&raw));
+                let aborted = (qid as u16, cmd.sqe.cid());
+                if let Some(at) = self.ctrl.aborts.iter().position(|a| *a == aborted) {
+                    self.ctrl.aborts.swap_remove(at);
+                    cmd.stage = Stage::Finish {
+                        status: status::ABORTED_BY_REQUEST,
+                        result: 0,
+                    };
+                }
+                self.inflight.push(cmd);
                 moved = true;
             }
         }
@@ -119,8 +127,15 @@ impl Nvme {
                     };
                     match r {
                         Ok(Outcome::Done(status, result)) => {
+                            let mut result = result;
                             if cmd.sqid == 0 && cmd.sqe.opcode() == op::DELETE_SQ {
                                 self.abort_queue(cmd.sqe.cdw(10) as u16);
+                            }
+                            if cmd.sqid == 0 && cmd.sqe.opcode() == op::ABORT {
+                                let cdw10 = cmd.sqe.cdw(10);
+                                if self.abort_waiting(cdw10 as u16, (cdw10 >> 16) as u16, cx) {
+                                    result = 0; // bit 0 clear: aborted
+                                }
                             }
                             cmd.stage = Stage::Finish { status, result };
                         }
@@ -168,7 +183,8 @@ impl Nvme {
                     }
                     if let Some(cq) = self.ctrl.cqs[usize::from(cqid)].as_ref() {
                         if cq.ien {
-                            cx.raise(u32::from(cq.iv));
+                            let iv = cq.iv;
+                            self.signal(iv, cx);
                         }
                     }
                     return Fate::Done;
@@ -227,6 +243,7 @@ impl Nvme {
 
     /// Delete I/O SQ: its commands still executing end "aborted due to SQ deletion".
     fn abort_queue(&mut self, qid: u16) {
+        self.ctrl.aborts.retain(|(q, _)| *q != qid);
         for c in self.inflight.iter_mut().filter(|c| c.sqid == qid) {
             if matches!(c.stage, Stage::Exec | Stage::Parked) {
                 c.stage = Stage::Finish {
@@ -235,6 +252,65 @@ impl Nvme {
                 };
             }
         }
+    }
+
+    /// Abort: a command not started yet ends "Command Abort Requested" — one fetched and
+    /// waiting (the turn that fetched an Abort fetched the I/O queues' new entries too, and
+    /// admin commands run first), or one still in its submission queue, which is remembered
+    /// and completed so when fetched. One already moving data runs on and the Abort reports
+    /// "not aborted", as the spec allows (NVMe 1.4 §5.1).
+    fn abort_waiting(&mut self, sqid: u16, cid: u16, cx: &mut DeviceCtx<'_>) -> bool {
+        if self.abort_queued(sqid, cid, cx) {
+            return true;
+        }
+        let target = self.inflight.iter_mut().find(|c| {
+            c.sqid == sqid
+                && c.sqe.cid() == cid
+                && c.stage == Stage::Exec
+                && c.done == 0
+                && c.prp.is_none()
+                && c.buf.is_empty()
+        });
+        match target {
+            Some(c) => {
+                c.stage = Stage::Finish {
+                    status: status::ABORTED_BY_REQUEST,
+                    result: 0,
+                };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether command `cid` is in SQ `sqid` between head and tail (not fetched); if so it is
+    /// remembered in [`super::ctrl::Ctrl::aborts`] (bounded) for `fetch` to complete.
+    fn abort_queued(&mut self, sqid: u16, cid: u16, cx: &mut DeviceCtx<'_>) -> bool {
+        let Some(sq) = self
+            .ctrl
+            .sqs
+            .get(usize::from(sqid))
+            .and_then(|q| q.as_ref())
+        else {
+            return false;
+        };
+        if self.ctrl.aborts.len() >= super::ctrl::MAX_ABORTS {
+            return false;
+        }
+        let mut i = sq.head;
+        while i != sq.tail {
+            let mut dw0 = [0u8; 4];
+            let at = Iova(sq.base + u64::from(i) * SQE_SIZE);
+            if cx.mem().read(at, &mut dw0).is_err() {
+                return false;
+            }
+            if (u32::from_le_bytes(dw0) >> 16) as u16 == cid {
+                self.ctrl.aborts.push((sqid, cid));
+                return true;
+            }
+            i = (i + 1) % sq.size;
+        }
+        false
     }
 
     /// Shadow doorbells (Doorbell Buffer Config): take the tails and heads the driver wrote

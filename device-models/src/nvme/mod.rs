@@ -2,18 +2,24 @@
 //! stock `nvme` driver (class 0x010802).
 //!
 //! # Layout
-//! - BAR0 (16 KiB, 64-bit memory, trapped): controller registers (CAP, VS, INTMS/INTMC, CC,
-//!   CSTS, AQA, ASQ, ACQ) and, from 0x1000, the doorbells with stride 4 bytes (CAP.DSTRD 0):
-//!   SQ y tail at `0x1000 + 8y`, CQ y head at `0x1000 + 8y + 4`.
+//! - BAR0 (16 KiB, 64-bit memory): controller registers (CAP, VS, INTMS/INTMC, CC, CSTS,
+//!   AQA, ASQ, ACQ), trapped, and, from 0x1000, the doorbells with stride 4 bytes
+//!   (CAP.DSTRD 0): SQ y tail at `0x1000 + 8y`, CQ y head at `0x1000 + 8y + 4`. With
+//!   `doorbells=trap` (the default) they are trapped too; with `doorbells=mmap` the page at
+//!   0x1000 is shared memory offered for mmap and watched by a thread (see [`dbpage`]).
 //! - BAR4 (4 KiB, 32-bit memory): MSI-X table (one vector per completion queue) at 0, PBA at
 //!   0x800. MSI (1 vector) and INTx as fallbacks; with INTx the line is a level that stays up
 //!   while an interrupt-enabled completion queue holds entries the driver has not consumed.
+//!   Without MSI-X, INTMS/INTMC mask and unmask vectors: a masked vector is not signalled
+//!   (INTx drops), and unmasking signals it if its queues still hold entries.
 //!
 //! # Commands
 //! Admin: Identify (CNS 0 namespace, 1 controller, 2 active namespace list, 3 namespace
 //! descriptors), Create/Delete I/O SQ and CQ, Get Log Page (error, SMART, firmware slot),
 //! Set/Get Features (number of queues, coalescing and the other basic features are accepted
-//! and remembered), Abort (never aborts), Asynchronous Event Request (parked: the controller
+//! and remembered), Abort (aborts a command still queued or fetched and not started, else
+//! "not aborted"),
+//! Asynchronous Event Request (parked: the controller
 //! reports no events), Doorbell Buffer Config (shadow doorbells with event indexes).
 //! NVM: Read, Write, Flush (`fdatasync`), Write Zeroes and Dataset Management deallocate (a
 //! hole punched in the file). Data pointers are PRPs (no SGLs); MDTS is 128 KiB.
@@ -26,7 +32,10 @@
 //!
 //! # Migration
 //! State: registers, queues (addresses, sizes, heads, tails, phases, vectors), shadow doorbell
-//! addresses and event indexes, features, parked AERs and the commands in flight. A command
+//! addresses and event indexes, features, parked AERs and the commands in flight. With
+//! `doorbells=mmap` a doorbell not yet taken is still in the page, which is BAR memory the
+//! server migrates; a live handover passes its memfd, which QEMU keeps mapped, so doorbells
+//! the guest rings during the handover are found on the other side. A command
 //! whose completion entry was not written yet is saved to run again from its start on the
 //! destination (reads and writes are idempotent until completed: the driver does not touch
 //! the buffers before the completion); one whose entry was written is saved with the entry,
@@ -39,6 +48,7 @@
 mod admin;
 mod command;
 mod ctrl;
+pub mod dbpage;
 mod engine;
 mod identify;
 mod namespace;
@@ -49,6 +59,7 @@ mod tests;
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vfud_server::{
@@ -58,6 +69,7 @@ use vfud_server::{
 
 use command::{Command, Stage};
 use ctrl::{Ctrl, Effect};
+use dbpage::{DoorbellMode, Wake, Watcher};
 pub use namespace::{Namespace, LBA_SIZE};
 
 /// Default number of I/O queue pairs.
@@ -82,6 +94,13 @@ pub struct Nvme {
     serial: String,
     offer_dbbuf: bool,
     slice: u64,
+    doorbells: DoorbellMode,
+    /// `doorbells=mmap`: the watcher's eventfd, the watcher once started, and whether
+    /// `on_timer` must (re)start the watcher and run a turn (at start, after a load, after a
+    /// stop).
+    wake: Option<Wake>,
+    watcher: Option<Watcher>,
+    rewatch: bool,
 }
 
 /// The migrated state.
@@ -109,7 +128,22 @@ impl Nvme {
             serial: "VFUD0001".into(),
             offer_dbbuf: true,
             slice: DEFAULT_SLICE,
+            doorbells: DoorbellMode::Trap,
+            wake: None,
+            watcher: None,
+            rewatch: false,
         })
+    }
+
+    /// Serve doorbells the given way (see [`dbpage`]).
+    pub fn with_doorbells(mut self, mode: DoorbellMode) -> Result<Self, DeviceError> {
+        self.doorbells = mode;
+        self.wake = match mode {
+            DoorbellMode::Mmap => Some(Wake::new()?),
+            DoorbellMode::Trap => None,
+        };
+        self.rewatch = mode == DoorbellMode::Mmap;
+        Ok(self)
     }
 
     /// Build from the registry's options (`backing=`, `size=`, `queues=`, `shadow=`).
@@ -125,6 +159,13 @@ impl Nvme {
         let mut n = Self::new(Namespace::open(backing, size)?, q)?;
         n.offer_dbbuf = shadow;
         Ok(n)
+    }
+
+    /// Signal completion vector `iv` unless INTMS masks it (MSI-X ignores INTMS).
+    fn signal(&mut self, iv: u16, cx: &mut DeviceCtx<'_>) {
+        if cx.msix_active() || !self.ctrl.masked(iv) {
+            cx.raise(u32::from(iv));
+        }
     }
 
     /// The namespace.
@@ -145,7 +186,19 @@ impl Nvme {
             Effect::None => {}
             Effect::Reset => {
                 self.inflight.clear();
+                self.clear_doorbells();
                 cx.set_intx(false);
+            }
+            Effect::Masked(bits) => {
+                if bits & 1 != 0 && !cx.msix_active() {
+                    cx.set_intx(false);
+                }
+            }
+            Effect::Unmasked(bits) => {
+                let due = self.ctrl.pending_vectors() & bits & !self.ctrl.intms;
+                for iv in (0..32u16).filter(|v| due & 1 << v != 0) {
+                    self.signal(iv, cx);
+                }
             }
             Effect::Kick => cx.schedule(),
             Effect::CqHead => {
@@ -171,8 +224,14 @@ fn access(offset: u64, len: usize) -> Result<(), DeviceError> {
 impl Device for Nvme {
     fn describe(&self) -> DeviceDescription {
         let vectors = u32::from(self.io_queues) + 1;
+        let bar0 = match self.doorbells {
+            DoorbellMode::Trap => BarSpec::mem64(BAR0_SIZE),
+            DoorbellMode::Mmap => {
+                BarSpec::mem64(BAR0_SIZE).shared_sparse(vec![(spec::reg::DOORBELLS, spec::PAGE)])
+            }
+        };
         DeviceDescription::new("nvme", PciIds::new(identify::VENDOR, 0x0010, 0x01_08_02))
-            .bar(0, BarSpec::mem64(BAR0_SIZE))
+            .bar(0, bar0)
             .bar(4, BarSpec::mem32(4096))
             .irqs(
                 IrqLayout::intx()
@@ -214,6 +273,9 @@ impl Device for Nvme {
         let mut b = [0u8; 8];
         b[..data.len()].copy_from_slice(data);
         let v = u64::from_le_bytes(b);
+        if offset >= spec::reg::DOORBELLS && self.page_doorbell(offset, data, cx)? {
+            return Ok(());
+        }
         let effect = if offset >= spec::reg::DOORBELLS {
             self.ctrl.doorbell(offset - spec::reg::DOORBELLS, v as u32)
         } else {
@@ -226,6 +288,7 @@ impl Device for Nvme {
     fn reset(&mut self, cx: &mut DeviceCtx<'_>) {
         self.ctrl = Ctrl::new(self.io_queues);
         self.inflight.clear();
+        self.clear_doorbells();
         cx.set_intx(false);
     }
 
@@ -252,6 +315,12 @@ impl Device for Nvme {
 impl Migratable for Nvme {
     fn needs_config_before_data(&self) -> bool {
         true
+    }
+
+    fn quiesce(&mut self) {
+        // Doorbells the guest rang into the page before it stopped belong to this state.
+        self.take_doorbells();
+        self.rewatch |= self.doorbells == DoorbellMode::Mmap;
     }
 
     fn save(&mut self) -> Result<DeviceState, DeviceError> {
@@ -326,6 +395,10 @@ impl Migratable for Nvme {
         }
         self.ctrl = s.ctrl;
         self.inflight = s.inflight;
+        // The page this process watched may not be the one the client maps (a handover
+        // passes the old process's memfd after this): watch afresh once running.
+        self.watcher = None;
+        self.rewatch = self.doorbells == DoorbellMode::Mmap;
         Ok(())
     }
 }
@@ -334,11 +407,29 @@ impl Migratable for Nvme {
 /// even when it is an anonymous memfd.
 impl HostIo for Nvme {
     fn event_fds(&self) -> Vec<(RawFd, u32)> {
-        Vec::new()
+        self.wake.iter().map(|w| (w.raw(), 0)).collect()
     }
 
-    fn on_event(&mut self, _token: u32, _cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
+    fn on_event(&mut self, _token: u32, cx: &mut DeviceCtx<'_>) -> Result<(), DeviceError> {
+        if let Some(w) = &self.wake {
+            w.drain();
+        }
+        self.ring_from_page(cx);
         Ok(())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.rewatch.then(Instant::now)
+    }
+
+    fn on_timer(&mut self, cx: &mut DeviceCtx<'_>) {
+        self.rewatch = false;
+        self.ring_from_page(cx);
+        cx.schedule();
+    }
+
+    fn release(&mut self) {
+        self.watcher = None;
     }
 
     fn export(&self) -> Option<(String, Vec<OwnedFd>)> {

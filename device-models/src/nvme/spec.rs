@@ -111,6 +111,8 @@ pub mod status {
     pub const DATA_TRANSFER_ERROR: u16 = 0x004;
     /// Internal Error.
     pub const INTERNAL_ERROR: u16 = 0x006;
+    /// Command Abort Requested (the target of an Abort that the controller aborted).
+    pub const ABORTED_BY_REQUEST: u16 = 0x007;
     /// Command Aborted due to SQ Deletion.
     pub const ABORTED_SQ_DELETION: u16 = 0x008;
     /// Invalid Namespace or Format.

@@ -515,3 +515,214 @@ fn a_state_with_live_queues_needs_its_config_and_the_same_storage() {
 vfud_server::migration_roundtrip_tests!(Box::new(
     Nvme::new(Namespace::open(None, Some(MIB)).unwrap(), 2).unwrap()
 ));
+
+/// A file-backed controller, enabled, with `count` vectors of interrupt `index` wired and I/O
+/// queue pair 1 on vector `iv`; interrupts so far drained.
+fn queue_on(index: u32, count: u32, iv: u16) -> (tempfile::TempDir, Host) {
+    let (d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.b.wire_irqs(index, count);
+    h.enable();
+    h.create_queues(1, iv);
+    h.b.interrupts();
+    (d, h)
+}
+
+fn read_sqe() -> [u32; 16] {
+    let mut s = sqe(iop::READ, BUF, 0, [0; 4]);
+    s[1] = 1;
+    s
+}
+
+#[test]
+fn intms_masks_msi_until_intmc_and_msix_ignores_it() {
+    let (_d, mut h) = queue_on(1, 1, 0);
+    h.b.write32(0, reg::INTMS, 1).unwrap();
+    assert_eq!(
+        h.b.read32(0, reg::INTMC).unwrap(),
+        1,
+        "INTMC reads the mask"
+    );
+    let cid = h.submit(1, read_sqe());
+    h.b.run(100);
+    assert!(h.b.interrupts().is_empty(), "masked: no MSI");
+    h.b.write32(0, reg::INTMC, 1).unwrap();
+    assert_eq!(
+        h.b.interrupts(),
+        vec![(1, 0, 1)],
+        "unmasked while the completion waits: signalled"
+    );
+    assert_eq!(h.reap(1).unwrap().0, cid);
+    h.b.write32(0, reg::INTMC, 1).unwrap();
+    assert!(h.b.interrupts().is_empty(), "nothing waiting: no signal");
+
+    let (_d, mut h) = queue_on(2, 2, 1);
+    h.b.write32(0, reg::INTMS, u32::MAX).unwrap();
+    assert_eq!(h.rw(1, iop::READ, 0, 1, BUF, 0), 0);
+    assert_eq!(h.b.interrupts(), vec![(2, 1, 1)], "MSI-X: INTMS ignored");
+}
+
+#[test]
+fn intms_drops_intx_and_intmc_raises_it_again() {
+    const STATUS_INTERRUPT: u16 = 1 << 3;
+    let (_d, mut h) = queue_on(0, 1, 0);
+    h.submit(1, read_sqe());
+    h.b.run(100);
+    assert_ne!(
+        h.b.config16(6) & STATUS_INTERRUPT,
+        0,
+        "a completion: INTx up"
+    );
+    h.b.write32(0, reg::INTMS, 1).unwrap();
+    assert_eq!(h.b.config16(6) & STATUS_INTERRUPT, 0, "masked: INTx down");
+    let cid = h.submit(1, read_sqe());
+    h.b.run(100);
+    assert_eq!(h.b.config16(6) & STATUS_INTERRUPT, 0, "masked: stays down");
+    h.b.write32(0, reg::INTMC, 1).unwrap();
+    assert_ne!(h.b.config16(6) & STATUS_INTERRUPT, 0, "unmasked: up again");
+    h.reap(1).unwrap();
+    assert_eq!(h.reap(1).unwrap().0, cid);
+    assert_eq!(h.b.config16(6) & STATUS_INTERRUPT, 0, "consumed: down");
+}
+
+#[test]
+fn abort_takes_a_command_not_started_and_reports_others_not_aborted() {
+    let (_d, _p, dev) = file_backed(MIB);
+    let mut h = Host::new(dev, RamMode::Fd);
+    h.enable();
+    h.create_queues(1, 1);
+    // A read and an Abort naming it, both queued before the controller takes a turn.
+    let target = h.submit(1, read_sqe());
+    let abort = h.submit(
+        0,
+        sqe(aop::ABORT, 0, 0, [1 | u32::from(target) << 16, 0, 0, 0]),
+    );
+    h.b.run(100);
+    assert_eq!(
+        h.reap(0),
+        Some((abort, 0, 0)),
+        "result bit 0 clear: aborted"
+    );
+    let (cid, st, _) = h.reap(1).unwrap();
+    assert_eq!(
+        (cid, st & !status::DNR),
+        (target, status::ABORTED_BY_REQUEST)
+    );
+    // A command that already completed (or never existed) is not aborted.
+    let done = h.submit(1, read_sqe());
+    h.b.run(100);
+    assert_eq!(h.reap(1).unwrap().0, done);
+    let a = sqe(aop::ABORT, 0, 0, [1 | u32::from(done) << 16, 0, 0, 0]);
+    assert_eq!(h.cmd(0, a), (0, 1), "bit 0 set: not aborted");
+
+    // A command still in its submission queue: a turn fetches at most 32 entries a queue,
+    // so the 40th of 40 reads is still queued when the Abort runs.
+    let cids: Vec<u16> = (0..40).map(|_| h.submit(1, read_sqe())).collect();
+    let last = cids[39];
+    let abort = h.submit(
+        0,
+        sqe(aop::ABORT, 0, 0, [1 | u32::from(last) << 16, 0, 0, 0]),
+    );
+    h.b.run(100);
+    assert_eq!(h.reap(0), Some((abort, 0, 0)), "aborted while queued");
+    let done: Vec<(u16, u16)> = std::iter::from_fn(|| h.reap(1))
+        .map(|(c, st, _)| (c, st & !status::DNR))
+        .collect();
+    assert_eq!(done.len(), 40, "every read completed once");
+    for (c, st) in done {
+        let want = if c == last {
+            status::ABORTED_BY_REQUEST
+        } else {
+            0
+        };
+        assert_eq!(st, want, "command {c}");
+    }
+}
+
+#[test]
+fn mmap_doorbells_are_taken_from_the_shared_page() {
+    use vfud_server::mmap::SharedMemory;
+    use vfud_server::vfud_protocol_reexport::region::{
+        RegionCap, RegionInfo, RegionInfoReply, SparseArea, REGION_FLAG_MMAP,
+    };
+    use vfud_server::vfud_protocol_reexport::Request;
+
+    let (_d, _p, dev) = file_backed(MIB);
+    let dev = dev.with_doorbells(dbpage::DoorbellMode::Mmap).unwrap();
+    let mut h = Host::new(dev, RamMode::Fd);
+    // BAR0 offers the doorbell page, and only it, for mmap.
+    let req = RegionInfo {
+        argsz: 256,
+        flags: 0,
+        index: 0,
+        cap_offset: 0,
+        size: 0,
+        offset: 0,
+    };
+    let reply =
+        h.b.server()
+            .handle(Request::GetRegionInfo(req), 32)
+            .unwrap();
+    let info = RegionInfoReply::decode(&reply.payload).unwrap();
+    assert_ne!(info.info.flags & REGION_FLAG_MMAP, 0);
+    let area = SparseArea {
+        offset: 0x1000,
+        size: 0x1000,
+    };
+    assert_eq!(info.caps, vec![RegionCap::SparseMmap(vec![area])]);
+    let fd = reply.fds.into_iter().next().expect("the page's fd");
+    let page = SharedMemory::from_fd(fd, BAR0_SIZE as usize).unwrap();
+    let db = |page: &SharedMemory, i: u64| {
+        let mut b = [0u8; 4];
+        page.read(reg::DOORBELLS + 4 * i, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+
+    // Registers stay trapped; doorbells written over the socket go through the page, where
+    // each is taken (its word emptied) as the controller acts on it.
+    h.enable();
+    h.create_queues(1, 1);
+    assert!((0..4).all(|i| db(&page, i) == dbpage::EMPTY), "all taken");
+
+    // A doorbell stored in the page, as a guest with the page mapped rings it: no message.
+    let mut s = read_sqe();
+    s[0] |= 0x77 << 16;
+    let bytes: Vec<u8> = s.iter().flat_map(|d| d.to_le_bytes()).collect();
+    h.b.ram_write(sq_base(1), &bytes);
+    h.tails[1] = 1;
+    page.write(reg::DOORBELLS + 8, &1u32.to_le_bytes()).unwrap();
+    h.b.server().device_event(0); // what the watcher's wake-up does
+    h.b.run(100);
+    let (cid, st, _) = h
+        .reap(1)
+        .expect("the command rung through the page completed");
+    assert_eq!((cid, st), (0x77, 0));
+    assert_eq!(db(&page, 2), dbpage::EMPTY, "taken");
+
+    // A doorbell rung while the device is stopped stays in the page and travels with it.
+    h.b.ram_write(sq_base(1) + 64, &bytes);
+    h.tails[1] = 2;
+    h.b.set_state(vfud_server::vfud_protocol_reexport::MigState::Stop)
+        .unwrap();
+    page.write(reg::DOORBELLS + 8, &2u32.to_le_bytes()).unwrap();
+    let stream = h.b.save_stream().unwrap();
+    let (_d2, _p2, dest) = file_backed(MIB);
+    let dest = dest.with_doorbells(dbpage::DoorbellMode::Mmap).unwrap();
+    let mut b = Host::new(dest, RamMode::Fd);
+    b.b.ram_write(RAM_BASE, &h.b.ram_read(RAM_BASE, 2 * MIB as usize));
+    b.b.restore_stream(&stream).unwrap();
+    (b.tails, b.heads, b.phases) = (h.tails.clone(), h.heads.clone(), h.phases.clone());
+    b.b.server().device_event(0);
+    b.b.run(100);
+    assert_eq!(
+        b.reap(1).map(|c| c.0),
+        Some(0x77),
+        "taken on the destination"
+    );
+
+    // A controller reset voids what the page holds.
+    page.write(reg::DOORBELLS + 12, &9u32.to_le_bytes())
+        .unwrap();
+    h.b.write32(0, reg::CC, 0).unwrap();
+    assert!((0..4).all(|i| db(&page, i) == dbpage::EMPTY));
+}

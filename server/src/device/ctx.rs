@@ -48,6 +48,12 @@ impl<'a> DeviceCtx<'a> {
         self.irqs.set_intx_level(level);
     }
 
+    /// Whether interrupts go out as MSI-X (rather than MSI or INTx). Some devices mask the
+    /// other modes themselves (NVMe's INTMS/INTMC apply only without MSI-X).
+    pub fn msix_active(&self) -> bool {
+        self.irqs.active_index() == Some(vfud_protocol::messages::irq::IRQ_INDEX_MSIX)
+    }
+
     /// Device-owned memory of a shared BAR.
     pub fn bar_memory(&self, bar: BarIndex) -> Option<&SharedMemory> {
         self.bars.get(usize::from(bar.0)).and_then(|b| b.as_ref())

@@ -64,7 +64,10 @@ pub enum BarBacking {
     Trapped,
     /// Device-owned shared memory (a memfd) the client may mmap. `mmap_areas` lists the
     /// (offset, size) areas offered for mmap (sparse mmap capability); `None` offers the whole
-    /// BAR. Accesses outside the areas that come over the socket still read/write the memory.
+    /// BAR, and the server serves socket accesses from the memory. With sparse areas the BAR
+    /// mixes registers and memory (an NVMe doorbell page beside trapped registers), so every
+    /// socket access goes to the device's `bar_read`/`bar_write`, which reach the memory
+    /// through [`crate::DeviceCtx::bar_memory`] where they need to.
     Shared {
         /// Sparse areas, or the whole BAR.
         mmap_areas: Option<Vec<(u64, u64)>>,
@@ -118,6 +121,15 @@ impl BarSpec {
     /// Back the BAR with device-owned shared memory the client may mmap whole.
     pub fn shared(mut self) -> Self {
         self.backing = BarBacking::Shared { mmap_areas: None };
+        self
+    }
+
+    /// Back the BAR with device-owned shared memory of which the client may mmap only
+    /// `areas` (offset, size; page-aligned); socket accesses are all trapped.
+    pub fn shared_sparse(mut self, areas: Vec<(u64, u64)>) -> Self {
+        self.backing = BarBacking::Shared {
+            mmap_areas: Some(areas),
+        };
         self
     }
 }

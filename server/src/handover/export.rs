@@ -62,10 +62,10 @@ impl DeviceServer {
                 fd,
             });
         }
-        let mut bars = Vec::new();
-        for (i, mem) in self.function.bars().iter().enumerate() {
-            if let Some(m) = mem {
-                bars.push((i, push(m.fd().try_clone_to_owned()?)));
+        let mut bar_memory = Vec::new();
+        for (bar, mem) in self.function.bars().iter().enumerate() {
+            if let Some(mem) = mem {
+                bar_memory.push((bar, push(mem.fd().try_clone_to_owned()?)));
             }
         }
         let client = client.map(Connection::dup).transpose()?.map(&mut push);
@@ -82,7 +82,7 @@ impl DeviceServer {
             client,
             listener: None,
             backend,
-            bars,
+            bar_memory,
             stopped_at_unix_ns: 0,
         })
     }
@@ -191,22 +191,36 @@ impl DeviceServer {
                 .ok_or_else(|| protocol("this device has no backend to adopt"))?;
             host.adopt(desc, b).map_err(|e| boxed(e.into()))?;
         }
-        let mut bars = Vec::new();
-        for &(i, fd) in &info.bars {
-            let fd = take(Some(fd))?.ok_or_else(|| protocol("BAR memory fd missing"))?;
-            let mem = self
+        // Shared BAR memory: the client mapped the old process's memfds, so serve those. They
+        // are adopted before the device runs (a device resuming work reads them), and what the
+        // stream restored into this process's own memory is dropped with the loader's backup of
+        // it, so that a failure below can neither roll back into memory the old process still
+        // serves nor leave this process serving it.
+        let mut own = Vec::new();
+        let adopted = info.bar_memory.iter().try_for_each(|&(bar, i)| {
+            let fd = take(Some(i))?.ok_or_else(|| protocol("BAR memory fd missing"))?;
+            let prev = self
                 .function
-                .check_bar_memory(i, fd)
+                .adopt_bar_memory(bar, fd)
                 .map_err(|e| boxed(e.into()))?;
-            bars.push((i, mem));
-        }
-        let client = take(info.client)?;
-        self.set_mig_state(MigState::Running).map_err(boxed)?;
-        // Only once the device runs: until then a failed handover leaves the old memory,
-        // which the old process goes on serving, untouched.
-        for (i, mem) in bars {
-            self.function.adopt_bar_memory(i, mem);
-        }
+            self.mig.forget_memory_backup(bar);
+            own.push((bar, prev));
+            Ok(())
+        });
+        let client = adopted.and_then(|()| take(info.client));
+        let running = client.and_then(|c| {
+            self.set_mig_state(MigState::Running).map_err(boxed)?;
+            Ok(c)
+        });
+        let client = match running {
+            Ok(c) => c,
+            Err(e) => {
+                for (bar, mem) in own {
+                    self.function.restore_bar_memory(bar, mem);
+                }
+                return Err(e);
+            }
+        };
         Ok(match client {
             Some(fd) => Some(Connection::new(UnixStream::from(fd))?),
             None => None,

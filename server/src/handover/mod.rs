@@ -118,12 +118,12 @@ pub struct SessionInfo {
     pub listener: Option<usize>,
     /// Device backend description and fd indices.
     pub backend: Option<(String, Vec<usize>)>,
+    /// When A stopped reading the client (Unix time, ns), to measure the pause.
+    pub stopped_at_unix_ns: u64,
     /// Shared BAR memory as (BAR index, fd index): the client mapped these memfds, so the
     /// new process must keep serving the same memory.
     #[serde(default)]
-    pub bars: Vec<(usize, usize)>,
-    /// When A stopped reading the client (Unix time, ns), to measure the pause.
-    pub stopped_at_unix_ns: u64,
+    pub bar_memory: Vec<(usize, usize)>,
 }
 
 /// Limits for control frames (stream chunks up to 16 MiB, many fds).

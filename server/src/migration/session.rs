@@ -119,6 +119,14 @@ impl MigrationSession {
         self.saver.as_ref()
     }
 
+    /// A restore's BAR `bar` now serves memory adopted from a peer process: forget what the
+    /// stream overwrote in the memory served before (see [`Loader::forget_backup`]).
+    pub fn forget_memory_backup(&mut self, bar: usize) {
+        if let Some(l) = &mut self.loader {
+            l.forget_backup(bar);
+        }
+    }
+
     /// DEVICE_RESET: back to RUNNING, dropping any migration in progress (device memory an
     /// unfinished restore overwrote is put back first).
     pub fn reset(&mut self, function: &PciFunction) {

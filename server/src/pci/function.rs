@@ -97,30 +97,27 @@ impl PciFunction {
         &self.bars
     }
 
-    /// Map BAR `index`'s memory as a peer vfud process passed it on (see
-    /// [`PciFunction::adopt_bar_memory`]), checked against this device's BAR.
-    pub fn check_bar_memory(&self, index: usize, fd: OwnedFd) -> Result<SharedMemory, DeviceError> {
-        let len = self
-            .bars
-            .get(index)
-            .and_then(Option::as_ref)
-            .map(SharedMemory::len)
-            .ok_or_else(|| DeviceError::Other(format!("BAR {index} has no shared memory")))?;
-        SharedMemory::from_sealed_fd(fd, len)
+    /// Serve shared BAR `bar` from `fd`, the memfd a peer vfud process served it from (a live
+    /// handover, a supervised restart). The client mapped that memfd, not this process's, so
+    /// only the same memory keeps what either side writes there visible to the other. The fd
+    /// comes from a peer: it must be sealed against shrinking, which would SIGBUS this
+    /// process. Returns the memory served until now, for [`PciFunction::restore_bar_memory`].
+    pub fn adopt_bar_memory(
+        &mut self,
+        bar: usize,
+        fd: OwnedFd,
+    ) -> Result<SharedMemory, DeviceError> {
+        let Some(Some(own)) = self.bars.get_mut(bar) else {
+            return Err(DeviceError::Other(format!("BAR {bar} has no shared memory")));
+        };
+        let mem = SharedMemory::from_sealed_fd(fd, own.len())?;
+        Ok(std::mem::replace(own, mem))
     }
 
-    /// Serve BAR `index` from `mem` from now on, with the contents the BAR has now. The
-    /// client mapped the memfd it got in GET_REGION_INFO, which after a handover or a
-    /// supervised restart is the previous process's: the device must go on using that
-    /// memory, or what it writes there would never reach the client's view.
-    pub fn adopt_bar_memory(&mut self, index: usize, mem: SharedMemory) {
-        let Some(Some(own)) = self.bars.get_mut(index) else {
-            return;
-        };
-        let mut contents = Vec::with_capacity(own.len());
-        // Same length (checked when `mem` was mapped), so neither copy can fail.
-        if own.append_to(0, own.len(), &mut contents).is_ok() && mem.write(0, &contents).is_ok() {
-            *own = mem;
+    /// Serve BAR `bar` from `mem` again (the import that adopted another memory failed).
+    pub fn restore_bar_memory(&mut self, bar: usize, mem: SharedMemory) {
+        if let Some(slot) = self.bars.get_mut(bar) {
+            *slot = Some(mem);
         }
     }
 
@@ -191,8 +188,11 @@ impl PciFunction {
             }
         }
         Ok(match spec.backing {
-            BarBacking::Shared { .. } => BarTarget::Shared,
-            BarBacking::Trapped => BarTarget::Trapped,
+            BarBacking::Shared { mmap_areas: None } => BarTarget::Shared,
+            BarBacking::Shared {
+                mmap_areas: Some(_),
+            }
+            | BarBacking::Trapped => BarTarget::Trapped,
         })
     }
 

@@ -118,8 +118,8 @@ mod tests {
             client: Some(0),
             listener: None,
             backend: None,
-            bars: Vec::new(),
             stopped_at_unix_ns: 0,
+            bar_memory: Vec::new(),
         };
         let p = encode_snapshot(&info, b"stream").unwrap();
         let (i, s) = decode_snapshot(&p).unwrap();

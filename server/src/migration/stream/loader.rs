@@ -90,6 +90,15 @@ impl Loader {
         r
     }
 
+    /// Forget BAR `bar`'s backup: the memory the stream wrote is no longer served (a
+    /// handover adopted the old process's), and putting the backup back would write into
+    /// the adopted memory instead.
+    pub fn forget_backup(&mut self, bar: usize) {
+        if let Some(b) = self.backup.get_mut(bar) {
+            *b = None;
+        }
+    }
+
     /// Put back what the stream overwrote in the device's memory.
     pub fn rollback(&mut self, bars: &[Option<SharedMemory>; 6]) {
         for (backup, mem) in self.backup.iter_mut().zip(bars) {
