@@ -108,7 +108,9 @@ impl PciFunction {
         fd: OwnedFd,
     ) -> Result<SharedMemory, DeviceError> {
         let Some(Some(own)) = self.bars.get_mut(bar) else {
-            return Err(DeviceError::Other(format!("BAR {bar} has no shared memory")));
+            return Err(DeviceError::Other(format!(
+                "BAR {bar} has no shared memory"
+            )));
         };
         let mem = SharedMemory::from_sealed_fd(fd, own.len())?;
         Ok(std::mem::replace(own, mem))
