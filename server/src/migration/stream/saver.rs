@@ -142,28 +142,45 @@ impl Saver {
     /// Produce the next piece of initial data; false when there is none left. The memory is
     /// read straight into the stream buffer (one copy) and from there into the shadow.
     fn step_initial(&mut self, bars: &[Option<SharedMemory>; 6]) -> bool {
+        let mut out = std::mem::take(&mut self.out);
+        let produced = self.initial_section(bars, &mut out, usize::MAX);
+        self.out = out;
+        produced
+    }
+
+    /// Append the next section of initial data to `out` if it fits in `room` bytes; false
+    /// when there is none left or it does not fit.
+    fn initial_section(
+        &mut self,
+        bars: &[Option<SharedMemory>; 6],
+        out: &mut Vec<u8>,
+        room: usize,
+    ) -> bool {
         let Some((si, off)) = self.initial else {
             return false;
         };
         let (bar, len) = self.regions[si];
         let n = (len - off).min(MEMORY_CHUNK);
-        let at = self.out.len();
+        if SECTION_HEADER_LEN + 16 + n > room {
+            return false;
+        }
+        let at = out.len();
         let payload = at + SECTION_HEADER_LEN;
-        self.out.resize(payload + 16, 0);
-        self.out[payload] = bar as u8;
-        self.out[payload + 8..payload + 16].copy_from_slice(&(off as u64).to_le_bytes());
+        out.resize(payload + 16, 0);
+        out[payload] = bar as u8;
+        out[payload + 8..payload + 16].copy_from_slice(&(off as u64).to_le_bytes());
         let data = payload + 16;
         let copied = bars[bar]
             .as_ref()
-            .is_some_and(|mem| mem.append_to(off as u64, n, &mut self.out).is_ok());
+            .is_some_and(|mem| mem.append_to(off as u64, n, out).is_ok());
         if !copied {
-            self.out.resize(data + n, 0);
+            out.resize(data + n, 0);
         }
         if let Some(shadows) = &mut self.shadows {
-            shadows[si][off..off + n].copy_from_slice(&self.out[data..]);
+            shadows[si][off..off + n].copy_from_slice(&out[data..]);
         }
-        let crc = section_crc(kind::BAR_MEMORY, 0, &self.out[payload..]);
-        let h = &mut self.out[at..payload];
+        let crc = section_crc(kind::BAR_MEMORY, 0, &out[payload..]);
+        let h = &mut out[at..payload];
         h[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
         h[4..8].copy_from_slice(&crc.to_le_bytes());
         h[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
@@ -230,6 +247,15 @@ impl Saver {
     ) -> Result<usize, crate::DeviceError> {
         let stop_copy = final_state.is_some();
         let mut final_state = final_state;
+        // Nothing queued: whole sections of initial data go straight into `dst` (the reply),
+        // sparing the copy through the stream buffer.
+        let mut direct = 0;
+        if self.pending() == 0 {
+            let start = dst.len();
+            while self.initial_section(bars, dst, max - (dst.len() - start)) {}
+            direct = dst.len() - start;
+        }
+        let max = max - direct;
         // At most one pass over device memory per call: a pass that finds nothing means
         // nothing more for now (pre-copy) or time for the final sections (stop-copy).
         let mut scanned = false;
@@ -259,6 +285,9 @@ impl Saver {
                 _ => break,
             }
         }
+        if max == 0 {
+            return Ok(direct);
+        }
         let n = self.pending().min(max);
         dst.extend_from_slice(&self.out[self.pos..self.pos + n]);
         self.pos += n;
@@ -269,7 +298,7 @@ impl Saver {
             self.out.drain(..self.pos);
             self.pos = 0;
         }
-        Ok(n)
+        Ok(direct + n)
     }
 
     /// Bytes the stop-copy phase would still produce (estimate for MIG_DATA_SIZE).

@@ -313,3 +313,36 @@ fn stop_copy_makes_one_pass_over_device_memory() {
     dst[2].as_ref().unwrap().read(9000, &mut got).unwrap();
     assert_eq!(got, [0], "no second pass picked up a write after it");
 }
+
+#[test]
+fn sections_built_straight_into_the_reply_make_the_same_stream() {
+    let b: [Option<SharedMemory>; 6] = {
+        let mut b: [Option<SharedMemory>; 6] = Default::default();
+        b[2] = Some(SharedMemory::new("t", 64 * 1024).unwrap());
+        b[4] = Some(SharedMemory::new("u", 3 * MEMORY_CHUNK + 4096).unwrap());
+        b
+    };
+    b[4].as_ref()
+        .unwrap()
+        .fill(0, 3 * MEMORY_CHUNK + 4096, 0x5a)
+        .unwrap();
+    // Large reads take whole sections straight into the reply; odd sizes split them.
+    let mut whole = Vec::new();
+    for max in [1 << 20, 70_000, 1 << 20, 300_000] {
+        let mut s = Saver::new(&header(), &b, false);
+        let mut f = final_state;
+        let mut stream = Vec::new();
+        loop {
+            let n = s.read_into(&mut stream, max, &b, Some(&mut f)).unwrap();
+            assert!(n <= max);
+            if n == 0 {
+                break;
+            }
+        }
+        if whole.is_empty() {
+            whole = stream;
+        } else {
+            assert_eq!(stream, whole, "reads of {max} bytes");
+        }
+    }
+}
