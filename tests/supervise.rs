@@ -166,10 +166,18 @@ fn posted_write(id: u16, off: u64, v: u32) -> Vec<u8> {
     m
 }
 
-/// Write PATTERN and let a checkpoint be taken after it (`restore` goes back to that one).
+/// Write PATTERN and make sure the checkpoint `restore` goes back to comes after it. Waiting
+/// for the snapshot count alone is racy: a periodic checkpoint taken just before the write
+/// may still be on its way to the supervisor and count as the next one. A config write
+/// changes the session, so the device process sends a checkpoint before answering it; the
+/// supervisor reads its link in order, so it holds that checkpoint before it can notice a
+/// crash or a hang that comes later.
 fn pattern_checkpointed(s: &Supervised, c: &mut Client, v: u32) {
     c.region_write_u32(0, reg::PATTERN, v).unwrap();
-    next_snapshot(s, s.status()["snapshots"].as_u64().unwrap());
+    let before = s.status()["snapshots"].as_u64().unwrap();
+    let cmd = c.region_read(7, 4, 2).unwrap();
+    c.region_write(7, 4, &cmd).unwrap();
+    next_snapshot(s, before);
 }
 
 /// Write `magic` to the crash-test register: the device process dies (or hangs and is
