@@ -26,6 +26,9 @@ use common::qemu::{
     PCI_GUEST_LIB, QMP_TIMEOUT, TRACE_TIMESTAMPS, UART_KERNEL_ARG, VFIO_USER_ROUND_TRIP_EVENTS,
 };
 
+/// QEMU 11.1's vfio-user `x-msg-timeout` default: a reply later than this is a failure.
+const QEMU_MSG_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Lines `out N` the guest writes (N = 1..=OUT_LINES).
 const OUT_LINES: u32 = 800;
 /// Pause between the guest's lines, µs (busybox `usleep`; a line then takes 13–18 ms under
@@ -586,14 +589,16 @@ fn guest_tty_streams_survive_three_live_handovers() {
         irq_line.trim_end().ends_with("ttyS4"),
         "the counted IRQ belongs to ttyS4: {irq_line:?}"
     );
-    // (e) QEMU always got its reply in time (its x-msg-timeout is 5 s).
+    // (e) QEMU always got its reply in time: before its x-msg-timeout of 5 s, after which it
+    // gives up on the request (how long the handover made it wait is printed above, a figure
+    // for the bench, not a pass mark: a loaded machine once took 1.03 s).
     assert!(
         !trips.is_empty(),
         "no vfio-user round trips in QEMU's trace"
     );
     if let Some(w) = worst {
         assert!(
-            w.latency() < Duration::from_secs(1),
+            w.latency() < QEMU_MSG_TIMEOUT,
             "QEMU waited {:?} for the reply to message {:#x}",
             w.latency(),
             w.id
