@@ -1,7 +1,11 @@
 //! Unit tests of the frame reader and writer.
 
+use std::os::fd::AsFd;
+
+use zerocopy::IntoBytes;
+
 use super::*;
-use crate::header::Command;
+use crate::codec::send_chunks;
 
 #[test]
 #[cfg_attr(miri, ignore = "sendmsg/recvmsg on a socketpair: Miri cannot run them")]
