@@ -68,7 +68,7 @@ impl Client {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         Ok(Self {
             stream,
-            reader: FrameReader::new(),
+            reader: FrameReader::new().direct_payloads(),
             limits: Limits::default(),
             negotiated: Negotiated::default(),
             next_id: 0,

@@ -40,6 +40,25 @@ pub struct FrameReader {
     /// instead of a fresh allocation (a 1 MiB reply allocated and freed per message costs
     /// its page faults every time once the allocator returns the memory to the system).
     spare: Vec<u8>,
+    /// Receive large payloads straight into their own buffer ([`FrameReader::direct_payloads`]).
+    direct: bool,
+    /// A large frame whose payload is being received straight into its buffer.
+    partial: Option<Partial>,
+}
+
+/// Payloads at least this large are received straight into their buffer when the reader
+/// takes payloads directly.
+const DIRECT_MIN: usize = 64 * 1024;
+
+/// A frame being received straight into its payload buffer.
+#[derive(Debug)]
+struct Partial {
+    header: Header,
+    payload: Vec<u8>,
+    /// Payload bytes received so far.
+    have: usize,
+    /// Stream offset of the frame's first byte.
+    start: u64,
 }
 
 /// An oversize command whose bytes are being discarded as they arrive.
@@ -133,7 +152,10 @@ impl FrameReader {
     /// Whether bytes or descriptors of a frame not yet returned are held here, or an oversize
     /// command is being discarded.
     pub fn in_progress(&self) -> bool {
-        self.end > self.start || !self.fds.is_empty() || self.skip.is_some()
+        self.end > self.start
+            || !self.fds.is_empty()
+            || self.skip.is_some()
+            || self.partial.is_some()
     }
 
     /// Hand back every byte and descriptor received but not yet returned as a frame, leaving
@@ -213,6 +235,9 @@ impl FrameReader {
         skip_oversize: bool,
     ) -> Result<Option<ReadOutcome>, ProtocolError> {
         loop {
+            if self.partial.is_some() {
+                return Ok(self.receive_direct(sock)?.map(ReadOutcome::Frame));
+            }
             if self.skip.is_some() {
                 if let Some(h) = self.discard() {
                     return Ok(Some(ReadOutcome::Oversize(h)));
@@ -254,6 +279,10 @@ impl FrameReader {
                 let total = h.msg_size as usize;
                 if avail >= total {
                     return Ok(Some(ReadOutcome::Frame(self.take_frame(h, total))));
+                }
+                if self.direct && total - HEADER_SIZE >= DIRECT_MIN {
+                    self.start_direct(h, total);
+                    continue;
                 }
                 total
             } else {
@@ -323,17 +352,43 @@ impl FrameReader {
 
     /// Give a frame's payload buffer back for the next frame to reuse (the larger of it and
     /// the one already held is kept).
-    pub fn recycle(&mut self, mut payload: Vec<u8>) {
+    pub fn recycle(&mut self, payload: Vec<u8>) {
         if payload.capacity() > self.spare.capacity() {
-            payload.clear();
+            // Its length is kept: a direct receive sizes it without zeroing it again.
             self.spare = payload;
         }
     }
 
+    /// Receive payloads of 64 KiB and more straight into their buffer instead of through
+    /// the read buffer, sparing a copy of every byte (a client reading MIG_DATA). Not for a
+    /// reader whose [`FrameReader::pending`] bytes are mirrored elsewhere (the supervised
+    /// server's journal): the bytes of such a frame are never pending.
+    pub fn direct_payloads(mut self) -> Self {
+        self.direct = true;
+        self
+    }
+
     fn take_frame(&mut self, header: Header, total: usize) -> Frame {
         let mut payload = std::mem::take(&mut self.spare);
+        payload.clear();
         payload.extend_from_slice(&self.buf[self.start + HEADER_SIZE..self.start + total]);
-        let (lo, hi) = (self.consumed, self.consumed + total as u64);
+        let fds = self.fds_within(self.consumed, self.consumed + total as u64);
+        self.start += total;
+        self.consumed += total as u64;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Frame {
+            header,
+            payload,
+            fds,
+        }
+    }
+
+    /// The fds received with stream bytes `lo..hi` (those before `lo` matched no frame and
+    /// are closed).
+    fn fds_within(&mut self, lo: u64, hi: u64) -> Vec<OwnedFd> {
         let mut fds = Vec::new();
         while self.fds.front().is_some_and(|(off, _)| *off < hi) {
             if let Some((off, v)) = self.fds.pop_front() {
@@ -344,16 +399,59 @@ impl FrameReader {
                 }
             }
         }
-        self.start += total;
-        self.consumed = hi;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        Frame {
+        fds
+    }
+
+    /// Begin receiving the frame whose header (of `total` bytes in all, more than the buffer
+    /// holds) starts the buffer straight into its payload buffer; the buffered part moves
+    /// there now.
+    fn start_direct(&mut self, header: Header, total: usize) {
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.resize(total - HEADER_SIZE, 0);
+        let have = self.end - self.start - HEADER_SIZE;
+        payload[..have].copy_from_slice(&self.buf[self.start + HEADER_SIZE..self.end]);
+        let start = self.consumed;
+        self.consumed += (self.end - self.start) as u64;
+        self.start = 0;
+        self.end = 0;
+        self.partial = Some(Partial {
             header,
             payload,
-            fds,
+            have,
+            start,
+        });
+    }
+
+    /// Receive more of the partial frame; the frame once it is complete.
+    fn receive_direct(&mut self, sock: BorrowedFd<'_>) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            let Some(p) = self.partial.as_mut() else {
+                return Ok(None);
+            };
+            if p.have == p.payload.len() {
+                let Partial {
+                    header,
+                    payload,
+                    start,
+                    ..
+                } = self.partial.take().expect("partial frame");
+                let fds = self.fds_within(start, start + u64::from(header.msg_size));
+                return Ok(Some(Frame {
+                    header,
+                    payload,
+                    fds,
+                }));
+            }
+            let mut fds = Vec::new();
+            let Some(n) = recv_some(sock, &mut p.payload[p.have..], &mut fds, &mut self.cmsg)?
+            else {
+                return Ok(None);
+            };
+            p.have += n;
+            self.consumed += n as u64;
+            if !fds.is_empty() {
+                self.fds.push_back((self.consumed - 1, fds));
+            }
         }
     }
 }
