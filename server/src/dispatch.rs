@@ -501,14 +501,14 @@ impl DeviceServer {
         Ok(())
     }
 
-    fn read_stream(&mut self, max: usize) -> Result<Vec<u8>, RequestError> {
+    pub(crate) fn read_stream(&mut self, max: usize) -> Result<Vec<u8>, RequestError> {
         let (mig, mut parts) = self.parts();
         mig.read_stream(max, &mut parts)
     }
 
     /// DEVICE_RESET: back to power-on state; the migration FSM returns to RUNNING and any
     /// migration and dirty logging are dropped.
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.mig.reset(&self.function);
         self.dma.stop_logging();
         self.function.reset();
@@ -569,16 +569,6 @@ impl DeviceServer {
         }
     }
 
-    /// Up to `max` bytes of the outgoing stream, for a live handover (PRE_COPY/STOP_COPY).
-    pub fn handover_read(&mut self, max: usize) -> Result<Vec<u8>, RequestError> {
-        self.read_stream(max)
-    }
-
-    /// Feed incoming stream bytes, for a live handover (RESUMING).
-    pub fn handover_write(&mut self, data: &[u8]) -> Result<(), RequestError> {
-        self.mig.write_stream(data, &self.function)
-    }
-
     /// Pre-copy counts (initial, dirty) while in PRE_COPY.
     pub fn precopy_info(&self) -> Option<(u64, u64)> {
         self.mig.precopy_info(&self.function)
@@ -590,19 +580,6 @@ impl DeviceServer {
         mig.set_state(target, &mut parts)?;
         self.replay_missed_events();
         Ok(())
-    }
-
-    /// After handing the device over: let go of the backend without tearing it down.
-    pub fn release_after_handover(&mut self) {
-        if let Some(h) = self.device.host_io() {
-            h.release();
-        }
-    }
-
-    /// Reset after a failed incoming handover: forget the partial state.
-    pub fn abandon(&mut self) {
-        self.client_gone();
-        self.reset();
     }
 }
 

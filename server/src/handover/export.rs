@@ -27,6 +27,29 @@ fn protocol(msg: impl Into<String>) -> HandoverError {
 }
 
 impl DeviceServer {
+    /// Up to `max` bytes of the outgoing stream, for a live handover (PRE_COPY/STOP_COPY).
+    pub fn handover_read(&mut self, max: usize) -> Result<Vec<u8>, RequestError> {
+        self.read_stream(max)
+    }
+
+    /// Feed incoming stream bytes, for a live handover (RESUMING).
+    pub fn handover_write(&mut self, data: &[u8]) -> Result<(), RequestError> {
+        self.mig.write_stream(data, &self.function)
+    }
+
+    /// After handing the device over: let go of the backend without tearing it down.
+    pub fn release_after_handover(&mut self) {
+        if let Some(h) = self.device.host_io() {
+            h.release();
+        }
+    }
+
+    /// Reset after a failed incoming handover: forget the partial state.
+    pub fn abandon(&mut self) {
+        self.client_gone();
+        self.reset();
+    }
+
     /// Everything about the attached client that a new process needs to carry on the same
     /// connection: negotiated caps, DMA maps and interrupt setup, with duplicated fds
     /// appended to `fds` (the description indexes into it). `client` is the connection.
