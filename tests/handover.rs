@@ -12,7 +12,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use vfud_devices::dma_engine::{reg, Opcode, CONTROL_IRQ_ENABLE, STATUS_DONE};
@@ -46,16 +46,6 @@ fn serve(args: &[&str], wait_for: &Path) -> Proc {
     let child = common::serve_command().args(args).spawn().unwrap();
     assert!(common::wait_for_path(wait_for, Duration::from_secs(10)));
     Proc(child)
-}
-
-fn handover(from: &Path, to: &Path) -> std::process::Output {
-    Command::new(common::vfud_bin())
-        .args(["migrate", "--handover", "--json", "--from"])
-        .arg(from)
-        .arg("--to")
-        .arg(to)
-        .output()
-        .unwrap()
 }
 
 fn crc_job(c: &mut Client, iova: u64, len: u32) -> u32 {
@@ -149,7 +139,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
     let mut b = s.new_process("dma-engine", &b_ctl);
     // The client keeps issuing back-to-back reads during the handover.
     let out = std::thread::scope(|sc| {
-        let h = sc.spawn(|| handover(&a_ctl, &b_ctl));
+        let h = sc.spawn(|| common::handover_output(&a_ctl, &b_ctl));
         while !h.is_finished() {
             assert_eq!(
                 c.region_read_u32(0, reg::ID).unwrap(),
@@ -186,7 +176,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
 
     // And again, to a third process.
     let _c3 = s.new_process("dma-engine", &c_ctl);
-    let out = handover(&b_ctl, &c_ctl);
+    let out = common::handover_output(&b_ctl, &c_ctl);
     assert!(
         out.status.success(),
         "{}",
@@ -217,7 +207,7 @@ fn a_failed_handover_leaves_the_old_process_serving() {
     let mut c = Client::connect_negotiated(&s.sock).unwrap();
     c.region_write(2, 0, b"still here").unwrap();
     // Nobody listens on the destination.
-    let out = handover(&a_ctl, &b_ctl);
+    let out = common::handover_output(&a_ctl, &b_ctl);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("keeps running"));
     assert_eq!(c.region_read(2, 0, 10).unwrap(), b"still here");
@@ -227,7 +217,7 @@ fn a_failed_handover_leaves_the_old_process_serving() {
         &format!("uart16550,backend=socket:{}", host.display()),
         &b_ctl,
     );
-    let out = handover(&a_ctl, &b_ctl);
+    let out = common::handover_output(&a_ctl, &b_ctl);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("refused"),
@@ -263,7 +253,7 @@ fn the_destination_dying_mid_handover_leaves_the_old_process_serving() {
         let _data = vfud_server::handover::recv(&s, &mut r, Duration::from_secs(5));
         drop(s);
     });
-    let out = handover(&a_ctl, &b_ctl);
+    let out = common::handover_output(&a_ctl, &b_ctl);
     fake.join().unwrap();
     assert!(
         !out.status.success(),
@@ -295,7 +285,7 @@ fn uart_host_connection_and_bytes_survive_handovers() {
     h.write_all(b"in1").unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let _b = s.new_process("uart16550,backend=null", &b_ctl);
-    let out = handover(&a_ctl, &b_ctl);
+    let out = common::handover_output(&a_ctl, &b_ctl);
     assert!(
         out.status.success(),
         "{}",
@@ -360,7 +350,7 @@ fn a_dma_engine_job_in_flight_finishes_in_the_new_process_exactly_once() {
     ] {
         c.region_write_u32(0, o, v).unwrap();
     }
-    let out = handover(&a_ctl, &b_ctl);
+    let out = common::handover_output(&a_ctl, &b_ctl);
     assert!(
         out.status.success(),
         "{}",
@@ -397,7 +387,7 @@ fn the_clients_mapping_of_device_memory_stays_the_devices_memory_after_a_handove
     .unwrap();
     mapped.write(0x100, b"before").unwrap();
     let _b = s.new_process("dma-engine", &s.p("b.ctl"));
-    let out = handover(&s.p("a.ctl"), &s.p("b.ctl"));
+    let out = common::handover_output(&s.p("a.ctl"), &s.p("b.ctl"));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0), "A let go");
     // A store through the old mapping after the handover reaches the new process...

@@ -15,7 +15,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -158,17 +158,6 @@ impl Drop for Vfud {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn migrate_handover(from: &Path, to: &Path) -> Output {
-    Command::new(common::vfud_bin())
-        .args(["migrate", "--handover", "--json", "--from"])
-        .arg(from)
-        .arg("--to")
-        .arg(to)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vfud migrate --handover")
 }
 
 /// What the host side saw.
@@ -417,7 +406,7 @@ fn guest_tty_streams_survive_three_live_handovers() {
         );
         let lines_before = host.lines();
         let from_ns = now_ns();
-        let out = migrate_handover(&ctl[i], &ctl[i + 1]);
+        let out = common::handover_output(&ctl[i], &ctl[i + 1]);
         let to_ns = now_ns();
         let lines_after = host.lines();
         let (from, to) = (names[i], names[i + 1]);

@@ -111,16 +111,7 @@ fn wait_reply(c: &mut Client, id: u16, aside: &mut Vec<Frame>) -> Frame {
 }
 
 fn start(c: &mut Client, op: Opcode, src: u64, dst: u64, len: u32, aside: &mut Vec<Frame>) {
-    for (o, v) in [
-        (reg::SRC_LO, src as u32),
-        (reg::SRC_HI, (src >> 32) as u32),
-        (reg::DST_LO, dst as u32),
-        (reg::DST_HI, (dst >> 32) as u32),
-        (reg::LEN, len),
-        (reg::OPCODE, op as u32),
-        (reg::PATTERN, 0x5e),
-        (reg::DOORBELL, 1),
-    ] {
+    for (o, v) in common::dma_engine::job_registers(op, src, dst, len, 0x5e) {
         write_reg(c, o, v, aside);
     }
 }

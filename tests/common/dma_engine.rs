@@ -19,9 +19,9 @@ pub fn r(c: &mut Client, off: u64) -> u32 {
     c.region_read_u32(0, off).unwrap()
 }
 
-/// Program and start an operation, then poll STATUS until it leaves BUSY; returns STATUS.
-pub fn run_op(c: &mut Client, op: Opcode, src: u64, dst: u64, len: u32, pattern: u32) -> u32 {
-    for (o, v) in [
+/// The register writes, in order, that program an operation and ring the doorbell.
+pub fn job_registers(op: Opcode, src: u64, dst: u64, len: u32, pattern: u32) -> [(u64, u32); 8] {
+    [
         (reg::SRC_LO, src as u32),
         (reg::SRC_HI, (src >> 32) as u32),
         (reg::DST_LO, dst as u32),
@@ -30,7 +30,12 @@ pub fn run_op(c: &mut Client, op: Opcode, src: u64, dst: u64, len: u32, pattern:
         (reg::OPCODE, op as u32),
         (reg::PATTERN, pattern),
         (reg::DOORBELL, 1),
-    ] {
+    ]
+}
+
+/// Program and start an operation, then poll STATUS until it leaves BUSY; returns STATUS.
+pub fn run_op(c: &mut Client, op: Opcode, src: u64, dst: u64, len: u32, pattern: u32) -> u32 {
+    for (o, v) in job_registers(op, src, dst, len, pattern) {
         w(c, o, v);
     }
     for _ in 0..2000 {

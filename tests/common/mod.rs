@@ -175,16 +175,21 @@ pub fn wait_for_path(p: &Path, timeout: Duration) -> bool {
     false
 }
 
-/// `vfud migrate --handover --json --from FROM --to TO`; panics with its output on failure.
-pub fn handover(from: &Path, to: &Path) {
-    let out = Command::new(vfud_bin())
+/// Run `vfud migrate --handover --json --from FROM --to TO` to completion.
+pub fn handover_output(from: &Path, to: &Path) -> std::process::Output {
+    Command::new(vfud_bin())
         .args(["migrate", "--handover", "--json", "--from"])
         .arg(from)
         .arg("--to")
         .arg(to)
         .stdin(Stdio::null())
         .output()
-        .expect("vfud migrate --handover");
+        .expect("vfud migrate --handover")
+}
+
+/// [`handover_output`]; panics with its output on failure.
+pub fn handover(from: &Path, to: &Path) {
+    let out = handover_output(from, to);
     assert!(
         out.status.success(),
         "handover {} -> {} failed: {}{}",

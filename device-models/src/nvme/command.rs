@@ -212,11 +212,16 @@ pub fn exec_io(
 
 /// Starting LBA and block count (CDW10–12), checked against the namespace.
 fn blocks(cmd: &Command, ns: &Namespace) -> Result<(u64, u64), Stop> {
-    let (slba, nlb) = (cmd.sqe.slba(), u64::from(cmd.sqe.cdw(12) & 0xffff) + 1);
+    let (slba, nlb) = (cmd.sqe.slba(), block_count(cmd));
     if !ns.in_range(slba, nlb) {
         return Err(fail(status::LBA_OUT_OF_RANGE));
     }
     Ok((slba, nlb))
+}
+
+/// Number of logical blocks (CDW12 bits 15:0 are zero-based).
+fn block_count(cmd: &Command) -> u64 {
+    u64::from(cmd.sqe.cdw(12) & 0xffff) + 1
 }
 
 fn rw(
@@ -227,8 +232,7 @@ fn rw(
     cx: &mut DeviceCtx<'_>,
 ) -> Result<Outcome, Stop> {
     let write = cmd.sqe.opcode() == io::WRITE;
-    let nlb = u64::from(cmd.sqe.cdw(12) & 0xffff) + 1;
-    let len = nlb * LBA_SIZE;
+    let len = block_count(cmd) * LBA_SIZE;
     if len > PAGE << MDTS {
         return Err(fail(status::INVALID_FIELD));
     }
