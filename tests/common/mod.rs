@@ -4,6 +4,7 @@
 pub mod dma_engine;
 pub mod foreign;
 pub mod hostile;
+pub mod hostile_payloads;
 pub mod qemu;
 pub mod supervised;
 pub mod tracer;
