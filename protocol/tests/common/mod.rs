@@ -11,8 +11,9 @@ use nix::fcntl::OFlag;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use vfud_protocol::codec::{send_message, Frame, FrameReader, Limits};
-use vfud_protocol::header::{Header, MessageKind, HEADER_SIZE};
-use vfud_protocol::messages::Request;
+use vfud_protocol::header::{Command, Header, MessageKind, HEADER_SIZE};
+use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
+use vfud_protocol::messages::{IrqAction, IrqData, Request, SetIrqs};
 use vfud_protocol::ProtocolError;
 
 /// How long a test waits for bytes that should already be in the socket.
@@ -158,4 +159,25 @@ pub fn decode_direct(req: &Request) -> Result<Request, ProtocolError> {
         Vec::new(),
         &Limits::default(),
     )
+}
+
+/// A SET_IRQS request on the MSI-X index.
+pub fn set_irqs(action: IrqAction, start: u32, count: u32, data: IrqData) -> Request {
+    Request::SetIrqs(SetIrqs {
+        index: IRQ_INDEX_MSIX,
+        start,
+        count,
+        action,
+        data,
+    })
+}
+
+/// Decode `payload` as command `cmd` with no fds and default limits.
+pub fn decode(cmd: Command, payload: &[u8]) -> Result<Request, ProtocolError> {
+    Request::decode(cmd as u16, payload, Vec::new(), &Limits::default())
+}
+
+/// Whether `res` is an `InvalidField` error naming `want`.
+pub fn is_invalid(res: &Result<Request, ProtocolError>, want: &str) -> bool {
+    matches!(res, Err(ProtocolError::InvalidField { field, .. }) if *field == want)
 }
