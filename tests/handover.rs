@@ -176,12 +176,7 @@ fn dma_engine_moves_to_a_new_process_under_an_attached_client() {
 
     // And again, to a third process.
     let _c3 = s.new_process("dma-engine", &c_ctl);
-    let out = common::handover_output(&b_ctl, &c_ctl);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::handover(&b_ctl, &c_ctl);
     assert_eq!(b.wait_exit(Duration::from_secs(5)), Some(0));
     assert_eq!(
         crc_job(&mut c, 0x10_0000, 100),
@@ -285,12 +280,7 @@ fn uart_host_connection_and_bytes_survive_handovers() {
     h.write_all(b"in1").unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let _b = s.new_process("uart16550,backend=null", &b_ctl);
-    let out = common::handover_output(&a_ctl, &b_ctl);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::handover(&a_ctl, &b_ctl);
     assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
     for b in b"after" {
         c.region_write(0, 0, &[*b]).unwrap();
@@ -350,12 +340,7 @@ fn a_dma_engine_job_in_flight_finishes_in_the_new_process_exactly_once() {
     ] {
         c.region_write_u32(0, o, v).unwrap();
     }
-    let out = common::handover_output(&a_ctl, &b_ctl);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::handover(&a_ctl, &b_ctl);
     assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
     let t = Instant::now();
     while c.region_read_u32(0, reg::STATUS).unwrap() & STATUS_DONE == 0 {
