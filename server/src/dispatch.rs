@@ -448,7 +448,9 @@ impl DeviceServer {
                         state,
                     });
                 }
-                self.mig.write_stream(&data, &self.function)?;
+                let written = self.mig.write_stream(&data, &self.function);
+                self.recycle(data);
+                written?;
                 Ok(Reply::default())
             }
         }

@@ -136,15 +136,42 @@ impl SharedMemory {
 
     /// Fault every page in for writing without changing its contents, so a later bulk write
     /// (restoring migrated memory inside the downtime) does not pay for page faults.
+    /// `MADV_POPULATE_WRITE` (Linux 5.14) does it in one call; elsewhere each page takes an
+    /// atomic no-op write, which the compiler cannot drop — a plain read and write back of
+    /// the same byte was removed as dead in release builds, and would race with the client.
     pub fn prefault(&self) {
+        let Some(start) = std::ptr::NonNull::new(self.map.as_mut_ptr().cast::<std::ffi::c_void>())
+        else {
+            return;
+        };
+        // SAFETY: the range is exactly this live mapping; MADV_POPULATE_WRITE only faults
+        // pages in and never changes their contents.
+        let populated = unsafe {
+            nix::sys::mman::madvise(
+                start,
+                self.len,
+                nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE,
+            )
+        };
+        if populated.is_err() {
+            self.touch_pages();
+        }
+    }
+
+    /// [`SharedMemory::prefault`] without `MADV_POPULATE_WRITE`: an atomic no-op write to
+    /// every page.
+    fn touch_pages(&self) {
+        use std::sync::atomic::{AtomicU8, Ordering};
         const PAGE: usize = 4096;
-        let mut off = 0;
-        while off < self.len {
-            let mut b = [0u8; 1];
-            if self.read(off as u64, &mut b).is_ok() {
-                let _ = self.write(off as u64, &b);
-            }
-            off += PAGE;
+        for off in (0..self.len).step_by(PAGE) {
+            // SAFETY: `off < len`, so the byte lies inside the live mapping; an atomic is
+            // valid for any byte, and other writers to shared memory are what atomics allow.
+            let byte = unsafe { AtomicU8::from_ptr(self.map.as_mut_ptr().add(off)) };
+            // A compare-exchange of a byte with itself: a write fault, no change. (An
+            // idempotent `fetch_or(0)` is compiled to a plain load on x86, which does not
+            // allocate the page.)
+            let v = byte.load(Ordering::Relaxed);
+            let _ = byte.compare_exchange(v, v, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -177,11 +204,99 @@ impl SharedMemory {
         })
     }
 
+    /// The byte ranges of the memfd that hold data, in order (`lseek` `SEEK_DATA` /
+    /// `SEEK_HOLE`); pages never written are holes and read as zeros. The whole memory when
+    /// the file system cannot tell.
+    pub fn data_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        use nix::unistd::{lseek, Whence};
+        let whole = vec![0..self.len];
+        let end = self.len as i64;
+        let mut ranges = Vec::new();
+        let mut at = 0i64;
+        while at < end {
+            let start = match lseek(&self.file, at, Whence::SeekData) {
+                Ok(s) => s,
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(_) => return whole,
+            };
+            if start >= end {
+                break;
+            }
+            let stop = match lseek(&self.file, start, Whence::SeekHole) {
+                Ok(h) => h.min(end),
+                Err(_) => return whole,
+            };
+            ranges.push(start as usize..stop as usize);
+            at = stop;
+        }
+        ranges
+    }
+
+    /// Make `len` bytes at `offset` zero again, giving their pages back to the system
+    /// (`fallocate` punching a hole; zero-filled where that is refused). The client's
+    /// mapping sees zeros too.
+    pub fn discard(&self, offset: u64, len: usize) -> Result<(), DeviceError> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let off = self.check(offset, len)?;
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        if len == 0 || fallocate(&self.file, flags, off as i64, len as i64).is_ok() {
+            return Ok(());
+        }
+        self.fill(offset, len, 0)
+    }
+
     /// Fill `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), DeviceError> {
         let off = self.check(offset, len)?;
         // SAFETY: the range is inside the mapping (checked above).
         unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(off), byte, len) };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: Miri cannot run it")]
+    fn data_ranges_follow_writes_prefault_and_discard() {
+        let m = SharedMemory::new("t", 64 * 4096).unwrap();
+        assert!(m.data_ranges().is_empty(), "fresh memory is all holes");
+        m.write(5 * 4096 + 7, &[1]).unwrap();
+        m.write(9 * 4096, &[1; 8192]).unwrap();
+        assert_eq!(
+            m.data_ranges(),
+            vec![5 * 4096..6 * 4096, 9 * 4096..11 * 4096]
+        );
+        m.discard(9 * 4096, 4096).unwrap();
+        assert_eq!(
+            m.data_ranges(),
+            vec![5 * 4096..6 * 4096, 10 * 4096..11 * 4096]
+        );
+        let mut b = [9u8; 4];
+        m.read(9 * 4096, &mut b).unwrap();
+        assert_eq!(b, [0; 4], "discarded memory reads as zeros");
+        m.prefault();
+        assert_eq!(
+            m.data_ranges(),
+            vec![0..64 * 4096],
+            "prefault allocates every page"
+        );
+        let mut b = [0u8; 2];
+        m.read(5 * 4096 + 6, &mut b).unwrap();
+        assert_eq!(b, [0, 1], "prefault keeps the contents");
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: Miri cannot run it")]
+    fn touching_pages_allocates_them_and_keeps_contents() {
+        let m = SharedMemory::new("t", 16 * 4096).unwrap();
+        m.write(3 * 4096, &[7]).unwrap();
+        m.touch_pages();
+        assert_eq!(m.data_ranges(), vec![0..16 * 4096]);
+        let mut b = [0u8; 1];
+        m.read(3 * 4096, &mut b).unwrap();
+        assert_eq!(b, [7]);
     }
 }

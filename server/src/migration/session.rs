@@ -236,11 +236,17 @@ impl MigrationSession {
                     msix_len: f.msix().len_bytes() as usize,
                     max_device_state: parts.migratable()?.max_state_size(),
                 };
-                self.loader = Some(Loader::new(shape));
+                // Copy aside what a failed restore must put back, then take the page
+                // faults: both now, not inside the downtime (in that order: the backup
+                // skips pages never written, and prefaulting writes every page).
+                let mut loader = Loader::new(shape);
+                loader
+                    .back_up(parts.function.bars())
+                    .map_err(MigrationError::Stream)?;
+                self.loader = Some(loader);
                 // The incoming VM brings its own interrupt setup (replayed as deferred
                 // SET_IRQS); whatever this side had before must not linger.
                 parts.function.irqs_mut().disable_all();
-                // Restoring memory happens inside the downtime: take the page faults now.
                 for mem in parts.function.bars().iter().flatten() {
                     mem.prefault();
                 }

@@ -1,11 +1,17 @@
 //! [`Loader`]: consumes the stream on the destination, validating as bytes arrive.
 //!
 //! Device memory (BAR_MEMORY sections) is written into the device's BARs as it arrives,
-//! after the BAR's previous contents were copied aside once; a stream that fails (or a
-//! restore that is abandoned) puts them back with [`Loader::rollback`]. So the destination is
-//! unchanged after a failure, and restoring memory costs nothing inside the downtime beyond
-//! the pages the last rounds carry. Everything else is staged and applied when the device
+//! after the BAR's previous contents were copied aside once ([`Loader::back_up`], when the
+//! device enters RESUMING: before the source stops); a stream that fails (or a restore that
+//! is abandoned) puts them back with [`Loader::rollback`]. So the destination is unchanged
+//! after a failure, and restoring memory costs nothing inside the downtime beyond the pages
+//! the last rounds carry. Only the parts of a BAR that hold data are copied aside: a
+//! destination's memory is usually fresh, all holes, and then the backup is empty and the
+//! rollback gives the pages back. Everything else is staged and applied when the device
 //! leaves RESUMING.
+//!
+//! Sections are checked and applied where they lie in the written bytes; only a section
+//! split across two writes is gathered in a buffer first.
 
 use super::*;
 use crate::migration::DeviceState;
@@ -54,7 +60,34 @@ pub struct Loader {
     ended: bool,
     poisoned: Option<String>,
     /// Each BAR's contents from before the stream wrote it.
-    backup: [Option<Vec<u8>>; 6],
+    backup: [Option<Backup>; 6],
+}
+
+/// A BAR's contents from before the stream wrote into it: the ranges that held data, each
+/// with a copy (everything else was a hole, which reads as zeros).
+#[derive(Debug, Default)]
+struct Backup {
+    parts: Vec<(usize, Vec<u8>)>,
+}
+
+impl Backup {
+    fn take(mem: &SharedMemory) -> Result<Self, StreamError> {
+        let mut parts = Vec::new();
+        for r in mem.data_ranges() {
+            let mut b = vec![0u8; r.len()];
+            mem.read(r.start as u64, &mut b)
+                .map_err(|_| StreamError::Malformed("BAR memory"))?;
+            parts.push((r.start, b));
+        }
+        Ok(Self { parts })
+    }
+
+    fn restore(self, mem: &SharedMemory) {
+        let _ = mem.discard(0, mem.len());
+        for (at, b) in self.parts {
+            let _ = mem.write(at as u64, &b);
+        }
+    }
 }
 
 impl Loader {
@@ -103,63 +136,91 @@ impl Loader {
     pub fn rollback(&mut self, bars: &[Option<SharedMemory>; 6]) {
         for (backup, mem) in self.backup.iter_mut().zip(bars) {
             if let (Some(b), Some(m)) = (backup.take(), mem) {
-                let _ = m.write(0, &b);
+                b.restore(m);
             }
         }
     }
 
+    /// Copy aside the contents of every BAR this device takes memory for, now rather than
+    /// at the first BAR_MEMORY section (which a stop-and-copy receives inside the downtime).
+    pub fn back_up(&mut self, bars: &[Option<SharedMemory>; 6]) -> Result<(), StreamError> {
+        for (bar, mem) in bars.iter().enumerate() {
+            if let Some(mem) = mem
+                .as_ref()
+                .filter(|m| m.len() as u64 == self.shape.bars[bar])
+            {
+                if self.backup[bar].is_none() && !mem.is_empty() {
+                    self.backup[bar] = Some(Backup::take(mem)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write_inner(
         &mut self,
-        data: &[u8],
+        mut data: &[u8],
         bars: &[Option<SharedMemory>; 6],
     ) -> Result<(), StreamError> {
-        if self.ended && !data.is_empty() {
-            return Err(StreamError::DataAfterEnd);
-        }
-        self.buf.extend_from_slice(data);
         loop {
-            if self.buf.len() < SECTION_HEADER_LEN {
-                return Ok(());
+            if self.ended && !(data.is_empty() && self.buf.is_empty()) {
+                return Err(StreamError::DataAfterEnd);
             }
-            let b = &self.buf;
-            let k = u16::from_le_bytes([b[0], b[1]]);
-            let flags = u16::from_le_bytes([b[2], b[3]]);
-            let crc = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-            let len = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
-            if len > MAX_SECTION_LEN {
-                return Err(StreamError::SectionTooLarge(len));
-            }
-            let total = SECTION_HEADER_LEN + len as usize;
-            if self.buf.len() < total {
-                return Ok(());
-            }
-            let payload = &self.buf[SECTION_HEADER_LEN..total];
-            if section_crc(k, flags, payload) != crc {
-                return Err(StreamError::CrcMismatch {
-                    kind: k,
-                    offset: self.consumed,
-                });
-            }
-            if flags != 0 {
-                return Err(StreamError::Malformed("section flags"));
-            }
-            if k == kind::BAR_MEMORY && self.staged.header.is_some() {
+            if !self.buf.is_empty() {
+                // Complete the section an earlier write began: its header first, for its length.
+                let want = match section_len(&self.buf)? {
+                    Some(total) => total,
+                    None => SECTION_HEADER_LEN,
+                };
+                let take = (want - self.buf.len()).min(data.len());
+                self.buf.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.buf.len() < want {
+                    return Ok(());
+                }
+                if want == SECTION_HEADER_LEN && section_len(&self.buf)? != Some(want) {
+                    continue;
+                }
                 let buf = std::mem::take(&mut self.buf);
-                let r = self.write_memory(&buf[SECTION_HEADER_LEN..total], bars);
+                let r = self.section(&buf, bars);
                 self.buf = buf;
-                self.buf.drain(..total);
-                self.consumed += total as u64;
+                self.buf.clear();
                 r?;
                 continue;
             }
-            let payload = payload.to_vec();
-            self.buf.drain(..total);
-            self.consumed += total as u64;
-            self.stage(k, payload)?;
-            if self.ended && !self.buf.is_empty() {
-                return Err(StreamError::DataAfterEnd);
+            match section_len(data)? {
+                Some(total) if total <= data.len() => {
+                    self.section(&data[..total], bars)?;
+                    data = &data[total..];
+                }
+                _ => {
+                    self.buf.extend_from_slice(data);
+                    return Ok(());
+                }
             }
         }
+    }
+
+    /// Check and apply one whole section (header included).
+    fn section(&mut self, s: &[u8], bars: &[Option<SharedMemory>; 6]) -> Result<(), StreamError> {
+        let k = u16::from_le_bytes([s[0], s[1]]);
+        let flags = u16::from_le_bytes([s[2], s[3]]);
+        let crc = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+        let payload = &s[SECTION_HEADER_LEN..];
+        if section_crc(k, flags, payload) != crc {
+            return Err(StreamError::CrcMismatch {
+                kind: k,
+                offset: self.consumed,
+            });
+        }
+        if flags != 0 {
+            return Err(StreamError::Malformed("section flags"));
+        }
+        self.consumed += s.len() as u64;
+        if k == kind::BAR_MEMORY && self.staged.header.is_some() {
+            return self.write_memory(payload, bars);
+        }
+        self.stage(k, payload.to_vec())
     }
 
     fn stage(&mut self, k: u16, p: Vec<u8>) -> Result<(), StreamError> {
@@ -252,10 +313,7 @@ impl Loader {
             });
         }
         if self.backup[bar].is_none() {
-            let mut b = vec![0u8; mem.len()];
-            mem.read(0, &mut b)
-                .map_err(|_| StreamError::Malformed("BAR memory"))?;
-            self.backup[bar] = Some(b);
+            self.backup[bar] = Some(Backup::take(mem)?);
         }
         mem.write(offset, data)
             .map_err(|_| StreamError::Malformed("BAR memory"))
@@ -277,8 +335,21 @@ impl Loader {
         Ok(std::mem::take(&mut self.staged))
     }
 
-    /// Bytes consumed so far.
+    /// Bytes consumed so far (whole sections).
     pub fn consumed(&self) -> u64 {
         self.consumed
     }
+}
+
+/// The whole length of the section `b` begins with, once its header is there (`None`
+/// before); a length over [`MAX_SECTION_LEN`] is refused before anything is buffered for it.
+fn section_len(b: &[u8]) -> Result<Option<usize>, StreamError> {
+    let Some(h) = b.get(..SECTION_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+    if len > MAX_SECTION_LEN {
+        return Err(StreamError::SectionTooLarge(len));
+    }
+    Ok(Some(SECTION_HEADER_LEN + len as usize))
 }

@@ -346,3 +346,46 @@ fn sections_built_straight_into_the_reply_make_the_same_stream() {
         }
     }
 }
+
+#[test]
+fn writes_of_any_size_load_the_same_stream() {
+    let b = bars();
+    b[2].as_ref().unwrap().fill(0, 64 * 1024, 0x5a).unwrap();
+    let s = whole_stream(&b);
+    for size in [1, 15, 16, 17, 4111, s.len()] {
+        let dst = bars();
+        let mut l = loader("dma-engine");
+        for c in s.chunks(size) {
+            l.write(c, &dst).unwrap();
+        }
+        assert_eq!(l.consumed(), s.len() as u64, "writes of {size} bytes");
+        assert!(l.finish().is_ok(), "writes of {size} bytes");
+        let mut got = vec![0u8; 64 * 1024];
+        dst[2].as_ref().unwrap().read(0, &mut got).unwrap();
+        assert!(got.iter().all(|&x| x == 0x5a), "writes of {size} bytes");
+    }
+}
+
+#[test]
+fn the_backup_skips_holes_and_a_rollback_gives_the_pages_back() {
+    let dst = bars();
+    let mem = dst[2].as_ref().unwrap();
+    mem.write(2 * 4096, b"kept").unwrap();
+    let mut l = loader("dma-engine");
+    l.back_up(&dst).unwrap();
+    let s = forged(&[
+        (kind::HEADER, header().encode()),
+        (kind::BAR_MEMORY, memory(2, 0, &[3; 16 * 1024])),
+    ]);
+    l.write(&s, &dst).unwrap();
+    assert_eq!(mem.data_ranges(), vec![0..16 * 1024]);
+    l.rollback(&dst);
+    assert_eq!(
+        mem.data_ranges(),
+        vec![2 * 4096..3 * 4096],
+        "only the page that held data"
+    );
+    let mut got = [0u8; 8];
+    mem.read(2 * 4096 - 4, &mut got).unwrap();
+    assert_eq!(&got, b"\0\0\0\0kept");
+}
