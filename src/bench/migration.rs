@@ -146,6 +146,8 @@ struct Downtime {
     total: f64,
     data: f64,
     finish: f64,
+    /// Stream bytes moved (counted by [`stop_and_copy`]).
+    bytes: usize,
 }
 
 /// Stop-and-copy without pre-copy, timed as the driver times downtime.
@@ -156,11 +158,14 @@ fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
     let stopped = Instant::now();
     ch.set_state(&mut src.client, MigState::StopCopy)?;
     let mut data = Vec::with_capacity(CHUNK);
+    let mut bytes = 0;
     loop {
         data.clear();
-        if ch.read(&mut src.client, CHUNK as u32, &mut data)? == 0 {
+        let n = ch.read(&mut src.client, CHUNK as u32, &mut data)?;
+        if n == 0 {
             break;
         }
+        bytes += n;
         dch.write(&mut dst.client, &data)?;
     }
     let data = stopped.elapsed().as_secs_f64() * 1000.0;
@@ -174,6 +179,7 @@ fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
         total,
         data,
         finish: total - data,
+        bytes,
     })
 }
 
@@ -248,9 +254,12 @@ pub fn downtime(ctx: &mut Ctx) -> Result<Vec<Row>> {
                 total: report.downtime_ms,
                 data: hooks.data_ms,
                 finish: report.downtime_ms - hooks.data_ms,
+                bytes: 0,
             });
         }
     }
+    let two_hops = raw_two_hops(ctx, stop.first().map_or(0, |d| d.bytes))?;
+    let copy_gbps = median(stop.iter().map(|d| d.bytes as f64 / d.data / 1e6).collect());
     const BASE: &str = "stop-and-copy of the same device (no pre-copy)";
     let part = |v: &[Downtime], f: fn(&Downtime) -> f64| median(v.iter().map(f).collect());
     Ok(vec![
@@ -278,7 +287,40 @@ pub fn downtime(ctx: &mut Ctx) -> Result<Vec<Row>> {
             BASE,
             Goal::None,
         ),
+        Row::new(
+            "stop-and-copy 256 MiB, source to destination",
+            Unit::GBps,
+            copy_gbps,
+            two_hops,
+            "raw: the same bytes as 1 MiB+24-byte replies from one connection, each sent on \
+             as a 1 MiB+24-byte request on a second, same count",
+            Goal::RatioMin(0.5),
+        ),
     ])
+}
+
+/// The socket's bandwidth for what the stop-and-copy moves: `bytes` in 1 MiB pieces, each
+/// read as a reply from one raw connection and written as a request to another (the two
+/// hops source → driver → destination), GB/s; the median of three passes.
+fn raw_two_hops(ctx: &mut Ctx, bytes: usize) -> Result<f64> {
+    let mut from = ctx.raw(raw::Mode::Plain)?;
+    let mut to = ctx.raw(raw::Mode::Plain)?;
+    let read = raw::message(16 + 8, Some(16 + 8 + CHUNK));
+    let write = raw::message(16 + 8 + CHUNK, Some(16));
+    let (mut reply, mut ack) = (vec![0u8; 16 + 8 + CHUNK], vec![0u8; 16]);
+    let pieces = bytes.div_ceil(CHUNK).max(1);
+    let mut v = Vec::new();
+    for _ in 0..3 {
+        let s = seconds(|| {
+            for _ in 0..pieces {
+                from.round_trip(&read, &mut reply)?;
+                to.round_trip(&write, &mut ack)?;
+            }
+            anyhow::Ok(())
+        })?;
+        v.push((pieces * CHUNK) as f64 / s / 1e9);
+    }
+    Ok(median(v))
 }
 
 /// Scenario `handover`.

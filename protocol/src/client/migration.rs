@@ -176,7 +176,16 @@ impl Client {
 
     /// MIG_DATA_WRITE.
     pub fn mig_data_write(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
-        self.request(Command::MigDataWrite, &MigData::encode_with_data(data), &[])?;
+        let mut head = Vec::with_capacity(8);
+        put(
+            &mut head,
+            &MigData {
+                argsz: (8 + data.len()) as u32,
+                size: data.len() as u32,
+            },
+        );
+        let r = self.request_parts(Command::MigDataWrite, &[&head, data])?;
+        self.reader.recycle(r.payload);
         Ok(())
     }
 }

@@ -58,6 +58,9 @@ impl Saver {
             .filter_map(|(i, b)| b.as_ref().map(|m| (i, m.len())))
             .collect();
         let shadows = track_changes.then(|| regions.iter().map(|(_, n)| vec![0u8; *n]).collect());
+        for mem in bars.iter().flatten() {
+            mem.populate_for_reading();
+        }
         let initial = (!regions.is_empty()).then_some((0, 0));
         Self {
             out,
