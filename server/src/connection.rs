@@ -15,6 +15,7 @@ use vfud_protocol::{Header, ProtocolError};
 
 use crate::dispatch::{borrowed, Reply};
 use crate::dma::socket::Outgoing;
+use crate::mmap::SharedMemory;
 
 /// The connected client.
 pub struct Connection {
@@ -48,12 +49,32 @@ impl Connection {
         self.reader.in_progress()
     }
 
-    /// Send the reply to `request`.
-    pub fn reply(&self, request: &Header, reply: &Reply) -> Result<(), ProtocolError> {
+    /// Send the reply to `request`; device memory it refers to comes from `bars`.
+    pub fn reply(
+        &self,
+        request: &Header,
+        reply: &Reply,
+        bars: &[Option<SharedMemory>; 6],
+    ) -> Result<(), ProtocolError> {
+        if reply.memory.is_empty() {
+            return send_message(
+                self.stream.as_fd(),
+                &request.reply(reply.payload.len()),
+                &[&reply.payload],
+                &borrowed(&reply.fds),
+            );
+        }
+        let pieces = match reply.pieces(bars) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("reply refers to device memory it cannot have: {e}");
+                return self.error(request, Errno::EFAULT);
+            }
+        };
         send_message(
             self.stream.as_fd(),
-            &request.reply(reply.payload.len()),
-            &[&reply.payload],
+            &request.reply(reply.len()),
+            &pieces,
             &borrowed(&reply.fds),
         )
     }

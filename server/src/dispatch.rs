@@ -21,23 +21,66 @@ use crate::error::{DeviceError, RequestError};
 use crate::migration::fsm::permits;
 use crate::migration::v1::V1_REGION_INDEX;
 use crate::migration::{MigrationSession, Parts};
+use crate::mmap::{MemoryPart, SharedMemory};
 use crate::pci::{Access, BarTarget, PciFunction};
 
 /// A reply payload and the fds to send with it.
 #[derive(Debug, Default)]
 pub struct Reply {
-    /// Payload after the header.
+    /// Payload after the header (with `memory` spliced in, the bytes around it).
     pub payload: Vec<u8>,
     /// File descriptors.
     pub fds: Vec<OwnedFd>,
+    /// Device memory the payload carries by reference, in order: a MIG_DATA_READ reply
+    /// of a stopped device is sent from the BAR mapping itself.
+    pub memory: Vec<MemoryPart>,
 }
 
 impl Reply {
     fn bytes(payload: Vec<u8>) -> Self {
         Self {
             payload,
-            fds: Vec::new(),
+            ..Self::default()
         }
+    }
+
+    /// Payload length on the wire: the bytes plus the memory spliced in.
+    pub fn len(&self) -> usize {
+        self.payload.len() + self.memory.iter().map(|m| m.len).sum::<usize>()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole payload in one buffer (the memory copied in), for in-process callers.
+    pub fn to_bytes(&self, bars: &[Option<SharedMemory>; 6]) -> Result<Vec<u8>, DeviceError> {
+        Ok(self.pieces(bars)?.concat())
+    }
+
+    /// The payload as the pieces to send back to back: bytes and, where `memory` says, BAR
+    /// memory from `bars` (refused if a part lies outside its BAR).
+    pub fn pieces<'a>(
+        &'a self,
+        bars: &'a [Option<SharedMemory>; 6],
+    ) -> Result<Vec<&'a [u8]>, DeviceError> {
+        let mut out = Vec::with_capacity(2 * self.memory.len() + 1);
+        let mut at = 0;
+        for m in &self.memory {
+            let mem = bars
+                .get(m.bar)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| DeviceError::BadAccess(format!("no memory in BAR {}", m.bar)))?;
+            let before = self.payload.get(at..m.at).ok_or_else(|| {
+                DeviceError::BadAccess(format!("memory part at {} out of order", m.at))
+            })?;
+            out.push(before);
+            out.push(mem.bytes_while_stopped(m.offset as u64, m.len)?);
+            at = m.at;
+        }
+        out.push(&self.payload[at..]);
+        Ok(out)
     }
 }
 
@@ -439,7 +482,12 @@ impl DeviceServer {
                 let max = (m.size as usize).min(self.limits().max_data_xfer_size as usize);
                 let buf = self.take_spare();
                 let (mig, mut parts) = self.parts();
-                Ok(Reply::bytes(mig.mig_data_reply(buf, max, &mut parts)?))
+                let (payload, memory) = mig.mig_data_reply(buf, max, &mut parts)?;
+                Ok(Reply {
+                    payload,
+                    memory,
+                    ..Reply::default()
+                })
             }
             Request::MigDataWrite(data) => {
                 if !allowed.mig_data_write {
@@ -473,6 +521,11 @@ impl DeviceServer {
                  which is slower; give QEMU fd-backed RAM (-object memory-backend-memfd,share=on)"
             );
         }
+    }
+
+    /// The device's shared BAR memory (what [`Reply::memory`] refers to).
+    pub fn bar_memory(&self) -> &[Option<SharedMemory>; 6] {
+        self.function.bars()
     }
 
     fn num_regions(&self) -> u32 {
@@ -539,7 +592,11 @@ impl DeviceServer {
         if has_caps && payload.len() == std::mem::size_of::<RegionInfo>() {
             fds.clear();
         }
-        Ok(Reply { payload, fds })
+        Ok(Reply {
+            payload,
+            fds,
+            ..Reply::default()
+        })
     }
 
     fn region_access(

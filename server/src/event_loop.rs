@@ -502,7 +502,7 @@ impl Loop {
         let sent = match result {
             Ok(_) if no_reply => Ok(()),
             Ok(reply) => {
-                let sent = c.reply(&h, &reply);
+                let sent = c.reply(&h, &reply, self.server.bar_memory());
                 self.give_back(reply.payload);
                 sent
             }

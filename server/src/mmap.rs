@@ -13,6 +13,20 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::error::DeviceError;
 
+/// A run of BAR memory a reply carries by reference: sent from the mapping itself instead
+/// of being copied into the reply first (see [`SharedMemory::bytes_while_stopped`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryPart {
+    /// Position in the reply's payload bytes the memory goes in front of.
+    pub at: usize,
+    /// BAR index.
+    pub bar: usize,
+    /// Offset in the BAR.
+    pub offset: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
 /// A memfd of fixed size mapped read/write into this process. The client may map the same
 /// memory, so every access is a copy through raw pointers, never a Rust reference.
 #[derive(Debug)]
@@ -229,7 +243,7 @@ impl SharedMemory {
     /// the file system cannot tell.
     pub fn data_ranges(&self) -> Vec<std::ops::Range<usize>> {
         use nix::unistd::{lseek, Whence};
-        let whole = vec![0..self.len];
+        let whole = std::iter::once(0..self.len).collect();
         let end = self.len as i64;
         let mut ranges = Vec::new();
         let mut at = 0i64;
@@ -263,6 +277,24 @@ impl SharedMemory {
             return Ok(());
         }
         self.fill(offset, len, 0)
+    }
+
+    /// `len` bytes at `offset` as a slice, for a device that is stopped: to checksum them
+    /// and hand them to the kernel (`sendmsg`) without a copy. Every other access copies,
+    /// because the client may write this memory through its own mapping at any time; once
+    /// the device and the VM are stopped nothing should, and a client that writes anyway
+    /// only changes bytes under a checksum the destination verifies, so the change is
+    /// caught there, not lost.
+    pub(crate) fn bytes_while_stopped(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<&[u8], DeviceError> {
+        let off = self.check(offset, len)?;
+        // SAFETY: `check` proved the range lies inside the mapping, which lives as long as
+        // `self` (the slice borrows it). The bytes are plain `u8`s, valid for any value;
+        // concurrent writes by the client (documented above) can only change what is read.
+        Ok(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), len) })
     }
 
     /// Fill `len` bytes at `offset` with `byte`.

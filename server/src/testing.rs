@@ -330,7 +330,8 @@ impl TestBench {
                 }),
                 16,
             )?;
-            let chunk = MigData::decode_write(&r.payload)?;
+            let payload = r.to_bytes(self.server.bar_memory())?;
+            let chunk = MigData::decode_write(&payload)?;
             if chunk.is_empty() {
                 break;
             }

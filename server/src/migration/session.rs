@@ -20,6 +20,7 @@ use crate::device::{Device, Migratable};
 use crate::dma::DmaTable;
 use crate::error::{MigrationError, RequestError};
 use crate::irq::Interrupts;
+use crate::mmap::MemoryPart;
 use crate::pci::PciFunction;
 
 /// The parts of a device server a migration step touches.
@@ -274,26 +275,41 @@ impl MigrationSession {
     }
 
     /// The MIG_DATA_READ reply built in place in `buf` (a reused buffer): the
-    /// `struct vfio_user_mig_data` header (argsz, size), then up to `max` stream bytes.
+    /// `struct vfio_user_mig_data` header (argsz, size), then up to `max` stream bytes, some
+    /// of which may be device memory left in place and listed in the second result (see
+    /// [`Saver::read_reply`]).
     pub fn mig_data_reply(
         &mut self,
         mut buf: Vec<u8>,
         max: usize,
         parts: &mut Parts<'_>,
-    ) -> Result<Vec<u8>, RequestError> {
+    ) -> Result<(Vec<u8>, Vec<MemoryPart>), RequestError> {
         buf.clear();
         buf.reserve(8 + max);
         buf.resize(8, 0);
-        let n = self.read_stream_into(&mut buf, max, parts)?;
+        let mut mapped = Vec::new();
+        let n = self.read_stream_parts(&mut buf, Some(&mut mapped), max, parts)?;
         buf[..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
         buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
-        Ok(buf)
+        Ok((buf, mapped))
     }
 
     /// Append up to `max` bytes of the outgoing stream to `dst`; returns how many.
     pub fn read_stream_into(
         &mut self,
         dst: &mut Vec<u8>,
+        max: usize,
+        parts: &mut Parts<'_>,
+    ) -> Result<usize, RequestError> {
+        self.read_stream_parts(dst, None, max, parts)
+    }
+
+    /// [`MigrationSession::read_stream_into`], leaving device memory in place where
+    /// `mapped` is given and the stream allows it.
+    fn read_stream_parts(
+        &mut self,
+        dst: &mut Vec<u8>,
+        mapped: Option<&mut Vec<MemoryPart>>,
         max: usize,
         parts: &mut Parts<'_>,
     ) -> Result<usize, RequestError> {
@@ -320,7 +336,10 @@ impl MigrationSession {
         } else {
             None
         };
-        Ok(saver.read_into(dst, max, function.bars(), f)?)
+        Ok(match mapped {
+            Some(m) => saver.read_reply(dst, m, max, function.bars(), f)?,
+            None => saver.read_into(dst, max, function.bars(), f)?,
+        })
     }
 
     /// Incoming stream bytes (RESUMING); device memory goes straight into `function`'s BARs

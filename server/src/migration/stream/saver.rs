@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use super::{kind, put_section, section_crc, StreamHeader, MEMORY_CHUNK, PAGE, SECTION_HEADER_LEN};
 use crate::migration::DeviceState;
-use crate::mmap::SharedMemory;
+use crate::mmap::{MemoryPart, SharedMemory};
 
 /// The final, non-iterable part of the state, captured when stop-copy data runs out.
 #[derive(Clone, Debug)]
@@ -187,14 +187,68 @@ impl Saver {
         h[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
         h[4..8].copy_from_slice(&crc.to_le_bytes());
         h[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
-        self.initial = if off + n < len {
-            Some((si, off + n))
+        self.next_initial(si, off + n);
+        true
+    }
+
+    /// [`Saver::initial_section`] leaving the memory where it is: the section's header goes
+    /// into `out` and the memory is noted in `parts` (its CRC computed over the mapping), to
+    /// be sent from the mapping. Only where nothing can change while saving (a stream started
+    /// in STOP keeps no shadow); false when there is nothing left, it does not fit, or the
+    /// memory cannot be referenced (then the copying path takes over).
+    fn initial_section_mapped(
+        &mut self,
+        bars: &[Option<SharedMemory>; 6],
+        out: &mut Vec<u8>,
+        parts: &mut Vec<MemoryPart>,
+        room: usize,
+    ) -> bool {
+        let (Some((si, off)), None) = (self.initial, &self.shadows) else {
+            return false;
+        };
+        // The last section is cut to the room left, so replies stay full: a section split
+        // across two replies would have to go through the stream buffer, copied.
+        let (bar, len) = self.regions[si];
+        let Some(room) = room.checked_sub(SECTION_HEADER_LEN + 16).filter(|r| *r > 0) else {
+            return false;
+        };
+        let n = (len - off).min(MEMORY_CHUNK).min(room);
+        let Some(data) = bars[bar]
+            .as_ref()
+            .and_then(|m| m.bytes_while_stopped(off as u64, n).ok())
+        else {
+            return false;
+        };
+        let mut head = [0u8; SECTION_HEADER_LEN + 16];
+        head[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
+        head[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
+        head[16] = bar as u8;
+        head[24..32].copy_from_slice(&(off as u64).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head[..4]);
+        crc.update(&head[8..]);
+        crc.update(data);
+        head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+        out.extend_from_slice(&head);
+        parts.push(MemoryPart {
+            at: out.len(),
+            bar,
+            offset: off,
+            len: n,
+        });
+        self.next_initial(si, off + n);
+        true
+    }
+
+    /// Move the initial copy on to `off` in shared BAR `si`, or to the next BAR at its end.
+    fn next_initial(&mut self, si: usize, off: usize) {
+        self.initial = if off < self.regions[si].1 {
+            Some((si, off))
         } else if si + 1 < self.regions.len() {
             Some((si + 1, 0))
         } else {
             None
         };
-        true
     }
 
     /// Produce sections for pages that changed since sent; false when nothing changed. In
@@ -235,6 +289,46 @@ impl Saver {
         let mut v = Vec::new();
         self.read_into(&mut v, max, bars, final_state)?;
         Ok(v)
+    }
+
+    /// [`Saver::read_into`] for a MIG_DATA_READ reply: device memory that cannot change
+    /// while saving (a stream started in STOP) is not copied into `dst` but noted in `parts`,
+    /// for the reply to be sent from the mapping (one copy fewer, by the kernel). The count
+    /// returned includes those bytes.
+    pub fn read_reply(
+        &mut self,
+        dst: &mut Vec<u8>,
+        parts: &mut Vec<MemoryPart>,
+        max: usize,
+        bars: &[Option<SharedMemory>; 6],
+        final_state: Option<&mut dyn FnMut() -> Result<FinalState, crate::DeviceError>>,
+    ) -> Result<usize, crate::DeviceError> {
+        // What is queued goes first (the stream header, at the start).
+        let mut n = 0;
+        if self.pending() <= max {
+            n = self.take_pending(dst, max);
+        }
+        if self.pending() == 0 {
+            while self.initial_section_mapped(bars, dst, parts, max - n) {
+                n += SECTION_HEADER_LEN + 16 + parts.last().map_or(0, |p| p.len);
+            }
+        }
+        Ok(n + self.read_into(dst, max - n, bars, final_state)?)
+    }
+
+    /// Move up to `max` queued bytes to `dst`; how many.
+    fn take_pending(&mut self, dst: &mut Vec<u8>, max: usize) -> usize {
+        let n = self.pending().min(max);
+        dst.extend_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.pos == self.out.len() {
+            self.out.clear();
+            self.pos = 0;
+        } else if self.pos >= MEMORY_CHUNK * 4 {
+            self.out.drain(..self.pos);
+            self.pos = 0;
+        }
+        n
     }
 
     /// Append up to `max` bytes to `dst` (e.g. straight after a MIG_DATA_READ reply header);
@@ -291,17 +385,7 @@ impl Saver {
         if max == 0 {
             return Ok(direct);
         }
-        let n = self.pending().min(max);
-        dst.extend_from_slice(&self.out[self.pos..self.pos + n]);
-        self.pos += n;
-        if self.pos == self.out.len() {
-            self.out.clear();
-            self.pos = 0;
-        } else if self.pos >= MEMORY_CHUNK * 4 {
-            self.out.drain(..self.pos);
-            self.pos = 0;
-        }
-        Ok(direct + n)
+        Ok(direct + self.take_pending(dst, max))
     }
 
     /// Bytes the stop-copy phase would still produce (estimate for MIG_DATA_SIZE).

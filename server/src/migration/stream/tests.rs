@@ -389,3 +389,67 @@ fn the_backup_skips_holes_and_a_rollback_gives_the_pages_back() {
     mem.read(2 * 4096 - 4, &mut got).unwrap();
     assert_eq!(&got, b"\0\0\0\0kept");
 }
+
+#[test]
+fn replies_sent_from_the_mapping_load_the_same_memory() {
+    const BIG: usize = 3 * MEMORY_CHUNK + 4096;
+    let mk = || {
+        let mut b: [Option<SharedMemory>; 6] = Default::default();
+        b[2] = Some(SharedMemory::new("t", 64 * 1024).unwrap());
+        b[4] = Some(SharedMemory::new("u", BIG).unwrap());
+        b
+    };
+    let src = mk();
+    src[4].as_ref().unwrap().fill(0, BIG, 0x5a).unwrap();
+    src[2].as_ref().unwrap().write(10, b"small bar").unwrap();
+    for max in [1 << 20, 70_000, 300_000, 100] {
+        let mut s = Saver::new(&header(), &src, false);
+        let mut f = final_state;
+        let dst = mk();
+        let mut bars = [0; 6];
+        bars[2] = 64 * 1024;
+        bars[4] = BIG as u64;
+        let mut l = Loader::new(Shape {
+            model: "dma-engine".into(),
+            bars,
+            config_len: 256,
+            irq_len: 4,
+            msix_len: 0,
+            max_device_state: 1 << 20,
+        });
+        let mut referenced = 0;
+        loop {
+            let (mut bytes, mut parts) = (Vec::new(), Vec::new());
+            let n = s
+                .read_reply(&mut bytes, &mut parts, max, &src, Some(&mut f))
+                .unwrap();
+            let reply = crate::dispatch::Reply {
+                payload: bytes,
+                memory: parts,
+                ..Default::default()
+            };
+            referenced += reply.memory.iter().map(|m| m.len).sum::<usize>();
+            let wire = reply.to_bytes(&src).unwrap();
+            assert_eq!(wire.len(), n, "reads of {max} bytes");
+            assert!(n <= max, "reads of {max} bytes");
+            if n == 0 {
+                break;
+            }
+            l.write(&wire, &dst).unwrap();
+        }
+        assert!(l.finish().is_ok(), "reads of {max} bytes");
+        if max >= 70_000 {
+            assert!(
+                referenced >= BIG,
+                "memory sent from the mapping ({max}-byte reads)"
+            );
+        }
+        let (mut a, mut b) = (vec![0u8; BIG], vec![1u8; BIG]);
+        src[4].as_ref().unwrap().read(0, &mut a).unwrap();
+        dst[4].as_ref().unwrap().read(0, &mut b).unwrap();
+        assert!(a == b, "reads of {max} bytes");
+        let mut small = [0u8; 9];
+        dst[2].as_ref().unwrap().read(10, &mut small).unwrap();
+        assert_eq!(&small, b"small bar");
+    }
+}
