@@ -33,6 +33,15 @@ impl Connection {
         })
     }
 
+    /// Receive payloads of 64 KiB and more straight into their buffer when `direct`
+    /// ([`FrameReader::direct_payloads`]).
+    pub fn with_direct_payloads(mut self, direct: bool) -> Self {
+        if direct {
+            self.reader = std::mem::replace(&mut self.reader, FrameReader::new()).direct_payloads();
+        }
+        self
+    }
+
     /// The socket's fd (for poll registration).
     pub fn raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()

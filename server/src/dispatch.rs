@@ -287,7 +287,7 @@ impl DeviceServer {
     }
 
     /// The recycled buffer (empty), or a new one.
-    fn take_spare(&mut self) -> Vec<u8> {
+    pub(crate) fn take_spare(&mut self) -> Vec<u8> {
         let mut b = std::mem::take(&mut self.spare);
         b.clear();
         b

@@ -381,7 +381,12 @@ impl Loop {
                         );
                         continue;
                     }
-                    match Connection::new(stream).and_then(|c| self.set_client(c)) {
+                    // Large payloads (MIG_DATA_WRITE) are received straight into their
+                    // buffer, except under a supervisor, whose journal mirrors the reader's
+                    // buffered bytes.
+                    let direct = self.sup.is_none();
+                    let conn = Connection::new(stream).map(|c| c.with_direct_payloads(direct));
+                    match conn.and_then(|c| self.set_client(c)) {
                         Ok(()) => {
                             tracing::info!(device = name, "client connected");
                             self.counters.client_connected();
@@ -526,6 +531,11 @@ impl Loop {
     /// that steady request/reply traffic allocates nothing (`tests/allocations.rs`).
     fn give_back(&mut self, buf: Vec<u8>) {
         match self.client.as_mut() {
+            // An empty reply to a request that left its buffer with the server (the data of
+            // a MIG_DATA_WRITE): that buffer goes back to the reader for the next one.
+            Some(c) if !c.reader().has_spare() && buf.capacity() == 0 => {
+                c.reader_mut().recycle(self.server.take_spare())
+            }
             Some(c) if !c.reader().has_spare() => c.reader_mut().recycle(buf),
             _ => self.server.recycle(buf),
         }

@@ -86,16 +86,30 @@ fn region_write<'a>(
 }
 
 impl Request {
-    /// [`Request::decode`] taking the payload by value. A REGION_WRITE keeps the payload
-    /// buffer itself as its data (the fixed part drained off) rather than a copy, so a server
-    /// that recycles its buffers takes writes without allocating; for every other command,
-    /// and on error, the buffer comes back as the second value for reuse.
+    /// [`Request::decode`] taking the payload by value. A REGION_WRITE or MIG_DATA_WRITE
+    /// keeps the payload buffer itself as its data (the fixed part drained off) rather than
+    /// a copy, so a server that recycles its buffers takes writes without allocating; for
+    /// every other command, and on error, the buffer comes back as the second value for
+    /// reuse.
     pub fn decode_owned(
         cmd: u16,
         mut payload: Vec<u8>,
         fds: Vec<OwnedFd>,
         limits: &Limits,
     ) -> (Result<Request, ProtocolError>, Option<Vec<u8>>) {
+        if cmd == Command::MigDataWrite as u16 {
+            let checked = no_fds(Command::MigDataWrite, &fds)
+                .and_then(|()| MigData::decode_write(&payload).map(<[u8]>::len))
+                .and_then(|n| limits.check_xfer(n as u64).map(|()| n));
+            return match checked {
+                Ok(n) => {
+                    payload.truncate(8 + n);
+                    payload.drain(..8);
+                    (Ok(Request::MigDataWrite(payload)), None)
+                }
+                Err(e) => (Err(e), Some(payload)),
+            };
+        }
         if cmd != Command::RegionWrite as u16 {
             let r = Self::decode(cmd, &payload, fds, limits);
             return (r, Some(payload));
