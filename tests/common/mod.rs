@@ -5,6 +5,7 @@ pub mod dma_engine;
 pub mod foreign;
 pub mod hostile;
 pub mod hostile_payloads;
+pub mod migration;
 pub mod qemu;
 pub mod supervised;
 pub mod tracer;
