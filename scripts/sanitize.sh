@@ -31,7 +31,7 @@ asan() {
     ASAN_OPTIONS="handle_sigbus=0:detect_leaks=1" \
     cargo +nightly test -Zbuild-std --target "$host" --target-dir target/asan \
     -p vfud --test socket_dma --test hostile --test server_dma_engine --test migration \
-    --test handover --test isolation
+    --test migration_stream --test handover --test isolation
 }
 
 miri() {

@@ -12,19 +12,17 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use common::qemu::{
-    guest_values, vfio_user_round_trips, Qemu, QemuOpts, GUEST_RESULT_PREFIX, GUEST_TIMEOUT,
-    PCI_GUEST_LIB, QMP_TIMEOUT, TRACE_TIMESTAMPS, UART_KERNEL_ARG, VFIO_USER_ROUND_TRIP_EVENTS,
+    guest_values, now_ns, vfio_user_round_trips, Qemu, QemuOpts, GUEST_RESULT_PREFIX,
+    GUEST_TIMEOUT, PCI_GUEST_LIB, QMP_TIMEOUT, TRACE_TIMESTAMPS, UART_KERNEL_ARG,
+    VFIO_USER_ROUND_TRIP_EVENTS,
 };
+use common::uart_host::{expected_out, first_bad_line, Host};
+use common::{serve_incoming, KillOnDrop};
 
 /// QEMU 11.1's vfio-user `x-msg-timeout` default: a reply later than this is a failure.
 const QEMU_MSG_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,155 +119,6 @@ exit $fails
     )
 }
 
-/// A vfud process, killed on drop.
-struct Vfud(Child);
-
-impl Vfud {
-    /// `vfud serve ARGS`, once `ready` exists.
-    fn serve(args: &[&str], ready: &Path) -> Vfud {
-        let child = common::serve_command()
-            .args(args)
-            .spawn()
-            .expect("spawn vfud");
-        let mut v = Vfud(child);
-        assert!(
-            common::wait_for_path(ready, Duration::from_secs(10)),
-            "vfud {args:?} did not create {} (exit: {:?})",
-            ready.display(),
-            v.0.try_wait()
-        );
-        v
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.0.try_wait() {
-                return Some(st.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Vfud {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// What the host side saw.
-struct HostResult {
-    /// Every byte read from the UART's backend socket.
-    received: Vec<u8>,
-    /// `in N` lines sent (1..=sent), followed by `end sent`.
-    sent: u32,
-    /// When the host had the guest's last line.
-    all_out_at: Option<Instant>,
-}
-
-/// The host side of the UART: reads the guest's lines; once `go` is set, writes `in N` every
-/// [`IN_PERIOD`] until the guest's last line arrived, then `end M`, and reads on a little so
-/// surplus bytes would show.
-struct Host {
-    go: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    /// Complete `out` lines received so far.
-    lines: Arc<AtomicU32>,
-    thread: JoinHandle<HostResult>,
-}
-
-impl Host {
-    fn spawn(mut s: UnixStream) -> Host {
-        let go = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let lines = Arc::new(AtomicU32::new(0));
-        let (go2, stop2, lines2) = (go.clone(), stop.clone(), lines.clone());
-        let last_line = format!("out {OUT_LINES}\n");
-        let thread = std::thread::spawn(move || {
-            s.set_read_timeout(Some(Duration::from_millis(5)))
-                .expect("read timeout");
-            s.set_write_timeout(Some(Duration::from_secs(5)))
-                .expect("write timeout");
-            let mut r = HostResult {
-                received: Vec::new(),
-                sent: 0,
-                all_out_at: None,
-            };
-            let mut next_send = Instant::now();
-            let mut buf = [0u8; 4096];
-            loop {
-                if stop2.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Some(t) = r.all_out_at {
-                    if t.elapsed() > Duration::from_millis(500) {
-                        break;
-                    }
-                }
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let chunk = &buf[..n];
-                        r.received.extend_from_slice(chunk);
-                        let nl = chunk.iter().filter(|&&b| b == b'\n').count() as u32;
-                        lines2.fetch_add(nl, Ordering::Relaxed);
-                        if r.all_out_at.is_none() && r.received.ends_with(last_line.as_bytes()) {
-                            r.all_out_at = Some(Instant::now());
-                            s.write_all(format!("end {}\n", r.sent).as_bytes())
-                                .expect("host: write end line");
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => panic!("host: reading the UART backend socket: {e}"),
-                }
-                if go2.load(Ordering::Relaxed)
-                    && r.all_out_at.is_none()
-                    && Instant::now() >= next_send
-                {
-                    r.sent += 1;
-                    s.write_all(format!("in {}\n", r.sent).as_bytes())
-                        .expect("host: write an in line");
-                    next_send += IN_PERIOD;
-                    if next_send < Instant::now() {
-                        next_send = Instant::now() + IN_PERIOD;
-                    }
-                }
-            }
-            r
-        });
-        Host {
-            go,
-            stop,
-            lines,
-            thread,
-        }
-    }
-
-    fn start_sending(&self) {
-        self.go.store(true, Ordering::Relaxed);
-    }
-
-    fn lines(&self) -> u32 {
-        self.lines.load(Ordering::Relaxed)
-    }
-
-    fn finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    fn join(self) -> HostResult {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("host thread")
-    }
-}
-
 /// One handover, for the report at the end.
 struct Handover {
     /// `A→B`.
@@ -279,39 +128,6 @@ struct Handover {
     /// When the command ran (Unix time, ns).
     from_ns: u64,
     to_ns: u64,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-/// The expected guest output: `out 1\n` … `out OUT_LINES\n`.
-fn expected_out() -> Vec<u8> {
-    (1..=OUT_LINES)
-        .flat_map(|n| format!("out {n}\n").into_bytes())
-        .collect()
-}
-
-/// Where `got` first departs from `out 1`…: the index and the line (a readable failure).
-fn first_bad_line(got: &[u8]) -> Option<(usize, String)> {
-    let text = String::from_utf8_lossy(got);
-    let mut lines: Vec<&str> = text.split('\n').collect();
-    let complete = text.ends_with('\n');
-    if complete {
-        lines.pop();
-    }
-    for (i, l) in lines.iter().enumerate() {
-        if *l != format!("out {}", i + 1) {
-            return Some((i, l.to_string()));
-        }
-    }
-    if lines.len() != OUT_LINES as usize || !complete {
-        return Some((lines.len(), "<end of stream>".into()));
-    }
-    None
 }
 
 /// `irq=` of the guest's progress lines, with each line's offset in the serial log.
@@ -355,22 +171,29 @@ fn guest_tty_streams_survive_three_live_handovers() {
         .collect();
     let names = ["A", "B", "C", "D"];
     let spec = format!("uart16550,backend=socket:{}", host_sock.display());
-    let mut current = Vfud::serve(
-        &[
-            "--device",
-            &spec,
-            "--socket",
-            dev_sock.to_str().expect("utf-8 path"),
-            "--control",
-            ctl[0].to_str().expect("utf-8 path"),
-        ],
-        &dev_sock,
+    let mut current = KillOnDrop(
+        common::serve_command()
+            .args(["--device", &spec, "--socket"])
+            .arg(&dev_sock)
+            .arg("--control")
+            .arg(&ctl[0])
+            .spawn()
+            .expect("spawn vfud"),
+    );
+    assert!(
+        common::wait_for_path(&dev_sock, Duration::from_secs(10)),
+        "vfud A did not create {}",
+        dev_sock.display()
     );
     assert!(
         common::wait_for_path(&host_sock, Duration::from_secs(5)),
         "no backend socket"
     );
-    let host = Host::spawn(UnixStream::connect(&host_sock).expect("connect to the UART backend"));
+    let host = Host::spawn(
+        UnixStream::connect(&host_sock).expect("connect to the UART backend"),
+        OUT_LINES,
+        IN_PERIOD,
+    );
     // QEMU traces each vfio-user message it sends and receives, so the test sees how long
     // QEMU itself waited for each reply during the handovers.
     let mut opts = QemuOpts::new()
@@ -395,15 +218,7 @@ fn guest_tty_streams_survive_three_live_handovers() {
         if i == 0 {
             log_before_first = qemu.serial_log().len();
         }
-        let next = Vfud::serve(
-            &[
-                "--device",
-                "uart16550",
-                "--incoming",
-                ctl[i + 1].to_str().expect("utf-8 path"),
-            ],
-            &ctl[i + 1],
-        );
+        let next = serve_incoming("uart16550", &ctl[i + 1]);
         let lines_before = host.lines();
         let from_ns = now_ns();
         let out = common::handover_output(&ctl[i], &ctl[i + 1]);
@@ -509,16 +324,16 @@ fn guest_tty_streams_survive_three_live_handovers() {
     );
     assert!(h.sent > 0, "the host sent nothing");
     // (a) guest → host: out 1..K, complete and in order, across all processes.
-    if let Some((i, l)) = first_bad_line(&h.received) {
+    if let Some((i, l)) = first_bad_line(&h.received, OUT_LINES) {
         panic!(
             "guest→host stream broken at line {} ({l:?}); received {} bytes, expected {}\n{}",
             i + 1,
             h.received.len(),
-            expected_out().len(),
+            expected_out(OUT_LINES).len(),
             diag()
         );
     }
-    assert_eq!(h.received, expected_out());
+    assert_eq!(h.received, expected_out(OUT_LINES));
     // (b) host → guest: in 1..M, complete and in order, as the guest checked.
     assert_eq!(get("in_errors"), "0", "{}", diag());
     assert_eq!(get("in_last"), h.sent.to_string(), "{}", diag());
@@ -528,7 +343,7 @@ fn guest_tty_streams_survive_three_live_handovers() {
     assert_eq!(get("out_last"), OUT_LINES.to_string(), "{}", diag());
     assert_eq!(
         get("driver_tx"),
-        expected_out().len().to_string(),
+        expected_out(OUT_LINES).len().to_string(),
         "{}",
         diag()
     );
@@ -606,29 +421,4 @@ fn guest_tty_streams_survive_three_live_handovers() {
         None,
         "the last vfud process (D) is still serving"
     );
-}
-
-#[test]
-fn qemu_trace_lines_give_vfio_user_round_trips() {
-    // Arrange: two requests (one answered), a reply-less message from the server, noise.
-    let trace = "\
-2026-11-25T20:27:41.201591Z vfio_user_send_write  id 0x1d1 wrote 0x24
-2026-11-25T20:27:41.201600Z vfio_user_send_write  id 0x1d2 wrote 0x24
-2026-11-25T20:27:41.201700Z vfio_user_recv_hdr  (unix:/tmp/u.sock) id 0x1d2 cmd 0x8 size 0x10 flags 0x0
-2026-11-25T20:27:41.202591Z vfio_user_recv_hdr  (unix:/tmp/u.sock) id 0x1d1 cmd 0x8 size 0x10 flags 0x1
-2026-11-25T20:27:41.202600Z vfio_user_region_rw  region 0 offset 0x1 count 1
-";
-    // Act
-    let trips = vfio_user_round_trips(trace);
-    // Assert
-    assert_eq!(
-        common::qemu::parse_utc_ns("2000-02-29T23:59:59.5Z"),
-        Some(951_868_799_500_000_000)
-    );
-    assert_eq!(trips.len(), 1, "{trips:?}");
-    assert_eq!(trips[0].id, 0x1d1);
-    assert_eq!(trips[0].sent_ns, 1_795_638_461_201_591_000);
-    assert_eq!(trips[0].latency(), Duration::from_millis(1));
-    assert!(trips[0].overlaps(1_795_638_461_202_000_000, 1_795_638_461_300_000_000));
-    assert!(!trips[0].overlaps(1_795_638_461_202_600_000, 1_795_638_461_300_000_000));
 }

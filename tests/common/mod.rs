@@ -5,9 +5,11 @@ pub mod dma_engine;
 pub mod foreign;
 pub mod hostile;
 pub mod hostile_payloads;
+pub mod migration;
 pub mod qemu;
 pub mod supervised;
 pub mod tracer;
+pub mod uart_host;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -203,6 +205,21 @@ pub fn handover(from: &Path, to: &Path) {
 
 /// A child process killed (and reaped) on drop.
 pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Wait up to `timeout` for the process to exit: its exit code (-1 when a signal ended
+    /// it), or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

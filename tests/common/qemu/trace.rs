@@ -1,7 +1,7 @@
 //! QEMU's vfio-user trace events: request/reply round trips as QEMU saw them.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// QEMU arguments that make the trace log (see [`QemuOpts::trace`]) timestamp every line
 /// (`2026-01-02T03:04:05.123456Z event …`, wall-clock UTC), for [`vfio_user_round_trips`].
@@ -93,4 +93,13 @@ pub fn parse_utc_ns(s: &str) -> Option<u64> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     u64::try_from(secs * 1_000_000_000 + frac_ns).ok()
+}
+
+/// Now, as Unix time in ns: the clock of the trace's timestamps, so a test can tell which
+/// round trips overlapped something it did ([`VfioUserRoundTrip::overlaps`]).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
