@@ -2,8 +2,6 @@
 //! emulation around it — the [`PciFunction`], the DMA table, the socket-DMA transport and the
 //! [`MigrationSession`] — and this is the one place that matches on the decoded command.
 
-use std::os::fd::{AsFd, OwnedFd};
-
 use vfud_protocol::codec::{Frame, Limits};
 use vfud_protocol::messages::device::{DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET};
 use vfud_protocol::messages::irq::IRQ_INDEX_COUNT;
@@ -21,68 +19,9 @@ use crate::error::{DeviceError, RequestError};
 use crate::migration::fsm::permits;
 use crate::migration::v1::V1_REGION_INDEX;
 use crate::migration::{MigrationSession, Parts};
-use crate::mmap::{MemoryPart, SharedMemory};
+use crate::mmap::SharedMemory;
 use crate::pci::{Access, BarTarget, PciFunction};
-
-/// A reply payload and the fds to send with it.
-#[derive(Debug, Default)]
-pub struct Reply {
-    /// Payload after the header (with `memory` spliced in, the bytes around it).
-    pub payload: Vec<u8>,
-    /// File descriptors.
-    pub fds: Vec<OwnedFd>,
-    /// Device memory the payload carries by reference, in order: a MIG_DATA_READ reply
-    /// of a stopped device is sent from the BAR mapping itself.
-    pub memory: Vec<MemoryPart>,
-}
-
-impl Reply {
-    fn bytes(payload: Vec<u8>) -> Self {
-        Self {
-            payload,
-            ..Self::default()
-        }
-    }
-
-    /// Payload length on the wire: the bytes plus the memory spliced in.
-    pub fn len(&self) -> usize {
-        self.payload.len() + self.memory.iter().map(|m| m.len).sum::<usize>()
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The whole payload in one buffer (the memory copied in), for in-process callers.
-    pub fn to_bytes(&self, bars: &[Option<SharedMemory>; 6]) -> Result<Vec<u8>, DeviceError> {
-        Ok(self.pieces(bars)?.concat())
-    }
-
-    /// The payload as the pieces to send back to back: bytes and, where `memory` says, BAR
-    /// memory from `bars` (refused if a part lies outside its BAR).
-    pub fn pieces<'a>(
-        &'a self,
-        bars: &'a [Option<SharedMemory>; 6],
-    ) -> Result<Vec<&'a [u8]>, DeviceError> {
-        let mut out = Vec::with_capacity(2 * self.memory.len() + 1);
-        let mut at = 0;
-        for m in &self.memory {
-            let mem = bars
-                .get(m.bar)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| DeviceError::BadAccess(format!("no memory in BAR {}", m.bar)))?;
-            let before = self.payload.get(at..m.at).ok_or_else(|| {
-                DeviceError::BadAccess(format!("memory part at {} out of order", m.at))
-            })?;
-            out.push(before);
-            out.push(mem.bytes_while_stopped(m.offset as u64, m.len)?);
-            at = m.at;
-        }
-        out.push(&self.payload[at..]);
-        Ok(out)
-    }
-}
+pub use crate::reply::{borrowed, Reply};
 
 /// Server-side settings of a device.
 #[derive(Clone, Debug)]
@@ -640,9 +579,4 @@ impl DeviceServer {
         self.replay_missed_events();
         Ok(())
     }
-}
-
-/// Borrow the fds of a reply for sending.
-pub fn borrowed(fds: &[OwnedFd]) -> Vec<std::os::fd::BorrowedFd<'_>> {
-    fds.iter().map(|f| f.as_fd()).collect()
 }

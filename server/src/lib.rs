@@ -24,6 +24,7 @@ pub mod irq;
 pub mod migration;
 pub mod mmap;
 pub mod pci;
+pub mod reply;
 pub mod stats;
 pub mod supervisor;
 pub mod testing;
