@@ -29,19 +29,18 @@ const QEMU_MSG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lines `out N` the guest writes (N = 1..=OUT_LINES).
 const OUT_LINES: u32 = 800;
-/// Pause between the guest's lines, µs (busybox `usleep`; a line then takes 13–18 ms under
-/// TCG, so the guest writes for 10–15 s).
+/// Pause between the guest's lines, µs (busybox `usleep`; a line then takes 8–18 ms under
+/// TCG, so the guest writes for 6.5–15 s).
 const OUT_PACE_US: u32 = 5000;
 /// The guest prints a progress line (with its interrupt count) every this many lines.
 const PROGRESS_EVERY: u32 = 50;
 /// Period of the host's `in N` lines.
 const IN_PERIOD: Duration = Duration::from_millis(25);
-/// When the handovers start, counted from the moment the guest begins writing.
-const HANDOVER_AT: [Duration; 3] = [
-    Duration::from_millis(2000),
-    Duration::from_millis(4500),
-    Duration::from_millis(7000),
-];
+/// When the handovers start: once the host has received this many of the guest's lines, so
+/// that each has guest output on both sides of it whatever the machine's speed (fixed times
+/// once left a fast run with its last handover 20 lines before the end, and no interrupt
+/// count after it).
+const HANDOVER_AT_LINES: [u32; 3] = [OUT_LINES / 4, OUT_LINES / 2, OUT_LINES * 3 / 4];
 /// Deadline for the whole exchange once the guest started writing.
 const RUN_TIMEOUT: Duration = Duration::from_secs(40);
 
@@ -149,11 +148,18 @@ fn progress_irqs(log: &str) -> Vec<(usize, u64)> {
     v
 }
 
-fn sleep_until(t: Instant, qemu: &mut Qemu) {
-    while Instant::now() < t {
+/// Wait until the host has received `lines` lines of the guest's output, or `deadline`.
+fn wait_for_lines(host: &Host, lines: u32, deadline: Instant, qemu: &mut Qemu) {
+    while host.lines() < lines {
         if let Some(st) = qemu.try_exit() {
             panic!("QEMU exited ({st}) during the run\n{}", qemu.diagnostics());
         }
+        assert!(
+            Instant::now() < deadline,
+            "the host got {} of the guest's lines, {lines} awaited\n{}",
+            host.lines(),
+            qemu.diagnostics()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -207,14 +213,14 @@ fn guest_tty_streams_survive_three_live_handovers() {
     let mut qemu = opts.start();
 
     // Act: once the guest writes, the host starts its stream and the UART is handed over
-    // three times at spaced moments.
+    // three times, a quarter, half and three quarters of the way through the guest's output.
     qemu.wait_for_serial("writing=1", GUEST_TIMEOUT);
     let t0 = Instant::now();
     host.start_sending();
     let mut log_before_first = 0;
     let mut handovers = Vec::new();
-    for (i, at) in HANDOVER_AT.iter().enumerate() {
-        sleep_until(t0 + *at, &mut qemu);
+    for (i, at) in HANDOVER_AT_LINES.iter().enumerate() {
+        wait_for_lines(&host, *at, t0 + RUN_TIMEOUT, &mut qemu);
         if i == 0 {
             log_before_first = qemu.serial_log().len();
         }
