@@ -103,11 +103,11 @@ pub fn mig_data(ctx: &mut Ctx) -> Result<Vec<Row>> {
     for _ in 0..3 {
         c.set_mig_state(MigState::StopCopy)?;
         let (mut bytes, mut reads) = (0usize, 0usize);
-        let mut d = Vec::with_capacity(CHUNK);
         let s = seconds(|| {
             loop {
-                d.clear();
-                let n = c.mig_data_read_into(CHUNK as u32, &mut d)?;
+                let d = c.mig_data_read_buf(CHUNK as u32)?;
+                let n = d.len();
+                c.recycle_mig_data(d);
                 if n == 0 {
                     break;
                 }
@@ -217,16 +217,18 @@ fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
     dch.set_state(&mut dst.client, MigState::Resuming)?;
     let stopped = Instant::now();
     ch.set_state(&mut src.client, MigState::StopCopy)?;
-    let mut data = Vec::with_capacity(CHUNK);
     let mut bytes = 0;
     loop {
-        data.clear();
-        let n = ch.read(&mut src.client, CHUNK as u32, &mut data)?;
+        let data = ch.read_piece(&mut src.client, CHUNK as u32)?;
+        let n = data.len();
+        if n > 0 {
+            dch.write(&mut dst.client, &data)?;
+        }
+        ch.recycle(&mut src.client, data);
         if n == 0 {
             break;
         }
         bytes += n;
-        dch.write(&mut dst.client, &data)?;
     }
     let data = stopped.elapsed().as_secs_f64() * 1000.0;
     vm::restore_config(&mut src.client, &mut dst.client)?;

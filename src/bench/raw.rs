@@ -44,8 +44,13 @@ fn le32(b: &[u8], off: usize) -> u32 {
 
 /// The peer: accept connections on `path` and serve each in its own thread until killed.
 pub fn serve_peer(path: &Path) -> Result<()> {
+    // Listen under a temporary name and rename: the bench waits for the path to appear, and
+    // a path bound but not yet listening refuses connections.
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let tmp = path.with_extension("binding");
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("naming {}", path.display()))?;
     for s in l.incoming() {
         let s = s?;
         std::thread::spawn(move || {

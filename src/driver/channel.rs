@@ -2,6 +2,7 @@
 //! plus MIG_DATA_READ/WRITE) or the v1 migration region (registers and a data window in
 //! region 9), chosen by what the device offers.
 
+use vfud_protocol::client::MigDataBuf;
 use vfud_protocol::messages::feature::{v1, vfud, MIGRATION_PRE_COPY};
 use vfud_protocol::messages::region::RegionCap;
 use vfud_protocol::messages::MigState;
@@ -159,6 +160,25 @@ impl Channel {
                 Ok(size as usize)
             }
         }
+    }
+
+    /// The next piece of the stream where it was received, without copying it (v2; v1 reads
+    /// through the region into a new buffer); empty when nothing more now / the end in
+    /// stop-copy. Give it back with [`Channel::recycle`].
+    pub fn read_piece(&self, c: &mut Client, max: u32) -> Result<MigDataBuf, ProtocolError> {
+        match self.kind {
+            ChannelKind::V2 => c.mig_data_read_buf(max),
+            ChannelKind::V1 => {
+                let mut out = Vec::new();
+                self.read(c, max, &mut out)?;
+                Ok(out.into())
+            }
+        }
+    }
+
+    /// Give a piece from [`Channel::read_piece`] back for the next read.
+    pub fn recycle(&self, c: &mut Client, piece: MigDataBuf) {
+        c.recycle_mig_data(piece);
     }
 
     /// Write a piece of the stream.

@@ -379,12 +379,12 @@ fn pump(
     mut held: Option<&mut Vec<Vec<u8>>>,
 ) -> Result<u64, MigrateError> {
     let mut total = 0u64;
-    let mut data = Vec::new();
     loop {
-        data.clear();
-        ch.read(&mut src.client, chunk, &mut data)
+        let mut data = ch
+            .read_piece(&mut src.client, chunk)
             .step("read migration data")?;
         if data.is_empty() {
+            ch.recycle(&mut src.client, data);
             return Ok(total);
         }
         if let Some(at) = fault.at {
@@ -396,11 +396,12 @@ fn pump(
         fault.offset += data.len() as u64;
         let n = data.len();
         match held.as_deref_mut() {
-            Some(h) => h.push(std::mem::take(&mut data)),
+            Some(h) => h.push(data.to_vec()),
             None => dch
                 .write(&mut dst.client, &data)
                 .step("write migration data")?,
         }
+        ch.recycle(&mut src.client, data);
         total += n as u64;
         if n < chunk as usize && ch.kind == ChannelKind::V2 {
             // A short read means nothing more for now (spec "VFIO_USER_MIG_DATA_READ").

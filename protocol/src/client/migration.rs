@@ -145,6 +145,17 @@ impl Client {
         size: u32,
         out: &mut Vec<u8>,
     ) -> Result<usize, ProtocolError> {
+        let data = self.mig_data_read_buf(size)?;
+        out.extend_from_slice(&data);
+        let n = data.len();
+        self.recycle_mig_data(data);
+        Ok(n)
+    }
+
+    /// MIG_DATA_READ of up to `size` bytes, the data left in the buffer the reply was
+    /// received into (no copy: large replies are received straight into a recycled buffer).
+    /// Give it back with [`Client::recycle_mig_data`] so the next read reuses it.
+    pub fn mig_data_read_buf(&mut self, size: u32) -> Result<MigDataBuf, ProtocolError> {
         let mut p = Vec::new();
         put(
             &mut p,
@@ -163,10 +174,17 @@ impl Client {
                 "MIG_DATA_READ reply padded to the requested size; using the announced bytes"
             );
         }
-        out.extend_from_slice(data);
-        let n = data.len();
-        self.reader.recycle(r.payload);
-        Ok(n)
+        let end = 8 + data.len();
+        Ok(MigDataBuf {
+            buf: r.payload,
+            start: 8,
+            end,
+        })
+    }
+
+    /// Give the buffer of a [`MigDataBuf`] back for the next read.
+    pub fn recycle_mig_data(&mut self, data: MigDataBuf) {
+        self.reader.recycle(data.buf);
     }
 
     /// Whether a MIG_DATA_READ reply on this connection carried padding after its data.
@@ -195,4 +213,33 @@ fn read_u64(d: &[u8]) -> Result<u64, ProtocolError> {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes)
         .ok_or_else(|| ProtocolError::UnexpectedReply("feature data shorter than 8 bytes".into()))
+}
+
+/// The data of one MIG_DATA_READ reply where it was received (see
+/// [`Client::mig_data_read_buf`]), or any bytes of the stream read otherwise.
+#[derive(Debug, Default)]
+pub struct MigDataBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl From<Vec<u8>> for MigDataBuf {
+    fn from(buf: Vec<u8>) -> Self {
+        let end = buf.len();
+        Self { buf, start: 0, end }
+    }
+}
+
+impl std::ops::Deref for MigDataBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl std::ops::DerefMut for MigDataBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
 }

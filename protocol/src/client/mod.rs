@@ -25,6 +25,8 @@ use crate::wire::put;
 mod irq;
 mod migration;
 
+pub use migration::MigDataBuf;
+
 /// Serves the server's DMA_READ/DMA_WRITE requests (memory the client did not map with an fd).
 pub trait DmaHandler: Send {
     /// Fill `buf` from guest memory at `addr`.
