@@ -154,20 +154,10 @@ impl SharedMemory {
     /// atomic no-op write, which the compiler cannot drop — a plain read and write back of
     /// the same byte was removed as dead in release builds, and would race with the client.
     pub fn prefault(&self) {
-        let Some(start) = std::ptr::NonNull::new(self.map.as_mut_ptr().cast::<std::ffi::c_void>())
-        else {
-            return;
-        };
-        // SAFETY: the range is exactly this live mapping; MADV_POPULATE_WRITE only faults
-        // pages in and never changes their contents.
-        let populated = unsafe {
-            nix::sys::mman::madvise(
-                start,
-                self.len,
-                nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE,
-            )
-        };
-        if populated.is_err() {
+        if self
+            .populate(nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE)
+            .is_err()
+        {
             self.touch_pages();
         }
     }
@@ -177,19 +167,16 @@ impl SharedMemory {
     /// through its own mapping is not mapped here yet, and reading it page by page (the
     /// migration saver's pass over a BAR) would take a fault every few pages.
     pub fn populate_for_reading(&self) {
-        if let Some(start) =
-            std::ptr::NonNull::new(self.map.as_mut_ptr().cast::<std::ffi::c_void>())
-        {
-            // SAFETY: the range is exactly this live mapping; MADV_POPULATE_READ only maps
-            // pages in and never changes their contents.
-            let _ = unsafe {
-                nix::sys::mman::madvise(
-                    start,
-                    self.len,
-                    nix::sys::mman::MmapAdvise::MADV_POPULATE_READ,
-                )
-            };
-        }
+        let _ = self.populate(nix::sys::mman::MmapAdvise::MADV_POPULATE_READ);
+    }
+
+    /// `madvise` the whole mapping with one of the `MADV_POPULATE_*` advices.
+    fn populate(&self, advice: nix::sys::mman::MmapAdvise) -> nix::Result<()> {
+        let start = std::ptr::NonNull::new(self.map.as_mut_ptr().cast::<std::ffi::c_void>())
+            .ok_or(nix::errno::Errno::EINVAL)?;
+        // SAFETY: the range is exactly this live mapping; the MADV_POPULATE_* advices only
+        // fault pages in and never change their contents.
+        unsafe { nix::sys::mman::madvise(start, self.len, advice) }
     }
 
     /// [`SharedMemory::prefault`] without `MADV_POPULATE_WRITE`: an atomic no-op write to

@@ -167,25 +167,22 @@ impl Loader {
                 return Err(StreamError::DataAfterEnd);
             }
             if !self.buf.is_empty() {
-                // Complete the section an earlier write began: its header first, for its length.
-                let want = match section_len(&self.buf)? {
-                    Some(total) => total,
-                    None => SECTION_HEADER_LEN,
-                };
+                // Complete the section an earlier write began: its header first, for its
+                // length, then the rest.
+                let want = section_len(&self.buf)?.unwrap_or(SECTION_HEADER_LEN);
                 let take = (want - self.buf.len()).min(data.len());
                 self.buf.extend_from_slice(&data[..take]);
                 data = &data[take..];
                 if self.buf.len() < want {
                     return Ok(());
                 }
-                if want == SECTION_HEADER_LEN && section_len(&self.buf)? != Some(want) {
-                    continue;
+                if section_len(&self.buf)? == Some(self.buf.len()) {
+                    let buf = std::mem::take(&mut self.buf);
+                    let r = self.section(&buf, bars);
+                    self.buf = buf;
+                    self.buf.clear();
+                    r?;
                 }
-                let buf = std::mem::take(&mut self.buf);
-                let r = self.section(&buf, bars);
-                self.buf = buf;
-                self.buf.clear();
-                r?;
                 continue;
             }
             match section_len(data)? {

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use super::{kind, put_section, section_crc, StreamHeader, MEMORY_CHUNK, PAGE, SECTION_HEADER_LEN};
+use super::{kind, put_section, StreamHeader, MEMORY_CHUNK, PAGE, SECTION_HEADER_LEN};
 use crate::migration::DeviceState;
 use crate::mmap::{MemoryPart, SharedMemory};
 
@@ -134,12 +134,10 @@ impl Saver {
     }
 
     fn memory_section(&mut self, bar: usize, offset: usize, data: &[u8]) {
-        let mut p = Vec::with_capacity(16 + data.len());
-        p.push(bar as u8);
-        p.extend([0u8; 7]);
-        p.extend((offset as u64).to_le_bytes());
-        p.extend_from_slice(data);
-        put_section(&mut self.out, kind::BAR_MEMORY, &p);
+        let mut head = memory_head(bar, offset, data.len());
+        seal_memory_head(&mut head, data);
+        self.out.extend_from_slice(&head);
+        self.out.extend_from_slice(data);
     }
 
     /// Produce the next piece of initial data; false when there is none left. The memory is
@@ -164,15 +162,12 @@ impl Saver {
         };
         let (bar, len) = self.regions[si];
         let n = (len - off).min(MEMORY_CHUNK);
-        if SECTION_HEADER_LEN + 16 + n > room {
+        if MEMORY_HEAD_LEN + n > room {
             return false;
         }
         let at = out.len();
-        let payload = at + SECTION_HEADER_LEN;
-        out.resize(payload + 16, 0);
-        out[payload] = bar as u8;
-        out[payload + 8..payload + 16].copy_from_slice(&(off as u64).to_le_bytes());
-        let data = payload + 16;
+        out.extend_from_slice(&memory_head(bar, off, n));
+        let data = out.len();
         let copied = bars[bar]
             .as_ref()
             .is_some_and(|mem| mem.append_to(off as u64, n, out).is_ok());
@@ -182,11 +177,8 @@ impl Saver {
         if let Some(shadows) = &mut self.shadows {
             shadows[si][off..off + n].copy_from_slice(&out[data..]);
         }
-        let crc = section_crc(kind::BAR_MEMORY, 0, &out[payload..]);
-        let h = &mut out[at..payload];
-        h[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
-        h[4..8].copy_from_slice(&crc.to_le_bytes());
-        h[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
+        let (head, data) = out[at..].split_at_mut(MEMORY_HEAD_LEN);
+        seal_memory_head(head, data);
         self.next_initial(si, off + n);
         true
     }
@@ -209,7 +201,7 @@ impl Saver {
         // The last section is cut to the room left, so replies stay full: a section split
         // across two replies would have to go through the stream buffer, copied.
         let (bar, len) = self.regions[si];
-        let Some(room) = room.checked_sub(SECTION_HEADER_LEN + 16).filter(|r| *r > 0) else {
+        let Some(room) = room.checked_sub(MEMORY_HEAD_LEN).filter(|r| *r > 0) else {
             return false;
         };
         let n = (len - off).min(MEMORY_CHUNK).min(room);
@@ -219,16 +211,8 @@ impl Saver {
         else {
             return false;
         };
-        let mut head = [0u8; SECTION_HEADER_LEN + 16];
-        head[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
-        head[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
-        head[16] = bar as u8;
-        head[24..32].copy_from_slice(&(off as u64).to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&head[..4]);
-        crc.update(&head[8..]);
-        crc.update(data);
-        head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+        let mut head = memory_head(bar, off, n);
+        seal_memory_head(&mut head, data);
         out.extend_from_slice(&head);
         parts.push(MemoryPart {
             at: out.len(),
@@ -310,7 +294,7 @@ impl Saver {
         }
         if self.pending() == 0 {
             while self.initial_section_mapped(bars, dst, parts, max - n) {
-                n += SECTION_HEADER_LEN + 16 + parts.last().map_or(0, |p| p.len);
+                n += MEMORY_HEAD_LEN + parts.last().map_or(0, |p| p.len);
             }
         }
         Ok(n + self.read_into(dst, max - n, bars, final_state)?)
@@ -392,6 +376,31 @@ impl Saver {
     pub fn stop_copy_estimate(&self, bars: &[Option<SharedMemory>; 6]) -> u64 {
         self.initial_bytes() + self.dirty_bytes(bars) + 8192
     }
+}
+
+/// Bytes of a BAR_MEMORY section before its data: the section header and `{bar, pad, offset}`.
+const MEMORY_HEAD_LEN: usize = SECTION_HEADER_LEN + 16;
+
+/// The head of a BAR_MEMORY section of `n` bytes of BAR `bar` at `offset`, its CRC still zero
+/// (see [`seal_memory_head`]).
+fn memory_head(bar: usize, offset: usize, n: usize) -> [u8; MEMORY_HEAD_LEN] {
+    let mut head = [0u8; MEMORY_HEAD_LEN];
+    head[..2].copy_from_slice(&kind::BAR_MEMORY.to_le_bytes());
+    head[8..16].copy_from_slice(&((16 + n) as u64).to_le_bytes());
+    head[16] = bar as u8;
+    head[24..32].copy_from_slice(&(offset as u64).to_le_bytes());
+    head
+}
+
+/// Put the section CRC into `head` (from [`memory_head`]) for `data`: the CRC covers kind,
+/// flags, length and the payload (`{bar, pad, offset}` then the data), as
+/// `section_crc` computes it, without the data having to follow the head in memory.
+fn seal_memory_head(head: &mut [u8], data: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[..4]);
+    crc.update(&head[8..MEMORY_HEAD_LEN]);
+    crc.update(data);
+    head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
 /// Most threads one stop-copy pass over device memory uses.
