@@ -18,8 +18,8 @@
 //! would simply ride along in it.) The baseline is stop-and-copy of the same device with the
 //! same pages written before the stop: everything moves while the VM is stopped. The driver
 //! always pre-copies when the device offers it, so the baseline drives the same steps as the
-//! driver's stop phase (source to STOP_COPY, read until empty, restore config and interrupts,
-//! destination to RUNNING) through the driver's public [`Channel`] API, and times it the same
+//! driver's stop phase (source to STOP_COPY, read until empty with the driver's own
+//! [`driver::copy_stream`], restore config and interrupts, destination to RUNNING), and times it the same
 //! way: from the stop to the destination running. Both runs check that the dirtied pages
 //! arrived.
 //!
@@ -217,19 +217,7 @@ fn stop_and_copy(src: &mut Endpoint, dst: &mut Endpoint) -> Result<Downtime> {
     dch.set_state(&mut dst.client, MigState::Resuming)?;
     let stopped = Instant::now();
     ch.set_state(&mut src.client, MigState::StopCopy)?;
-    let mut bytes = 0;
-    loop {
-        let data = ch.read_piece(&mut src.client, CHUNK as u32)?;
-        let n = data.len();
-        if n > 0 {
-            dch.write(&mut dst.client, &data)?;
-        }
-        ch.recycle(&mut src.client, data);
-        if n == 0 {
-            break;
-        }
-        bytes += n;
-    }
+    let bytes = driver::copy_stream(&ch, &dch, src, dst, CHUNK as u32)? as usize;
     let data = stopped.elapsed().as_secs_f64() * 1000.0;
     vm::restore_config(&mut src.client, &mut dst.client)?;
     dst.irqs = src.irqs.try_clone()?;

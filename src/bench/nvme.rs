@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use vfud_devices::nvme::dbpage::DoorbellMode;
 use vfud_devices::nvme::spec::{self, admin, io, reg};
 use vfud_protocol::messages::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use vfud_protocol::messages::irq::IRQ_INDEX_MSIX;
@@ -39,13 +40,6 @@ const BACK_TO_BACK: usize = 4000;
 const AFTER_IDLE: usize = 150;
 const IDLE: Duration = Duration::from_millis(2);
 
-/// How the driver rings.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Ring {
-    Mmap,
-    Trap,
-}
-
 /// A one-queue-pair host driver.
 struct Driver {
     client: Client,
@@ -59,13 +53,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn start(ctx: &mut Ctx, ring: Ring) -> Result<(super::harness::Proc, Self)> {
-        let mode = match ring {
-            Ring::Mmap => "mmap",
-            Ring::Trap => "trap",
-        };
-        let (srv, sock) =
-            ctx.serve_device(&format!("nvme,queues=1,shadow=off,doorbells={mode}"))?;
+    fn start(ctx: &mut Ctx, ring: DoorbellMode) -> Result<(super::harness::Proc, Self)> {
+        let (srv, sock) = ctx.serve_device(&format!(
+            "nvme,queues=1,shadow=off,doorbells={}",
+            ring.as_str()
+        ))?;
         let mut client = Client::connect_negotiated(&sock)?;
         let ram = SharedMemory::new("vfud-bench-nvme-ram", RAM)?;
         let rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
@@ -75,8 +67,8 @@ impl Driver {
         client.set_irq_eventfds(IRQ_INDEX_MSIX, 1, &[irq.as_fd()])?; // the I/O CQ's vector
         client.region_write(4, 16 + 12, &[0; 4])?; // unmask MSI-X vector 1 (table in BAR4)
         let page = match ring {
-            Ring::Trap => None,
-            Ring::Mmap => {
+            DoorbellMode::Trap => None,
+            DoorbellMode::Mmap => {
                 let (_, fd) = client.region_info(0)?;
                 let fd = fd.context("BAR0 offers no doorbell page")?;
                 Some(SharedMemory::from_fd(fd, BAR0_SIZE)?)
@@ -216,8 +208,8 @@ fn measure(d: &mut Driver, n: usize, gap: Option<Duration>) -> Result<Samples> {
 
 /// Scenario `nvme-doorbell`.
 pub fn doorbell(ctx: &mut Ctx) -> Result<Vec<Row>> {
-    let (ms, mut mmap) = Driver::start(ctx, Ring::Mmap)?;
-    let (ts, mut trap) = Driver::start(ctx, Ring::Trap)?;
+    let (ms, mut mmap) = Driver::start(ctx, DoorbellMode::Mmap)?;
+    let (ts, mut trap) = Driver::start(ctx, DoorbellMode::Trap)?;
     measure(&mut mmap, 500, None)?;
     measure(&mut trap, 500, None)?;
     let (mut bm, mut bt) = (Samples::default(), Samples::default());

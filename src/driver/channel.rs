@@ -164,7 +164,7 @@ impl Channel {
 
     /// The next piece of the stream where it was received, without copying it (v2; v1 reads
     /// through the region into a new buffer); empty when nothing more now / the end in
-    /// stop-copy. Give it back with [`Channel::recycle`].
+    /// stop-copy. Give it back with [`Client::recycle_mig_data`].
     pub fn read_piece(&self, c: &mut Client, max: u32) -> Result<MigDataBuf, ProtocolError> {
         match self.kind {
             ChannelKind::V2 => c.mig_data_read_buf(max),
@@ -174,11 +174,6 @@ impl Channel {
                 Ok(out.into())
             }
         }
-    }
-
-    /// Give a piece from [`Channel::read_piece`] back for the next read.
-    pub fn recycle(&self, c: &mut Client, piece: MigDataBuf) {
-        c.recycle_mig_data(piece);
     }
 
     /// Write a piece of the stream.

@@ -324,14 +324,7 @@ fn run(
     src.config = Some(config.clone());
     ch.set_state(&mut src.client, MigState::StopCopy)
         .step("source to STOP_COPY")?;
-    let mut stop_bytes = 0;
-    loop {
-        let n = pump(&ch, &dch, src, dst, chunk, &mut fault, held.as_mut())?;
-        if n == 0 {
-            break;
-        }
-        stop_bytes += n;
-    }
+    let stop_bytes = drain(&ch, &dch, src, dst, chunk, &mut fault, held.as_mut())?;
     p.device_bytes += stop_bytes;
     p.ram_bytes += ram.sync(src, dst)?;
     ram.stop(src);
@@ -368,6 +361,42 @@ struct Fault {
     offset: u64,
 }
 
+/// Move the rest of a stop-copy stream from source to destination (the source in
+/// STOP_COPY, the destination in RESUMING); the bytes moved.
+pub fn copy_stream(
+    ch: &Channel,
+    dch: &Channel,
+    src: &mut Endpoint,
+    dst: &mut Endpoint,
+    chunk: u32,
+) -> Result<u64, MigrateError> {
+    let mut no_fault = Fault {
+        at: None,
+        offset: 0,
+    };
+    drain(ch, dch, src, dst, chunk, &mut no_fault, None)
+}
+
+/// [`pump`] until the source's stream is empty (stop-copy: a short read is not the end).
+fn drain(
+    ch: &Channel,
+    dch: &Channel,
+    src: &mut Endpoint,
+    dst: &mut Endpoint,
+    chunk: u32,
+    fault: &mut Fault,
+    mut held: Option<&mut Vec<Vec<u8>>>,
+) -> Result<u64, MigrateError> {
+    let mut total = 0;
+    loop {
+        let n = pump(ch, dch, src, dst, chunk, fault, held.as_deref_mut())?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n;
+    }
+}
+
 /// Move device data from source to destination until the source has nothing more for now.
 fn pump(
     ch: &Channel,
@@ -383,28 +412,31 @@ fn pump(
         let mut data = ch
             .read_piece(&mut src.client, chunk)
             .step("read migration data")?;
-        if data.is_empty() {
-            ch.recycle(&mut src.client, data);
-            return Ok(total);
-        }
-        if let Some(at) = fault.at {
-            if at >= fault.offset && at < fault.offset + data.len() as u64 {
-                data[(at - fault.offset) as usize] ^= 0x10;
-                fault.at = None;
-            }
-        }
-        fault.offset += data.len() as u64;
         let n = data.len();
-        match held.as_deref_mut() {
-            Some(h) => h.push(data.to_vec()),
+        if let Some(at) = fault
+            .at
+            .filter(|at| (fault.offset..fault.offset + n as u64).contains(at))
+        {
+            data[(at - fault.offset) as usize] ^= 0x10;
+            fault.at = None;
+        }
+        fault.offset += n as u64;
+        let written = match held.as_deref_mut() {
+            _ if n == 0 => Ok(()),
+            Some(h) => {
+                h.push(data.to_vec());
+                Ok(())
+            }
             None => dch
                 .write(&mut dst.client, &data)
-                .step("write migration data")?,
-        }
-        ch.recycle(&mut src.client, data);
+                .step("write migration data"),
+        };
+        src.client.recycle_mig_data(data);
+        written?;
         total += n as u64;
-        if n < chunk as usize && ch.kind == ChannelKind::V2 {
-            // A short read means nothing more for now (spec "VFIO_USER_MIG_DATA_READ").
+        // Empty: the end (stop-copy) or nothing now; short: nothing more for now (spec
+        // "VFIO_USER_MIG_DATA_READ").
+        if n == 0 || (n < chunk as usize && ch.kind == ChannelKind::V2) {
             return Ok(total);
         }
     }

@@ -60,10 +60,16 @@ pub enum DoorbellMode {
 impl DoorbellMode {
     /// Parse the `doorbells=` option.
     pub fn parse(v: &str) -> Option<Self> {
-        match v {
-            "trap" => Some(Self::Trap),
-            "mmap" => Some(Self::Mmap),
-            _ => None,
+        [Self::Trap, Self::Mmap]
+            .into_iter()
+            .find(|m| m.as_str() == v)
+    }
+
+    /// The option value that selects this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trap => "trap",
+            Self::Mmap => "mmap",
         }
     }
 }
