@@ -416,17 +416,17 @@ impl Row {
         }
     }
 
-    /// A latency row: the `pct`-th percentile of vfud's and the baseline's samples, in µs,
-    /// reported for information.
+    /// A latency row: the `pct`-th percentile of vfud's and the baseline's samples, in µs.
     pub fn percentile(
         name: impl Into<String>,
         vfud: &Samples,
         baseline: &Samples,
         pct: f64,
         baseline_is: &'static str,
+        goal: Goal,
     ) -> Self {
         let (v, b) = (vfud.percentile_us(pct), baseline.percentile_us(pct));
-        Self::new(name, Unit::Us, v, b, baseline_is, Goal::None)
+        Self::new(name, Unit::Us, v, b, baseline_is, goal)
     }
 
     /// vfud ÷ baseline.

@@ -227,7 +227,7 @@ pub fn doorbell(ctx: &mut Ctx) -> Result<Vec<Row>> {
     let per_read = |ns: u64| ns as f64 / BACK_TO_BACK as f64 / 1e3;
     const BASE: &str = "the same Read with the doorbell trapped (posted REGION_WRITE)";
     let row = |name: &str, m: &Samples, t: &Samples, p: f64| {
-        Row::percentile(format!("nvme-doorbell {name}"), m, t, p, BASE)
+        Row::percentile(format!("nvme-doorbell {name}"), m, t, p, BASE, Goal::None)
     };
     Ok(vec![
         row("4 KiB read, back to back, median", &bm, &bt, 50.0),

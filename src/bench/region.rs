@@ -80,11 +80,11 @@ fn round_trip_placed(ctx: &mut Ctx, placement: &str) -> Result<Vec<Row>> {
     const BASE: &str =
         "raw AF_UNIX ping-pong of the same request/reply sizes between two processes";
     let row = |what: &str, v: &Samples, b: &Samples, p: f64, base, goal| {
-        Row::new(
+        Row::percentile(
             format!("region-rtt {what}, {placement}"),
-            Unit::Us,
-            v.percentile_us(p),
-            b.percentile_us(p),
+            v,
+            b,
+            p,
             base,
             goal,
         )

@@ -8,7 +8,7 @@ use anyhow::Result;
 use vfud_devices::dma_engine::reg;
 use vfud_protocol::Client;
 
-use super::harness::{Ctx, Goal, Row, Samples, Unit};
+use super::harness::{Ctx, Goal, Row, Samples};
 
 const ROUNDS: usize = 10;
 const PER_ROUND: usize = 2000;
@@ -50,14 +50,8 @@ pub fn round_trip(ctx: &mut Ctx) -> Result<Vec<Row>> {
     }
     const BASE: &str = "the same requests to dma-engine under plain `vfud serve`";
     let row = |what: &str, v: &Samples, b: &Samples, pct: f64| {
-        Row::new(
-            format!("supervised-rtt {what}"),
-            Unit::Us,
-            v.percentile_us(pct),
-            b.percentile_us(pct),
-            BASE,
-            Goal::RatioMax(1.02),
-        )
+        let goal = Goal::RatioMax(1.02);
+        Row::percentile(format!("supervised-rtt {what}"), v, b, pct, BASE, goal)
     };
     Ok(vec![
         row("read median", &sr, &pr, 50.0),

@@ -41,11 +41,11 @@ use super::spec::reg;
 pub const EMPTY: u32 = u32::MAX;
 
 /// How long the watcher spins after the last doorbell change it saw.
-pub const SPIN: Duration = Duration::from_micros(50);
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
 /// First nap once the spin is over.
-pub const MIN_NAP: Duration = Duration::from_micros(10);
+pub(crate) const MIN_NAP: Duration = Duration::from_micros(10);
 /// Longest nap: the worst added latency of the first doorbell after idle.
-pub const MAX_NAP: Duration = Duration::from_millis(1);
+pub(crate) const MAX_NAP: Duration = Duration::from_millis(1);
 
 /// How doorbell writes reach the controller.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl DoorbellMode {
 
 /// The eventfd the watcher signals and the event loop watches.
 #[derive(Debug)]
-pub struct Wake(Arc<EventFd>);
+pub(crate) struct Wake(Arc<EventFd>);
 
 impl Wake {
     /// A non-blocking eventfd.
@@ -99,7 +99,7 @@ impl Wake {
 
 /// A mapping of the doorbell page and the thread polling it. Dropping it stops the thread.
 #[derive(Debug)]
-pub struct Watcher {
+pub(crate) struct Watcher {
     mem: Arc<SharedMemory>,
     words: usize,
     /// Set by [`Watcher::take`], cleared by the thread when it wakes the event loop: one
