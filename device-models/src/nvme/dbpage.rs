@@ -141,7 +141,9 @@ impl Watcher {
     /// [`EMPTY`] in its place.
     pub fn take(&self) -> Vec<(usize, u32)> {
         let mut out = Vec::new();
-        for (i, mut v) in read_words(&self.mem, self.words).into_iter().enumerate() {
+        let mut page = vec![0u8; self.words * 4];
+        read_page(&self.mem, &mut page);
+        for (i, mut v) in doorbell_words(&page).enumerate() {
             let at = reg::DOORBELLS + 4 * i as u64;
             while v != EMPTY {
                 out.push((i, v));
@@ -172,12 +174,15 @@ impl Drop for Watcher {
     }
 }
 
-fn read_words(mem: &SharedMemory, words: usize) -> Vec<u32> {
-    let mut b = vec![0u8; words * 4];
-    let _ = mem.read(reg::DOORBELLS, &mut b);
-    b.chunks_exact(4)
+/// Copy the doorbell words (as many as `buf` holds) out of the page.
+fn read_page(mem: &SharedMemory, buf: &mut [u8]) {
+    let _ = mem.read(reg::DOORBELLS, buf);
+}
+
+/// The doorbell words of a page copy.
+fn doorbell_words(page: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    page.chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 /// Adaptive polling: spin while doorbells ring, nap longer and longer once they stop. A word
@@ -188,8 +193,8 @@ fn poll(mem: &SharedMemory, words: usize, armed: &AtomicBool, stop: &AtomicBool,
     let mut busy_until = Instant::now();
     let mut nap = MIN_NAP;
     while !stop.load(Ordering::Relaxed) {
-        let _ = mem.read(reg::DOORBELLS, &mut now);
-        let pending = now.chunks_exact(4).any(|w| w != EMPTY.to_le_bytes());
+        read_page(mem, &mut now);
+        let pending = doorbell_words(&now).any(|w| w != EMPTY);
         if pending && armed.swap(false, Ordering::SeqCst) {
             let _ = wake.write(1);
             busy_until = Instant::now() + SPIN;
