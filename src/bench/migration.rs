@@ -138,7 +138,7 @@ pub fn mig_data(ctx: &mut Ctx) -> Result<Vec<Row>> {
             Unit::GBps,
             median(v),
             raw_gbps,
-            "raw 24-byte request / 1 MiB+24-byte reply ping-pong, same count",
+            RAW_READS,
             Goal::RatioMin(0.7),
         ),
         Row::new(
@@ -146,7 +146,7 @@ pub fn mig_data(ctx: &mut Ctx) -> Result<Vec<Row>> {
             Unit::GBps,
             MEMORY_SIZE as f64 / (raw_s + passes.read) / 1e9,
             raw_gbps,
-            "raw 24-byte request / 1 MiB+24-byte reply ping-pong, same count",
+            RAW_READS,
             Goal::None,
         ),
     ])
@@ -362,6 +362,8 @@ pub fn downtime(ctx: &mut Ctx) -> Result<Vec<Row>> {
         ),
     ])
 }
+
+const RAW_READS: &str = "raw 24-byte request / 1 MiB+24-byte reply ping-pong, same count";
 
 const TWO_HOPS: &str = "raw: the same bytes as 1 MiB+24-byte replies from one connection, each \
                         sent on as a 1 MiB+24-byte request on a second, same count";
