@@ -85,6 +85,26 @@ fn region_write<'a>(
     Ok((a, data))
 }
 
+/// A MIG_DATA_WRITE's data, checked against `limits`.
+fn mig_data_write<'a>(
+    payload: &'a [u8],
+    fds: &[OwnedFd],
+    limits: &Limits,
+) -> Result<&'a [u8], ProtocolError> {
+    no_fds(Command::MigDataWrite, fds)?;
+    let data = MigData::decode_write(payload)?;
+    limits.check_xfer(data.len() as u64)?;
+    Ok(data)
+}
+
+/// Turn `payload` into its bytes `at..at + len` in place (the data of a write, whose fixed
+/// part goes).
+fn keep_only(mut payload: Vec<u8>, at: usize, len: usize) -> Vec<u8> {
+    payload.truncate(at + len);
+    payload.drain(..at);
+    payload
+}
+
 impl Request {
     /// [`Request::decode`] taking the payload by value. A REGION_WRITE or MIG_DATA_WRITE
     /// keeps the payload buffer itself as its data (the fixed part drained off) rather than
@@ -93,20 +113,15 @@ impl Request {
     /// reuse.
     pub fn decode_owned(
         cmd: u16,
-        mut payload: Vec<u8>,
+        payload: Vec<u8>,
         fds: Vec<OwnedFd>,
         limits: &Limits,
     ) -> (Result<Request, ProtocolError>, Option<Vec<u8>>) {
+        // Where the data lies in the payload: (offset, length).
+        let span = |d: &[u8]| (d.as_ptr() as usize - payload.as_ptr() as usize, d.len());
         if cmd == Command::MigDataWrite as u16 {
-            let checked = no_fds(Command::MigDataWrite, &fds)
-                .and_then(|()| MigData::decode_write(&payload).map(<[u8]>::len))
-                .and_then(|n| limits.check_xfer(n as u64).map(|()| n));
-            return match checked {
-                Ok(n) => {
-                    payload.truncate(8 + n);
-                    payload.drain(..8);
-                    (Ok(Request::MigDataWrite(payload)), None)
-                }
+            return match mig_data_write(&payload, &fds, limits).map(span) {
+                Ok((at, n)) => (Ok(Request::MigDataWrite(keep_only(payload, at, n))), None),
                 Err(e) => (Err(e), Some(payload)),
             };
         }
@@ -114,11 +129,8 @@ impl Request {
             let r = Self::decode(cmd, &payload, fds, limits);
             return (r, Some(payload));
         }
-        match region_write(&payload, &fds, limits).map(|(a, data)| (a, data.len())) {
-            Ok((a, n)) => {
-                payload.drain(..payload.len() - n);
-                (Ok(Request::RegionWrite(a, payload)), None)
-            }
+        match region_write(&payload, &fds, limits).map(|(a, d)| (a, span(d))) {
+            Ok((a, (at, n))) => (Ok(Request::RegionWrite(a, keep_only(payload, at, n))), None),
             Err(e) => (Err(e), Some(payload)),
         }
     }
@@ -229,10 +241,7 @@ impl Request {
                 Request::MigDataRead(m)
             }
             Command::MigDataWrite => {
-                no_fds(cmd, &fds)?;
-                let data = MigData::decode_write(payload)?;
-                limits.check_xfer(data.len() as u64)?;
-                Request::MigDataWrite(data.to_vec())
+                Request::MigDataWrite(mig_data_write(payload, &fds, limits)?.to_vec())
             }
             Command::DmaRead | Command::DmaWrite => {
                 return Err(ProtocolError::invalid(
