@@ -226,7 +226,7 @@ impl DeviceServer {
     }
 
     /// The recycled buffer (empty), or a new one.
-    pub(crate) fn take_spare(&mut self) -> Vec<u8> {
+    fn take_spare(&mut self) -> Vec<u8> {
         let mut b = std::mem::take(&mut self.spare);
         b.clear();
         b
@@ -436,9 +436,17 @@ impl DeviceServer {
                     });
                 }
                 let written = self.mig.write_stream(&data, &self.function);
-                self.recycle(data);
-                written?;
-                Ok(Reply::default())
+                // The data's buffer carries the (empty) reply, so it goes back to the frame
+                // reader for the next write, as a REGION_WRITE's does.
+                let mut buf = data;
+                buf.clear();
+                match written {
+                    Ok(()) => Ok(Reply::bytes(buf)),
+                    Err(e) => {
+                        self.recycle(buf);
+                        Err(e)
+                    }
+                }
             }
         }
     }

@@ -531,11 +531,6 @@ impl Loop {
     /// that steady request/reply traffic allocates nothing (`tests/allocations.rs`).
     fn give_back(&mut self, buf: Vec<u8>) {
         match self.client.as_mut() {
-            // An empty reply to a request that left its buffer with the server (the data of
-            // a MIG_DATA_WRITE): that buffer goes back to the reader for the next one.
-            Some(c) if !c.reader().has_spare() && buf.capacity() == 0 => {
-                c.reader_mut().recycle(self.server.take_spare())
-            }
             Some(c) if !c.reader().has_spare() => c.reader_mut().recycle(buf),
             _ => self.server.recycle(buf),
         }
