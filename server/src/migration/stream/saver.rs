@@ -36,6 +36,8 @@ pub struct Saver {
     /// A full pass over device memory has been made in stop-copy. Nothing writes device
     /// memory once the device and the VM are stopped, so one pass finds every change left;
     /// a second (which found nothing and doubled the downtime of a large BAR) is skipped.
+    /// (A flag rather than dropping the shadows after the pass: freeing a BAR-sized copy
+    /// inside the downtime costs 15–20 ms for 256 MiB.)
     stopped_scan_done: bool,
     /// Bytes of BAR memory sent after the initial copy.
     pub delta_bytes: u64,
